@@ -1,0 +1,94 @@
+"""Building blocks shared by DECO and DECO+: LayerNorm2d, ConvNeXt block, MLP.
+
+Parameter names follow the authors' release (``dwconv``, ``pwconv1``, ``gamma``, ...)
+so their checkpoints map onto ours by prefix renames only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import StochasticDepth
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel axis of a channels-first map ``[B, C, H, W]``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt block: dwconv k x k -> LayerNorm -> Linear(d, 4d) -> GELU -> Linear(4d, d)
+    -> layer scale -> residual.  ``x: [B, d, H, W] -> [B, d, H, W]``."""
+
+    def __init__(self, dim: int, kernel_size: int = 7, layer_scale: float = 1e-6, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale))
+        self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.dwconv(x).permute(0, 2, 3, 1)  # [B, H, W, d]
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(y)))) * self.gamma
+        return x + self.drop_path(y.permute(0, 3, 1, 2))
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them (DETR's box head)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1)
+        outs = [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """logit(x) with ``x`` clamped to [eps, 1 - eps] (as DETR variants compute it)."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def _exporting() -> bool:
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def adaptive_max_pool2d(x: Tensor, output_size: tuple[int, int]) -> Tensor:
+    """``F.adaptive_max_pool2d`` that also exports to ONNX at any fixed input size.
+
+    ONNX has no adaptive pooling; when the input divides evenly it is a plain max pool.
+    Uneven windows (e.g. a 25x38 memory onto a 10x10 grid) are written as one max over
+    each window's row slice then column slice — the same windows PyTorch uses,
+    ``[floor(i*H/oh), ceil((i+1)*H/oh))`` — which exports as Slice/ReduceMax/Concat.
+    In eager mode the native kernel runs.  ``x: [B, C, H, W] -> [B, C, oh, ow]``.
+    """
+    oh, ow = output_size
+    h, w = x.shape[-2:]
+    if not _exporting():
+        return F.adaptive_max_pool2d(x, (oh, ow))
+    h, w = int(h), int(w)
+    if h % oh == 0 and w % ow == 0:
+        return F.max_pool2d(x, (h // oh, w // ow), (h // oh, w // ow))
+
+    def windows(n: int, m: int) -> list[tuple[int, int]]:
+        return [((i * n) // m, -(-((i + 1) * n) // m)) for i in range(m)]
+
+    rows = [x[:, :, s:e, :].amax(dim=2, keepdim=True) for s, e in windows(h, oh)]
+    x = torch.cat(rows, dim=2)
+    cols = [x[:, :, :, s:e].amax(dim=3, keepdim=True) for s, e in windows(w, ow)]
+    return torch.cat(cols, dim=3)
