@@ -1,0 +1,42 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - generate the bundled dataset, train deco_tiny on the CPU (~10 min), evaluate, draw
+#   make test   - run the test suite
+# Each creates the virtual environment in .venv and installs everything if missing.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev,deploy]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/decodet demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) benchmarks/bench_models.py
+	$(PY) benchmarks/bench_inference.py --model deco_r50
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,242 @@
+"""The ``decodet`` command line: one program, one subcommand per job.
+
+    decodet models                         list the presets
+    decodet data synth OUT ...             write the bundled synthetic dataset
+    decodet train --model NAME --data D    train (also under torchrun)
+    decodet eval --weights W --data D      COCO mAP on a split
+    decodet predict SOURCE --weights W     detect, draw boxes, write COCO results JSON
+    decodet export --weights W             ONNX (fp32 / fp16 / int8) with post-processing inside
+    decodet benchmark --model NAME         latency table against DETR and RT-DETR
+    decodet convert IN.pth OUT             the authors' checkpoint -> ours
+    decodet demo                           the whole job on the bundled data
+
+User mistakes (:class:`DecodetError`) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from decodet.errors import DecodetError
+
+log = logging.getLogger("decodet")
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from decodet.registry import list_models
+
+    for name in list_models():
+        print(name)
+    return 0
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from decodet.data.synthetic import generate_synthetic
+
+    out = generate_synthetic(args.out, train=args.train, val=args.val, image_size=args.image_size, seed=args.seed)
+    print(f"wrote synthetic dataset to {out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from decodet.engine.train_config import parse_train_args
+    from decodet.engine.trainer import train
+
+    cfg = parse_train_args(rest)
+    metrics = train(cfg)
+    if metrics:
+        from decodet.engine.distributed import is_main
+
+        if is_main():
+            print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from decodet.engine.evaluator import format_stats
+    from decodet.engine.trainer import evaluate_checkpoint
+
+    stats = evaluate_checkpoint(
+        args.weights,
+        args.data,
+        split=args.split,
+        imgsz=args.imgsz,
+        batch_size=args.batch_size,
+        device=args.device,
+        out=args.out,
+    )
+    print(format_stats(stats))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from decodet.deploy.predict import predict_to_folder
+
+    out = predict_to_folder(
+        args.source,
+        args.weights,
+        out_dir=args.out,
+        backend=args.backend,
+        threshold=args.threshold,
+        imgsz=args.imgsz,
+        device=args.device,
+        max_det=args.max_det,
+        batch_size=args.batch_size,
+    )
+    print(f"detections and drawn images written to {out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from decodet.deploy.export import export_onnx
+
+    out = export_onnx(
+        args.weights,
+        args.out,
+        imgsz=tuple(args.imgsz) if args.imgsz else None,
+        opset=args.opset,
+        dynamic_batch=args.dynamic_batch,
+        precision=args.precision,
+        calib_images=args.calib,
+    )
+    print(f"exported {out}")
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from decodet.deploy.benchmark import format_table, run_benchmark
+
+    rows = run_benchmark(
+        args.model,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        threads=args.threads,
+        warmup=args.warmup,
+        iters=args.iters,
+        include_hf=not args.no_hf,
+    )
+    print(format_table(rows))
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from decodet.io.checkpoint import convert_official
+
+    out = convert_official(args.src, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from decodet.engine.demo import run_demo
+
+    run_demo(data_dir=args.data, out_dir=args.out, minutes=args.minutes, threads=args.threads)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="decodet", description="DECO: query-based detection with ConvNets.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="list model presets").set_defaults(func=_cmd_models)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write the bundled synthetic COCO-format dataset")
+    synth.add_argument("out", type=Path)
+    synth.add_argument("--train", type=int, default=2000)
+    synth.add_argument("--val", type=int, default=200)
+    synth.add_argument("--image-size", type=int, default=320)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_cmd_data_synth)
+
+    tr = sub.add_parser("train", help="train a model (see `decodet train --help`)", add_help=False)
+    tr.set_defaults(func=_cmd_train, passthrough=True)
+
+    ev = sub.add_parser("eval", help="COCO mAP of a checkpoint on a dataset split")
+    ev.add_argument("--weights", required=True)
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--imgsz", type=int, default=None, help="eval size (default: the model's)")
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--out", type=Path, default=None, help="also write detections JSON and stats here")
+    ev.set_defaults(func=_cmd_eval)
+
+    pr = sub.add_parser("predict", help="detect objects in images, draw them, write COCO results")
+    pr.add_argument("source", help="image file, folder or glob")
+    pr.add_argument("--weights", required=True)
+    pr.add_argument("--out", type=Path, default=Path("runs/predict"))
+    pr.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
+    pr.add_argument("--threshold", type=float, default=0.3)
+    pr.add_argument("--imgsz", type=int, default=None)
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--max-det", type=int, default=100)
+    pr.add_argument("--batch-size", type=int, default=1)
+    pr.set_defaults(func=_cmd_predict)
+
+    ex = sub.add_parser("export", help="export to ONNX with post-processing inside the graph")
+    ex.add_argument("--weights", required=True)
+    ex.add_argument("--format", choices=("onnx",), default="onnx")
+    ex.add_argument("--out", type=Path, default=None, help="output .onnx (default: beside the weights)")
+    ex.add_argument("--opset", type=int, default=None)
+    ex.add_argument("--dynamic-batch", action="store_true")
+    ex.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
+    ex.add_argument("--imgsz", type=int, nargs=2, metavar=("H", "W"), default=None)
+    ex.add_argument("--calib", default=None, help="image folder for int8 calibration (default: bundled val images)")
+    ex.set_defaults(func=_cmd_export)
+
+    be = sub.add_parser("benchmark", help="latency table: eager, bf16, compile, ONNX Runtime, DETR, RT-DETR")
+    be.add_argument("--model", default="deco_r50")
+    be.add_argument("--imgsz", type=int, default=640)
+    be.add_argument("--batch", type=int, default=1)
+    be.add_argument("--threads", type=int, default=2)
+    be.add_argument("--warmup", type=int, default=3)
+    be.add_argument("--iters", type=int, default=10)
+    be.add_argument("--no-hf", action="store_true", help="skip the Hugging Face DETR / RT-DETR rows")
+    be.set_defaults(func=_cmd_benchmark)
+
+    cv = sub.add_parser("convert", help="convert the authors' .pth checkpoint to ours")
+    cv.add_argument("src", type=Path)
+    cv.add_argument("out", type=Path)
+    cv.set_defaults(func=_cmd_convert)
+
+    de = sub.add_parser("demo", help="generate the bundled data, train deco_tiny (~10 min CPU), evaluate, draw")
+    de.add_argument("--data", type=Path, default=Path("data/synth"))
+    de.add_argument("--out", type=Path, default=Path("runs/demo"))
+    de.add_argument("--minutes", type=float, default=10.0)
+    de.add_argument("--threads", type=int, default=None)
+    de.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # `train` owns its flags (they mirror TrainConfig); everything after it passes through.
+    if "train" in argv[:2]:
+        i = argv.index("train")
+        args, rest = parser.parse_args(argv[: i + 1]), argv[i + 1 :]
+    else:
+        args, rest = parser.parse_args(argv), []
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if getattr(args, "passthrough", False):
+            return args.func(args, rest)
+        return args.func(args)
+    except DecodetError as exc:
+        print(f"decodet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("decodet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The set-prediction loss of DECO and DECO+: Hungarian matching, then class + box losses.
+
+DECO (the Deformable-DETR recipe): sigmoid focal loss over every query and class (alpha 0.25, gamma 2),
+weight 2; L1 on matched cxcywh boxes, weight 5; GIoU loss, weight 2.  DECO+ (RT-DETR's recipe): varifocal
+loss (alpha 0.75, gamma 2; the matched class's target is the detached IoU of the matched box), weight 1;
+L1 5; GIoU 2.  Every term is summed over the batch and divided by the number of target boxes (averaged
+over processes, at least 1), and repeated, with its own matching, on every auxiliary output: DECO's
+earlier decoder layers, DECO+'s earlier layers followed by the encoder's top-k selection.
+
+Optional one-to-many hybrid matching (H-DETR's hybrid branch, off by default): a model may output an
+extra, separate group of queries as ``pred_logits_o2m`` / ``pred_boxes_o2m`` (and ``aux_outputs_o2m``).
+With ``one_to_many = k > 0`` that group is matched to the targets repeated ``k`` times and gets the same
+losses, normalised by ``k`` times the box count and scaled by ``o2m_weight``, under ``*_o2m`` names.  The
+one-to-one queries never see duplicates, so inference (one-to-one queries only) stays NMS-free.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_convert, sigmoid_focal_loss
+
+from decodet.errors import DecodetError
+from decodet.losses.matcher import HungarianMatcher, Indices
+
+logger = logging.getLogger(__name__)
+
+CLASS_LOSSES = ("focal", "vfl")
+
+
+def paired_iou_giou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
+    """IoU and generalised IoU of row-aligned box pairs.
+
+    Args:
+        boxes1, boxes2: [M, 4] cxcywh.
+
+    Returns:
+        ``(iou, giou)``, each [M].
+    """
+    a = box_convert(boxes1, "cxcywh", "xyxy")
+    b = box_convert(boxes2, "cxcywh", "xyxy")
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    inter_wh = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0)
+    inter = inter_wh[:, 0] * inter_wh[:, 1]
+    union = area_a + area_b - inter
+    iou = inter / union.clamp(min=1e-12)
+    hull_wh = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).clamp(min=0)
+    hull = (hull_wh[:, 0] * hull_wh[:, 1]).clamp(min=1e-12)
+    return iou, iou - (hull - union) / hull
+
+
+class SetCriterion(nn.Module):
+    """Matches predictions to targets and returns the weighted loss terms and their sum.
+
+    Args:
+        matcher: the Hungarian matcher (its costs are the matching weights).
+        class_loss: ``"focal"`` (DECO) or ``"vfl"`` (varifocal, IoU-aware; DECO+).
+        weight_class, weight_bbox, weight_giou: loss weights.
+        alpha, gamma: parameters of the class loss (0.25 / 2 for focal, 0.75 / 2 for varifocal).
+        one_to_many: ``k`` of the optional one-to-many branch (0: off).
+        o2m_weight: scale of the one-to-many terms.
+    """
+
+    def __init__(
+        self,
+        matcher: HungarianMatcher,
+        class_loss: str = "focal",
+        weight_class: float = 2.0,
+        weight_bbox: float = 5.0,
+        weight_giou: float = 2.0,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        one_to_many: int = 0,
+        o2m_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if class_loss not in CLASS_LOSSES:
+            raise DecodetError(f"unknown class loss {class_loss!r}; expected one of {CLASS_LOSSES}")
+        if one_to_many < 0:
+            raise DecodetError(f"one_to_many must be >= 0, got {one_to_many}")
+        self.matcher = matcher
+        self.class_loss = class_loss
+        self.weights = {f"loss_{class_loss}": weight_class, "loss_bbox": weight_bbox, "loss_giou": weight_giou}
+        self.alpha = alpha
+        self.gamma = gamma
+        self.one_to_many = one_to_many
+        self.o2m_weight = o2m_weight
+        self._warned_no_o2m = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"class_loss={self.class_loss}, weights={self.weights}, alpha={self.alpha}, gamma={self.gamma}, "
+            f"one_to_many={self.one_to_many}, o2m_weight={self.o2m_weight}"
+        )
+
+    def forward(self, outputs: dict, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Compute the losses.
+
+        Args:
+            outputs: ``pred_logits`` [B, Q, C], ``pred_boxes`` [B, Q, 4] cxcywh in [0, 1], optionally
+                ``aux_outputs`` (a list of such dicts) and the one-to-many group (see the module docstring).
+            targets: B dicts with ``labels`` [N_b] int64 in [0, C) and ``boxes`` [N_b, 4] cxcywh in [0, 1].
+
+        Returns:
+            The weighted terms (``loss_focal`` or ``loss_vfl``, ``loss_bbox``, ``loss_giou``; auxiliary
+            outputs add ``_aux{i}`` names, the one-to-many group ``_o2m`` names) and their sum ``loss``.
+        """
+        logits = outputs["pred_logits"]
+        _check_targets(targets, logits.shape[0], logits.shape[-1])
+        device = logits.device
+        targets = [{"labels": t["labels"].to(device), "boxes": t["boxes"].to(device)} for t in targets]
+        sizes = [len(t["labels"]) for t in targets]
+        flat = _FlatTargets(
+            torch.cat([t["labels"] for t in targets]),
+            torch.cat([t["boxes"] for t in targets]).float(),
+            [sum(sizes[:b]) for b in range(len(sizes))],
+        )
+
+        # (name suffix, prediction group, matching repetition k, weight scale)
+        groups = [("", outputs, 1, 1.0)]
+        groups += [(f"_aux{i}", aux, 1, 1.0) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        if self.one_to_many > 0:
+            if "pred_logits_o2m" in outputs:
+                k, w = self.one_to_many, self.o2m_weight
+                o2m = {"pred_logits": outputs["pred_logits_o2m"], "pred_boxes": outputs["pred_boxes_o2m"]}
+                groups.append(("_o2m", o2m, k, w))
+                groups += [(f"_o2m_aux{i}", aux, k, w) for i, aux in enumerate(outputs.get("aux_outputs_o2m", []))]
+            elif not self._warned_no_o2m:
+                logger.warning("one_to_many=%d but the model outputs no pred_logits_o2m; skipping", self.one_to_many)
+                self._warned_no_o2m = True
+
+        all_indices = self._match(groups, targets)
+        num_boxes = _num_boxes(targets, device)
+
+        losses: dict[str, Tensor] = {}
+        for (suffix, group, k, scale), indices in zip(groups, all_indices):
+            terms = self._group_losses(group, flat, indices, max(num_boxes * k, 1.0))
+            for name, value in terms.items():
+                losses[name + suffix] = value * (self.weights[name] * scale)
+        losses["loss"] = torch.stack(list(losses.values())).sum()
+        return losses
+
+    def _match(self, groups: list, targets: list[dict[str, Tensor]]) -> list[Indices]:
+        """Match every group; groups with the same ``k`` share one cost computation."""
+        result: list[Indices | None] = [None] * len(groups)
+        for k in sorted({g[2] for g in groups}):
+            members = [i for i, g in enumerate(groups) if g[2] == k]
+            matched = self.matcher.match_groups([groups[i][1] for i in members], targets, k=k)
+            for i, indices in zip(members, matched):
+                result[i] = indices
+        return result  # type: ignore[return-value]
+
+    def _group_losses(
+        self, outputs: dict[str, Tensor], targets: _FlatTargets, indices: Indices, num_boxes: float
+    ) -> dict[str, Tensor]:
+        """Unweighted ``loss_<class_loss>``, ``loss_bbox``, ``loss_giou`` of one prediction group.
+
+        Args:
+            outputs: ``pred_logits`` [B, Q, C] and ``pred_boxes`` [B, Q, 4].
+            targets: the batch's targets, concatenated.
+            indices: B ``(query_idx, target_idx)`` pairs from the matcher.
+            num_boxes: the normaliser.
+        """
+        logits = outputs["pred_logits"].float()
+        device = logits.device
+        batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]).to(device)
+        query_idx = torch.cat([q for q, _ in indices]).to(device)
+        tgt_idx = torch.cat([j + start for start, (_, j) in zip(targets.starts, indices)]).to(device)
+        labels = targets.labels[tgt_idx]
+        tgt_boxes = targets.boxes[tgt_idx]
+        src_boxes = outputs["pred_boxes"][batch_idx, query_idx].float()
+
+        iou, giou = paired_iou_giou(src_boxes, tgt_boxes)
+        onehot = torch.zeros_like(logits)
+        onehot[batch_idx, query_idx, labels] = 1.0
+        if self.class_loss == "focal":
+            loss_class = sigmoid_focal_loss(logits, onehot, self.alpha, self.gamma, reduction="none").sum()
+        else:  # varifocal: the matched class's target is the (detached) IoU of the matched box
+            score = torch.zeros_like(logits)
+            score[batch_idx, query_idx, labels] = iou.detach()
+            weight = self.alpha * logits.detach().sigmoid().pow(self.gamma) * (1 - onehot) + score
+            loss_class = F.binary_cross_entropy_with_logits(logits, score, weight=weight, reduction="none").sum()
+        return {
+            f"loss_{self.class_loss}": loss_class / num_boxes,
+            "loss_bbox": (src_boxes - tgt_boxes).abs().sum() / num_boxes,
+            "loss_giou": (1 - giou).sum() / num_boxes,
+        }
+
+
+class _FlatTargets(NamedTuple):
+    """A batch's targets concatenated: ``labels`` [T], ``boxes`` [T, 4] float32, image b's first row ``starts[b]``."""
+
+    labels: Tensor
+    boxes: Tensor
+    starts: list[int]
+
+
+def _check_targets(targets: Sequence[dict[str, Tensor]], batch: int, num_classes: int) -> None:
+    """Raise :class:`DecodetError` for targets that do not fit predictions of ``batch`` images, C classes."""
+    if len(targets) != batch:
+        raise DecodetError(f"the model predicted {batch} images but {len(targets)} targets were given")
+    labels = []
+    for i, t in enumerate(targets):
+        if "labels" not in t or "boxes" not in t:
+            raise DecodetError(f"target {i} needs 'labels' and 'boxes', got keys {sorted(t)}")
+        n = t["labels"].shape[0] if t["labels"].dim() == 1 else -1
+        if n < 0 or tuple(t["boxes"].shape) != (n, 4):
+            raise DecodetError(
+                f"target {i}: expected labels [N] and boxes [N, 4], got {tuple(t['labels'].shape)} and "
+                f"{tuple(t['boxes'].shape)}"
+            )
+        labels.append(t["labels"])
+    all_labels = torch.cat(labels)
+    if all_labels.numel() and bool(((all_labels < 0) | (all_labels >= num_classes)).any()):
+        raise DecodetError(
+            f"target labels must lie in [0, {num_classes}) for a model with {num_classes} class logits, got "
+            f"values {int(all_labels.min())}..{int(all_labels.max())}; check num_classes and the label mapping"
+        )
+
+
+def _num_boxes(targets: Sequence[dict[str, Tensor]], device: torch.device) -> float:
+    """Target boxes per process: the batch's count, averaged over processes when distributed (unclamped)."""
+    count = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(count)
+        count = count / torch.distributed.get_world_size()
+    return float(count.item())

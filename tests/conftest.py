@@ -1,0 +1,33 @@
+"""Shared test helpers: reference tables, small configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+_REF_CANDIDATES = [REPO.parent / "shared" / "reference" / "official_state_dicts", REPO / "tests" / "reference"]
+
+
+def reference_dir() -> Path | None:
+    for cand in _REF_CANDIDATES:
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def read_reference(name: str) -> dict[str, tuple[int, ...]]:
+    """``key -> shape`` from an authors' state-dict table (``scalar`` -> ``()``)."""
+    ref = reference_dir()
+    if ref is None or not (ref / f"{name}.tsv").exists():
+        pytest.skip(f"reference table {name}.tsv not available")
+    out = {}
+    for line in (ref / f"{name}.tsv").read_text().splitlines()[1:]:
+        key, shape = line.split("\t")
+        out[key] = () if shape == "scalar" else tuple(int(s) for s in shape.split("x"))
+    return out
