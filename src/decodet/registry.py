@@ -43,7 +43,14 @@ def _decoplus_r18() -> ModelConfig:
 
 @register_preset("decoplus_r50")
 def _decoplus_r50() -> ModelConfig:
-    return DecoPlusConfig(name="decoplus_r50", backbone="presnet50", expansion=1.0, num_decoder_layers=6)
+    return DecoPlusConfig(
+        name="decoplus_r50",
+        backbone="presnet50",
+        expansion=1.0,
+        num_decoder_layers=6,
+        freeze_backbone_bn=True,  # the authors' R50 setting: frozen batch norm, frozen stem
+        freeze_at=0,
+    )
 
 
 @register_preset("deco_tiny")

@@ -1,0 +1,338 @@
+"""DECO+: ResNet-D -> conv hybrid encoder -> query selection -> conv decoder.
+
+RT-DETR's frame with every attention replaced by convolution (see the spec, "DECO+").
+The decoder follows the DECO+ release:
+
+1. The three encoder levels are projected again (1x1 conv + BN).  Flattened and
+   concatenated they are scored densely by the encoder head (``enc_output`` Linear +
+   LayerNorm, ``enc_score_head``, ``enc_bbox_head`` on top of grid anchors); the top
+   ``Q = qH * qW`` positions by highest class logit give the initial query content
+   (detached) and reference boxes (detached).
+2. The levels are also merged at stride 16 (stride 8 through a 2x2 stride-2 conv + BN +
+   SiLU, stride 32 by nearest 2x upsampling; concat; 1x1 conv + BN): the CIM memory.
+3. Each decoder layer places the ``Q`` queries row-major on the ``qH x qW`` grid (query
+   ``q`` at row ``q // qW``, column ``q % qW``, in top-k order), mixes them with an
+   Inception depthwise conv (SIM), upsamples them onto the memory and mixes with it
+   (CIM), and max-pools back onto the grid.  The query position is an MLP of the current
+   reference box; each layer's box head refines the previous box in logit space.
+
+Odd input sizes: level sizes are ``ceil`` halves of each other (see ``resnet_d``).  For
+the stride-16 merge, the stride-8 map is zero-padded at the bottom/right to twice the
+stride-16 size before its 2x2 stride-2 conv, and the 2x-upsampled stride-32 map is
+cropped at the bottom/right; both are no-ops when the input is a multiple of 32, where
+this equals the authors' code.  Anchors are built for the actual level sizes (cached).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import StochasticDepth
+
+from decodet.config import DecoPlusConfig
+from decodet.errors import DecodetError
+from decodet.models.hybrid_encoder import HybridEncoder, upsample2x_to
+from decodet.models.layers import MLP, _exporting, adaptive_max_pool2d, inverse_sigmoid
+from decodet.models.resnet_d import ConvNormLayer, PResNet
+
+logger = logging.getLogger(__name__)
+
+_PRIOR_PROB = 0.01
+
+
+def make_anchors(
+    shapes: list[tuple[int, int]], grid_size: float = 0.05, eps: float = 0.01, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """Grid anchors for levels of sizes ``shapes`` (finest first), in logit space.
+
+    Level ``l`` cell ``(y, x)``: centre ``((x + 0.5) / W, (y + 0.5) / H)``, size
+    ``grid_size * 2**l``.  An anchor with any coordinate outside ``(eps, 1 - eps)`` is
+    invalid and set to ``+inf``.  Returns ``anchors: [1, N, 4]`` (float32) and
+    ``valid: [1, N, 1]`` (bool), ``N = sum(H * W)``, positions row-major per level.
+    """
+    anchors = []
+    for lvl, (h, w) in enumerate(shapes):
+        ys, xs = torch.meshgrid(
+            torch.arange(h, dtype=torch.float32, device=device),
+            torch.arange(w, dtype=torch.float32, device=device),
+            indexing="ij",
+        )
+        centre = (torch.stack([xs, ys], dim=-1) + 0.5) / torch.tensor([w, h], dtype=torch.float32, device=device)
+        size = torch.full_like(centre, grid_size * 2.0**lvl)
+        anchors.append(torch.cat([centre, size], dim=-1).reshape(1, h * w, 4))
+    boxes = torch.cat(anchors, dim=1)
+    valid = ((boxes > eps) & (boxes < 1 - eps)).all(dim=-1, keepdim=True)
+    logits = torch.log(boxes / (1 - boxes))
+    return torch.where(valid, logits, torch.inf), valid
+
+
+class InceptionDWConv2d(nn.Module):
+    """Inception depthwise conv: of ``dim`` channels, the first ``dim - 3 g`` pass
+    untouched, then ``g = dim * ratio`` each go through a square (3x3), a horizontal
+    band (1 x band_w) and a vertical band (band_h x 1) depthwise conv, in that order.
+    ``[B, dim, H, W] -> [B, dim, H, W]``."""
+
+    def __init__(self, dim: int, square: int = 3, band_h: int = 13, band_w: int = 15, ratio: float = 0.25) -> None:
+        super().__init__()
+        g = int(dim * ratio)
+        self.dwconv_hw = nn.Conv2d(g, g, square, padding=square // 2, groups=g)
+        self.dwconv_w = nn.Conv2d(g, g, (1, band_w), padding=(0, band_w // 2), groups=g)
+        self.dwconv_h = nn.Conv2d(g, g, (band_h, 1), padding=(band_h // 2, 0), groups=g)
+        self.splits = [dim - 3 * g, g, g, g]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_id, x_hw, x_w, x_h = torch.split(x, self.splits, dim=1)
+        return torch.cat([x_id, self.dwconv_hw(x_hw), self.dwconv_w(x_w), self.dwconv_h(x_h)], dim=1)
+
+
+class DecoPlusDecoderLayer(nn.Module):
+    """SIM (queries among themselves, on the grid) then CIM (queries with the memory).
+
+    ``tgt: [B, Q, d]``, ``memory: [B, d, H, W]``, ``query_pos: [B, Q, d]`` -> ``[B, Q, d]``.
+    """
+
+    def __init__(self, dim: int, query_grid: tuple[int, int], kernel_size: int = 9, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.qh, self.qw = query_grid
+        # SIM
+        self.dwconv1 = InceptionDWConv2d(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1_1 = nn.Linear(dim, 4 * dim)
+        self.act1 = nn.GELU()
+        self.pwconv1_2 = nn.Linear(4 * dim, dim)
+        self.gamma1 = nn.Parameter(torch.full((dim,), 1e-6))
+        # CIM
+        self.dwconv2 = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv2_1 = nn.Linear(dim, 4 * dim)
+        self.act2 = nn.GELU()
+        self.pwconv2_2 = nn.Linear(4 * dim, dim)
+        self.gamma2 = nn.Parameter(torch.full((dim,), 1e-6))
+        self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
+
+    def forward(self, tgt: Tensor, memory: Tensor, query_pos: Tensor) -> Tensor:
+        b = tgt.shape[0]
+        t = tgt.transpose(1, 2).reshape(b, -1, self.qh, self.qw)  # [B, d, qH, qW], row-major
+        pos = query_pos.transpose(1, 2).reshape(b, -1, self.qh, self.qw)
+
+        # SIM: t = t + gamma1 * FFN(LN(InceptionDW(t + pos)))
+        y = self.dwconv1(t + pos).permute(0, 2, 3, 1)  # [B, qH, qW, d]
+        y = self.pwconv1_2(self.act1(self.pwconv1_1(self.norm1(y)))) * self.gamma1
+        t = t + self.drop_path(y.permute(0, 3, 1, 2))
+
+        # CIM: upsample onto the memory; y = LN(dw9x9(t + memory) + t); t = y + gamma2 * FFN(y)
+        t = F.interpolate(t, size=(memory.shape[-2], memory.shape[-1]), mode="nearest")
+        y = (self.dwconv2(t + memory) + t).permute(0, 2, 3, 1)  # [B, H, W, d]
+        y = self.norm2(y)
+        z = self.pwconv2_2(self.act2(self.pwconv2_1(y))) * self.gamma2
+        t = (y + self.drop_path(z)).permute(0, 3, 1, 2)  # [B, d, H, W]
+
+        t = adaptive_max_pool2d(t, (self.qh, self.qw))
+        return t.flatten(2).transpose(1, 2)  # [B, Q, d]
+
+
+class DecoderLayers(nn.Module):
+    """Container of the decoder layers (``decoder.decoder.layers.{i}``, the authors' key layout)."""
+
+    def __init__(self, layers: list[DecoPlusDecoderLayer]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+
+class DecoPlusDecoder(nn.Module):
+    """Query selection + conv decoder layers + per-layer heads.
+
+    ``feats: [[B, d, H_i, W_i]] * 3`` (strides 8, 16, 32) -> dict with ``pred_logits``
+    ``[B, Q, C]``, ``pred_boxes`` ``[B, Q, 4]`` (sigmoid cxcywh) of the last layer and, in
+    training, ``aux_outputs``: the earlier layers then the encoder's top-k selection.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        hidden_dim: int = 256,
+        query_grid: tuple[int, int] = (15, 20),
+        num_layers: int = 6,
+        drop_path: float = 0.0,
+        num_levels: int = 3,
+    ) -> None:
+        super().__init__()
+        if num_levels != 3:
+            raise DecodetError(f"DECO+ decoder expects 3 feature levels, got {num_levels}")
+        d = hidden_dim
+        self.query_grid = tuple(query_grid)
+        self.num_queries = query_grid[0] * query_grid[1]
+        self.num_layers = num_layers
+        self.input_proj = nn.ModuleList(ConvNormLayer(d, d, 1, 1) for _ in range(num_levels))
+        self.output_proj = ConvNormLayer(num_levels * d, d, 1, 1)
+        self.downsample_convs = nn.ModuleList([ConvNormLayer(d, d, 2, 2, act="silu")])  # stride 8 -> 16
+        self.decoder = DecoderLayers(
+            [DecoPlusDecoderLayer(d, query_grid, drop_path=drop_path) for _ in range(num_layers)]
+        )
+        self.query_pos_head = MLP(4, 2 * d, d, 2)
+        self.enc_output = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
+        self.enc_score_head = nn.Linear(d, num_classes)
+        self.enc_bbox_head = MLP(d, d, 4, 3)
+        self.dec_score_head = nn.ModuleList(nn.Linear(d, num_classes) for _ in range(num_layers))
+        self.dec_bbox_head = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(num_layers))
+        self._anchor_cache: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        bias = -math.log((1 - _PRIOR_PROB) / _PRIOR_PROB)
+        for cls_head, box_head in [
+            (self.enc_score_head, self.enc_bbox_head),
+            *zip(self.dec_score_head, self.dec_bbox_head),
+        ]:
+            nn.init.constant_(cls_head.bias, bias)
+            nn.init.zeros_(box_head.layers[-1].weight)
+            nn.init.zeros_(box_head.layers[-1].bias)
+        nn.init.xavier_uniform_(self.enc_output[0].weight)
+        for layer in self.query_pos_head.layers:
+            nn.init.xavier_uniform_(layer.weight)
+
+    def anchors(self, shapes: list[tuple[int, int]], device: torch.device) -> tuple[Tensor, Tensor]:
+        """:func:`make_anchors` for these level sizes, cached per (sizes, device)."""
+        if _exporting():
+            return make_anchors(shapes, device=device)
+        key = (tuple(shapes), str(device))
+        if key not in self._anchor_cache:
+            if len(self._anchor_cache) >= 32:
+                self._anchor_cache.clear()
+            self._anchor_cache[key] = make_anchors(shapes, device=device)
+        return self._anchor_cache[key]
+
+    def _merge_memory(self, proj: list[Tensor]) -> Tensor:
+        """The CIM memory: all levels merged at stride 16.  ``-> [B, d, H16, W16]``."""
+        p8, p16, p32 = proj
+        h, w = p16.shape[-2], p16.shape[-1]
+        pad_h, pad_w = 2 * h - p8.shape[-2], 2 * w - p8.shape[-1]
+        if pad_h or pad_w:  # odd stride-8 size: pad to 2x the stride-16 size (see module doc)
+            p8 = F.pad(p8, [0, pad_w, 0, pad_h])
+        merged = torch.cat([self.downsample_convs[0](p8), p16, upsample2x_to(p32, (h, w))], dim=1)
+        return self.output_proj(merged)
+
+    def _select_queries(self, proj: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Top-k query selection from the dense encoder predictions.
+
+        Returns ``target [B, Q, d]`` (detached), ``ref_unact [B, Q, 4]`` (detached box
+        logits), ``enc_logits [B, Q, C]`` and ``enc_boxes [B, Q, 4]`` of the selection.
+        """
+        shapes = [(int(p.shape[-2]), int(p.shape[-1])) for p in proj]
+        memory = torch.cat([p.flatten(2).transpose(1, 2) for p in proj], dim=1)  # [B, N, d]
+        if memory.shape[1] < self.num_queries:
+            raise DecodetError(
+                f"input too small: {memory.shape[1]} feature positions for {self.num_queries} queries "
+                f"(level sizes {shapes}); use a larger image"
+            )
+        anchors, valid = self.anchors(shapes, memory.device)
+        memory = memory * valid.to(memory.dtype)
+        out_memory = self.enc_output(memory)
+        logits = self.enc_score_head(out_memory)  # [B, N, C]
+        coords = self.enc_bbox_head(out_memory) + anchors  # [B, N, 4] logits
+
+        index = torch.topk(logits.max(dim=-1).values, self.num_queries, dim=1).indices  # [B, Q]
+        index = index.unsqueeze(-1)
+        ref_unact = coords.gather(1, index.expand(-1, -1, coords.shape[-1]))
+        enc_logits = logits.gather(1, index.expand(-1, -1, logits.shape[-1]))
+        target = out_memory.gather(1, index.expand(-1, -1, out_memory.shape[-1]))
+        return target.detach(), ref_unact.detach(), enc_logits, torch.sigmoid(ref_unact)
+
+    def forward(self, feats: list[Tensor]) -> dict[str, Any]:
+        proj = [p(f) for p, f in zip(self.input_proj, feats)]
+        memory = self._merge_memory(proj)
+        output, ref_unact, enc_logits, enc_boxes = self._select_queries(proj)
+
+        logits_per_layer, boxes_per_layer = [], []
+        ref_detached = torch.sigmoid(ref_unact)
+        ref = ref_detached
+        last = self.num_layers - 1
+        for i, layer in enumerate(self.decoder.layers):
+            output = layer(output, memory, self.query_pos_head(ref_detached))
+            delta = self.dec_bbox_head[i](output)
+            box = torch.sigmoid(delta + inverse_sigmoid(ref_detached))
+            if self.training:
+                logits_per_layer.append(self.dec_score_head[i](output))
+                # The supervised box of layer i > 0 keeps the gradient through the previous
+                # (undetached) box; the next layer's reference is detached (RT-DETR).
+                boxes_per_layer.append(box if i == 0 else torch.sigmoid(delta + inverse_sigmoid(ref)))
+            elif i == last:
+                logits_per_layer.append(self.dec_score_head[i](output))
+                boxes_per_layer.append(box)
+            ref = box
+            ref_detached = box.detach() if self.training else box
+
+        out: dict[str, Any] = {"pred_logits": logits_per_layer[-1], "pred_boxes": boxes_per_layer[-1]}
+        if self.training:
+            aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits_per_layer[:-1], boxes_per_layer[:-1])]
+            aux.append({"pred_logits": enc_logits, "pred_boxes": enc_boxes})
+            out["aux_outputs"] = aux
+        return out
+
+
+def _backbone_depth(name: str) -> int:
+    depths = {"presnet18": 18, "presnet34": 34, "presnet50": 50, "presnet101": 101}
+    if name not in depths:
+        raise DecodetError(f"unknown DECO+ backbone {name!r}; expected one of {sorted(depths)}")
+    return depths[name]
+
+
+class DECOPlus(nn.Module):
+    """The DECO+ detector.  ``DECOPlus(cfg)``; parameter names equal the authors' release
+    (``backbone.``, ``encoder.``, ``decoder.``) so their state dicts load as they are.
+
+    ``forward(images: [B, 3, H, W]) -> {"pred_logits": [B, Q, C], "pred_boxes": [B, Q, 4]}``
+    (sigmoid cxcywh in [0, 1]); in training also ``aux_outputs`` (list of such dicts:
+    decoder layers ``0..L-2``, then the encoder's top-k selection).
+    """
+
+    def __init__(self, cfg: DecoPlusConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.backbone = PResNet(
+            _backbone_depth(cfg.backbone),
+            width=cfg.backbone_width,
+            freeze_at=cfg.freeze_at,
+            freeze_norm=cfg.freeze_backbone_bn,
+        )
+        self.encoder = HybridEncoder(
+            self.backbone.out_channels,
+            hidden_dim=cfg.hidden_dim,
+            num_blocks=cfg.encoder_blocks,
+            expansion=cfg.expansion,
+            csp_blocks=cfg.csp_blocks,
+            drop_path=cfg.drop_path,
+        )
+        self.decoder = DecoPlusDecoder(
+            cfg.num_classes,
+            hidden_dim=cfg.hidden_dim,
+            query_grid=tuple(cfg.query_grid),
+            num_layers=cfg.num_decoder_layers,
+            drop_path=cfg.drop_path,
+        )
+        if cfg.pretrained_backbone:
+            self.backbone.load_pretrained(cfg.extra.get("backbone_weights"))
+
+    @property
+    def num_queries(self) -> int:
+        return self.decoder.num_queries
+
+    def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:
+        """``targets`` is accepted for API symmetry and unused (DECO+ has no denoising queries)."""
+        return self.decoder(self.encoder(self.backbone(images)))
+
+    def deploy(self) -> DECOPlus:
+        """Inference form, in place: eval mode, RepVGG branches fused into one 3x3 conv and
+        every batch norm folded into its conv.  The state dict no longer matches the
+        authors' after this.  Returns ``self``."""
+        self.eval()
+        for module in list(self.modules()):
+            fuse = getattr(module, "fuse_for_deploy", None)
+            if callable(fuse):
+                fuse()
+        return self
