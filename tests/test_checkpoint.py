@@ -141,3 +141,19 @@ def test_weights_of_another_architecture_for_fine_tuning(tmp_path):
     other = small_deco(d_model=64, encoder_dims=(8, 16, 64))
     with pytest.raises(DecodetError, match="do not fit"):
         load_weights_into(other, path)
+
+
+def test_authors_decoplus_checkpoint_prefers_ema_weights(tmp_path):
+    torch.manual_seed(0)
+    model = decodet.build_model("decoplus_r18", num_classes=80).eval()
+    state = model.state_dict()
+    path = tmp_path / "decoplus_r18.pth"
+    torch.save(
+        {"model": {k: torch.zeros_like(v) for k, v in state.items()}, "ema": {"module": state, "updates": 7}}, path
+    )
+    loaded = decodet.load_model(path)
+    assert loaded.config.name == "decoplus_r18"
+    # the authors' 80 logits are the COCO categories in ascending id order
+    assert loaded.config.category_ids[:3] == [1, 2, 3] and loaded.config.category_ids[-1] == 90
+    assert loaded.config.class_names[0] == "person"
+    assert _same_outputs(model, loaded, size=(256, 256)) <= 1e-4

@@ -83,7 +83,7 @@ class ConvNeXtStages(nn.Module):
 
     def __init__(self, dim: int, depth: int, kernel_size: int = 7, drop_path: float = 0.0) -> None:
         super().__init__()
-        rates = torch.linspace(0, drop_path, depth).tolist() if depth > 0 else []
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         blocks = [ConvNeXtBlock(dim, kernel_size, drop_path=r) for r in rates]
         self.stages = nn.ModuleList([nn.Sequential(*blocks)])
         for m in self.modules():
