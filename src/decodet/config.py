@@ -34,6 +34,9 @@ class DecoConfig:
     decoder_kernel: int = 9
     query_grid: tuple[int, int] = (10, 10)  # qH, qW: num_queries = qH * qW
     drop_path: float = 0.0
+    # Input convention: ImageNet mean/std normalisation (DETR, DECO) or plain [0, 1] pixels
+    # (RT-DETR, and so the authors' DECO+ checkpoints).
+    normalize: bool = True
     # Output labelling: contiguous logit index -> dataset category id and name.
     # ``None`` means the logit index *is* the category id (the authors' COCO layout).
     category_ids: list[int] | None = None
@@ -66,6 +69,7 @@ class DecoPlusConfig:
     num_top_queries: int = 300  # detections kept by post-processing
     eval_size: tuple[int, int] = (640, 640)
     drop_path: float = 0.0
+    normalize: bool = False  # RT-DETR's convention: [0, 1] pixels, no mean/std
     category_ids: list[int] | None = None
     class_names: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,205 @@
+"""Where a dataset lives: ``resolve_data(path) -> DataSpec`` with one image folder + COCO JSON per split.
+
+Three ways to point at a dataset:
+
+1. **A folder in the COCO layout.** Every ``annotations/instances_<split>.json`` paired with an
+   image folder ``<split>/`` (or ``images/<split>/``) is a split, whatever its name::
+
+       coco/                          mydata/
+         annotations/                   annotations/
+           instances_train2017.json       instances_train.json
+           instances_val2017.json         instances_val.json
+         train2017/  val2017/           train/  val/
+
+2. **A dataset file** (YAML or JSON) naming each split's image folder and annotation file.
+   Relative paths resolve against ``path`` (default ``.``), itself relative to the file::
+
+       path: .                 # optional dataset root
+       train:
+         images: train
+         annotations: annotations/instances_train.json
+       val:
+         images: val
+         annotations: annotations/instances_val.json
+
+   Other top-level keys (``names``, ``nc``, comments...) are ignored: class names come from
+   the annotation files.
+
+3. **A folder holding such a file** as ``data.yaml`` (or ``data.yml`` / ``data.json``).
+
+Split aliases: ``spec.split("train")`` also finds ``train2017``/``train2014`` when no split is
+called exactly ``train`` (likewise ``val``/``test``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from decodet.errors import DecodetError
+
+DATASET_FILES = ("data.yaml", "data.yml", "data.json")
+_IMAGES_KEYS = ("images", "img_dir", "images_dir", "img_folder")
+_ANNOTATIONS_KEYS = ("annotations", "ann_file", "annotation", "ann")
+_ANN_PATTERN = re.compile(r"^instances_(?P<split>.+)\.json$")
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """One split: ``images_dir`` holds the files named by ``ann_file`` (COCO JSON)."""
+
+    images_dir: Path
+    ann_file: Path
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A resolved dataset.
+
+    Attributes:
+        source: the folder or dataset file it was resolved from (used in error messages).
+        root: the dataset root folder.
+        splits: split name -> :class:`SplitSpec`, for splits whose files all exist.
+        missing: split name -> why it is unusable (e.g. annotation file without its image folder).
+    """
+
+    source: Path
+    root: Path
+    splits: dict[str, SplitSpec]
+    missing: dict[str, str] = field(default_factory=dict)
+
+    def split(self, name: str) -> SplitSpec:
+        """The split called ``name`` (or ``name2017``/``name2014``); DecodetError if absent."""
+        for candidate in (name, f"{name}2017", f"{name}2014"):
+            if candidate in self.splits:
+                return self.splits[candidate]
+        for candidate in (name, f"{name}2017", f"{name}2014"):
+            if candidate in self.missing:
+                raise DecodetError(f"split {candidate!r} is unusable: {self.missing[candidate]}", self.source)
+        have = ", ".join(sorted(self.splits)) or "none"
+        raise DecodetError(f"dataset has no {name!r} split (splits found: {have})", self.source)
+
+    def has_split(self, name: str) -> bool:
+        """Whether :meth:`split` would succeed for ``name``."""
+        return any(c in self.splits for c in (name, f"{name}2017", f"{name}2014"))
+
+
+def resolve_data(data: str | os.PathLike) -> DataSpec:
+    """Resolve a dataset folder or dataset file (see the module docstring) into a :class:`DataSpec`.
+
+    Raises:
+        DecodetError: the path does not exist, the dataset file is malformed or names files that
+            do not exist, or a folder holds no recognisable dataset.
+    """
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DecodetError("dataset not found (no such file or folder)", path)
+    if path.is_file():
+        return _from_file(path)
+    for name in DATASET_FILES:
+        if (path / name).is_file():
+            return _from_file(path / name)
+    return _from_coco_layout(path)
+
+
+def _from_coco_layout(root: Path) -> DataSpec:
+    ann_dir = root / "annotations"
+    ann_files = sorted(ann_dir.glob("instances_*.json")) if ann_dir.is_dir() else []
+    splits: dict[str, SplitSpec] = {}
+    missing: dict[str, str] = {}
+    for ann_file in ann_files:
+        name = _ANN_PATTERN.match(ann_file.name).group("split")
+        for images_dir in (root / name, root / "images" / name):
+            if images_dir.is_dir():
+                splits[name] = SplitSpec(images_dir, ann_file)
+                break
+        else:
+            missing[name] = f"image folder {root / name} not found (for {ann_file})"
+    if not splits and not missing:
+        raise DecodetError(
+            "no dataset found: expected annotations/instances_<split>.json next to image folders <split>/, "
+            f"or a dataset file ({', '.join(DATASET_FILES)})",
+            root,
+        )
+    return DataSpec(source=root, root=root, splits=splits, missing=missing)
+
+
+def _from_file(file: Path) -> DataSpec:
+    content = _read_mapping(file)
+    if "images" in content and "annotations" in content:
+        raise DecodetError(
+            "this is a COCO annotation file, not a dataset file: pass the dataset folder or a data.yaml "
+            "naming each split's images and annotations",
+            file,
+        )
+    base = file.parent
+    root_value = content.get("path", ".")
+    if not isinstance(root_value, str):
+        raise DecodetError(f"'path' must be a folder name, got {root_value!r}", file)
+    root = _under(base, root_value)
+
+    splits: dict[str, SplitSpec] = {}
+    for name, value in content.items():
+        if name == "path" or not isinstance(value, (dict, str, list)):
+            continue
+        if not isinstance(value, dict):
+            if name in ("train", "val", "test"):
+                raise DecodetError(
+                    f"split {name!r} must be a mapping with 'images' and 'annotations' (COCO JSON) keys, "
+                    f"got {value!r} (YOLO-style label folders are not supported)",
+                    file,
+                )
+            continue  # other keys, e.g. names: [...]
+        images = _pick(value, _IMAGES_KEYS)
+        annotations = _pick(value, _ANNOTATIONS_KEYS)
+        if images is None or annotations is None:
+            raise DecodetError(f"split {name!r} needs both 'images' and 'annotations' entries", file)
+        split = SplitSpec(_under(root, images), _under(root, annotations))
+        if not split.images_dir.is_dir():
+            raise DecodetError(f"split {name!r}: image folder not found: {split.images_dir}", file)
+        if not split.ann_file.is_file():
+            raise DecodetError(f"split {name!r}: annotation file not found: {split.ann_file}", file)
+        splits[str(name)] = split
+    if not splits:
+        raise DecodetError("dataset file names no split (expected e.g. 'train: {images: ..., annotations: ...}')", file)
+    return DataSpec(source=file, root=root, splits=splits)
+
+
+def _read_mapping(file: Path) -> dict[str, Any]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DecodetError(f"cannot read dataset file: {e}", file) from None
+    try:
+        if file.suffix.lower() == ".json":
+            content = json.loads(text)
+        else:
+            content = yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise DecodetError(f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}", file) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise DecodetError(f"malformed YAML{where}: {problem}", file) from None
+    if not isinstance(content, dict):
+        raise DecodetError("dataset file must hold a mapping of split names to image folders and annotations", file)
+    return content
+
+
+def _pick(mapping: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+    for key in keys:
+        if isinstance(mapping.get(key), str):
+            return mapping[key]
+    return None
+
+
+def _under(root: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else root / p
