@@ -86,6 +86,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         device=args.device,
         max_det=args.max_det,
         batch_size=args.batch_size,
+        ann_file=args.ann,
     )
     print(f"detections and drawn images written to {out}")
     return 0
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--max-det", type=int, default=100)
     pr.add_argument("--batch-size", type=int, default=1)
+    pr.add_argument("--ann", default=None, help="COCO annotation JSON: take image ids from it (for evaluation)")
     pr.set_defaults(func=_cmd_predict)
 
     ex = sub.add_parser("export", help="export to ONNX with post-processing inside the graph")

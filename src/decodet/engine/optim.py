@@ -1,0 +1,171 @@
+"""AdamW parameter groups and per-step learning-rate schedules.
+
+Groups follow the authors' releases: DECO trains the backbone and the encoder at their own
+(lower) rates, everything else at ``lr``; DECO+ trains the backbone at a lower rate and puts
+no weight decay on norm layers and biases.  Schedules are :class:`torch.optim.lr_scheduler.LambdaLR`
+over optimizer steps with a picklable factor object, so ``state_dict()`` restores them exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from decodet.errors import DecodetError
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, _NORMS) or "norm" in type(module).__name__.lower()
+
+
+def param_group_name(name: str, lr_encoder: float | None) -> str:
+    """``"backbone"``, ``"encoder"`` (only when ``lr_encoder`` is set) or ``"rest"`` for a parameter name."""
+    parts = name.split(".")
+    if "backbone" in parts:
+        return "backbone"
+    if lr_encoder is not None and "encoder" in parts:
+        return "encoder"
+    return "rest"
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    lr_backbone: float,
+    weight_decay: float,
+    lr_encoder: float | None = None,
+    no_decay_norm_bias: bool = False,
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups of the trainable parameters of ``model``.
+
+    Args:
+        lr: the rate of everything outside the backbone (and the encoder, see ``lr_encoder``).
+        lr_backbone: the rate of parameters under a ``backbone`` module.
+        weight_decay: decoupled weight decay.
+        lr_encoder: the rate of parameters under an ``encoder`` module (DECO); ``None`` puts
+            them with the rest.
+        no_decay_norm_bias: no weight decay on norm-layer parameters and biases (DECO+).
+
+    Returns:
+        Non-empty groups, each with ``params``, ``lr``, ``weight_decay`` and a ``name``
+        (``backbone``, ``encoder``, ``rest``, with a ``_no_decay`` suffix for the undecayed part).
+    """
+    model = getattr(model, "module", model)
+    rates = {"backbone": lr_backbone, "encoder": lr_encoder, "rest": lr}
+    groups: dict[str, dict[str, Any]] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        norm = _is_norm(module)
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{module_name}.{pname}" if module_name else pname
+            kind = param_group_name(full, lr_encoder)
+            decay = not (no_decay_norm_bias and (norm or pname == "bias"))
+            key = kind if decay else f"{kind}_no_decay"
+            group = groups.setdefault(
+                key, {"name": key, "params": [], "lr": rates[kind], "weight_decay": weight_decay if decay else 0.0}
+            )
+            group["params"].append(p)
+    if not groups:
+        raise DecodetError("the model has no trainable parameters")
+    order = ["backbone", "backbone_no_decay", "encoder", "encoder_no_decay", "rest", "rest_no_decay"]
+    return [groups[k] for k in order if k in groups]
+
+
+def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` with a resolved :class:`~decodet.engine.train_config.TrainConfig`."""
+    groups = param_groups(
+        model,
+        lr=cfg.lr,
+        lr_backbone=cfg.lr_backbone,
+        weight_decay=cfg.weight_decay,
+        lr_encoder=cfg.lr_encoder,
+        no_decay_norm_bias=not cfg.norm_bias_decay,
+    )
+    params = [p for g in groups for p in g["params"]]
+    # the fused kernel (CPU and CUDA) is the fastest update; other devices take the default
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+class LRFactor:
+    """The learning-rate multiplier at optimizer step ``step`` (0-based): warm-up, then a schedule.
+
+    - ``constant``: 1.
+    - ``step``: ``drop_factor ** (number of drop steps passed)``; ``drop_steps`` are the steps
+      at which the rate drops (e.g. epoch 100 x steps per epoch).
+    - ``cosine``: from 1 at the end of warm-up to ``min_ratio`` at ``total_steps``.
+
+    Warm-up multiplies by ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps.
+    A plain object (not a lambda) so ``LambdaLR.state_dict()`` saves its settings.
+    """
+
+    def __init__(
+        self,
+        schedule: str,
+        total_steps: int,
+        warmup_steps: int = 0,
+        drop_steps: tuple[int, ...] = (),
+        drop_factor: float = 0.1,
+        min_ratio: float = 0.0,
+    ) -> None:
+        if schedule not in ("step", "cosine", "constant"):
+            raise DecodetError(f"unknown lr schedule {schedule!r}; expected step, cosine or constant")
+        self.schedule = schedule
+        self.total_steps = max(1, int(total_steps))
+        self.warmup_steps = max(0, int(warmup_steps))
+        self.drop_steps = tuple(int(s) for s in drop_steps)
+        self.drop_factor = float(drop_factor)
+        self.min_ratio = float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.schedule == "constant":
+            return warm
+        if self.schedule == "step":
+            return warm * self.drop_factor ** sum(step >= s for s in self.drop_steps)
+        span = max(1, self.total_steps - self.warmup_steps)
+        t = min(1.0, max(0.0, (step - self.warmup_steps) / span))
+        return warm * (self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    schedule: str,
+    steps_per_epoch: int,
+    epochs: int,
+    warmup_steps: int = 0,
+    drop_epoch: int | None = None,
+    drop_factor: float = 0.1,
+    min_ratio: float = 0.0,
+    max_steps: int | None = None,
+) -> LambdaLR:
+    """A per-optimizer-step :class:`LambdaLR` (call ``scheduler.step()`` after each ``optimizer.step()``).
+
+    Args:
+        steps_per_epoch: optimizer steps per epoch (after gradient accumulation).
+        drop_epoch: ``step`` schedule's drop epoch; ``None`` is 2/3 of ``epochs`` (100 of 150).
+        max_steps: caps the total steps the cosine decays over.
+    """
+    total = steps_per_epoch * epochs
+    if max_steps is not None:
+        total = min(total, max_steps)
+    if drop_epoch is None:
+        drop_epoch = max(1, round(epochs * 2 / 3))
+    factor = LRFactor(
+        schedule,
+        total_steps=total,
+        warmup_steps=warmup_steps,
+        drop_steps=(drop_epoch * steps_per_epoch,),
+        drop_factor=drop_factor,
+        min_ratio=min_ratio,
+    )
+    return LambdaLR(optimizer, factor)

@@ -1,0 +1,413 @@
+"""``TrainConfig``: every training setting in one typed, serialisable dataclass.
+
+Fields left at ``None`` are filled by :func:`resolve` from :func:`recipe_for`, which picks
+the training recipe by architecture and by whether the backbone starts from pretrained
+weights:
+
+- **pretrained** (a pretrained backbone or ``--weights``): the authors' published recipe.
+  DECO: AdamW lr 1e-4, backbone and encoder 1e-5, weight decay 1e-4, lr / 10 at 2/3 of the
+  epochs (100 of 150), frozen BN, frozen stem + layer1.  DECO+: lr 1.5e-4, backbone 1.5e-5,
+  no weight decay on norms and biases, constant lr, EMA 0.9999 with 2000 warm-up updates.
+- **from scratch**: nothing is frozen (BN trains too), one higher lr for every parameter,
+  a linear warm-up and a cosine decay.
+
+A config round-trips through YAML / JSON (:meth:`TrainConfig.save`, :meth:`TrainConfig.load`);
+:func:`parse_train_args` builds one from command-line flags over an optional ``--config FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from decodet.errors import DecodetError
+from decodet.io.atomic import atomic_write_text
+
+SCHEDULES = ("step", "cosine", "constant")
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; ``None`` means "the recipe's default" (see :func:`recipe_for`)."""
+
+    # what to train, on what
+    model: str = "deco_tiny"
+    data: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    pretrained_backbone: bool = False
+    weights: str | None = None  # initialise from a checkpoint (ours or the authors')
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+
+    # how long
+    epochs: int = 12
+    max_steps: int | None = None  # stop after this many optimizer steps in total
+    time_budget_min: float | None = None  # stop cleanly after this many minutes of training
+
+    # optimisation
+    batch_size: int = 4  # per process
+    accumulate: int = 1  # micro-batches per optimizer step
+    lr: float | None = None
+    lr_backbone: float | None = None
+    lr_encoder: float | None = None  # DECO's encoder group; None: same as lr
+    weight_decay: float | None = None
+    norm_bias_decay: bool | None = None  # weight decay on norm weights and biases too (DECO: yes, DECO+: no)
+    schedule: str | None = None  # step | cosine | constant
+    lr_drop_epoch: int | None = None  # step schedule; None: 2/3 of the epochs (100 of 150)
+    lr_drop_factor: float = 0.1
+    min_lr_ratio: float = 0.05  # cosine floor, as a fraction of the initial lr
+    warmup_steps: int | None = None  # linear warm-up, in optimizer steps
+    clip_grad: float = 0.1  # max gradient norm; 0 disables clipping
+    amp: str = "none"  # none | bf16 | fp16 (fp16 on CUDA only, with a GradScaler)
+    ema: bool | None = None
+    ema_decay: float = 0.9999
+    ema_warmup: int = 2000  # decay * (1 - exp(-updates / ema_warmup))
+
+    # data
+    imgsz: int | None = None  # square side (light / rtdetr recipes) or short side (detr)
+    transforms: str | None = None  # augmentation recipe of decodet.data.transforms: detr | light | rtdetr
+    multiscale: bool | None = None  # RT-DETR's per-batch random square size around imgsz
+    workers: int = 2
+    eval_batch_size: int | None = None  # None: batch_size (1 for the detr recipe: no padding)
+
+    # bookkeeping
+    eval_every: int = 1  # evaluate every N epochs (and always after the last one); 0: only at the end
+    project: str = "runs"
+    name: str | None = None  # run folder project/name; None: the model name
+    exist_ok: bool = False  # reuse project/name instead of picking name-2, name-3, ...
+    resume: str | None = None  # run folder or its last_state.pt
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch.set_num_threads; None: torch's default
+    channels_last: bool = False
+
+    # ------------------------------------------------------------------ serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | Path | None = None) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are a :class:`DecodetError`."""
+        if not isinstance(data, dict):
+            raise DecodetError(f"a training config must be a mapping of option names to values, got {data!r}", source)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise DecodetError(f"unknown training option(s) {unknown}; known: {sorted(names)}", source)
+        cfg = cls(**{k: _coerce(v, _field_types()[k]) for k, v in data.items()})
+        cfg.validate(source)
+        return cfg
+
+    def save(self, path: str | Path) -> Path:
+        """Write as YAML (``.yaml`` / ``.yml``) or JSON (anything else), atomically."""
+        path = Path(path)
+        if path.suffix.lower() in (".yaml", ".yml"):
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        else:
+            text = json.dumps(self.to_dict(), indent=2) + "\n"
+        atomic_write_text(path, text)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        """Read a YAML or JSON training config."""
+        return cls.from_dict(read_mapping(path), source=path)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes``; unknown names are a :class:`DecodetError`."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def validate(self, source: str | Path | None = None) -> None:
+        """Raise :class:`DecodetError` for values of the wrong type or out of range."""
+        for name, tp in _field_types().items():
+            value = getattr(self, name)
+            if not _type_ok(value, tp):
+                raise DecodetError(f"option {name!r} must be {_type_name(tp)}, got {value!r}", source)
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.accumulate >= 1, f"accumulate must be >= 1, got {self.accumulate}"),
+            (self.schedule is None or self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
+            (self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}"),
+            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (self.time_budget_min is None or self.time_budget_min > 0, "time_budget_min must be > 0"),
+            (self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}"),
+            (0.0 <= self.ema_decay < 1.0, f"ema_decay must lie in [0, 1), got {self.ema_decay}"),
+            (self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}"),
+            (self.imgsz is None or self.imgsz >= 32, f"imgsz must be >= 32, got {self.imgsz}"),
+            (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
+            (isinstance(self.model_overrides, dict), "model_overrides must be a mapping"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DecodetError(message, source)
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML / JSON file's top-level mapping; DecodetError naming the file otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise DecodetError(f"cannot read training config: {e.strerror or e}", path) from None
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise DecodetError(f"malformed config: {str(e).splitlines()[0]}", path) from None
+    if not isinstance(data, dict):
+        raise DecodetError("a training config must be a mapping of option names to values", path)
+    return data
+
+
+# ---------------------------------------------------------------------- recipes
+
+
+def data_recipe(model_cfg: Any) -> dict[str, Any]:
+    """``transforms``, ``imgsz`` and ``multiscale`` for a model config (training and evaluation).
+
+    DETR's augmentation at short side 800 for DECO; RT-DETR's at the eval square (640) with
+    multi-scale batches for DECO+; the light recipe at its eval size for the CPU-sized deco_tiny.
+    """
+    if model_cfg.name == "deco_tiny":
+        return {"transforms": "light", "imgsz": int(model_cfg.eval_size[0]), "multiscale": False}
+    if model_cfg.arch == "deco":
+        return {"transforms": "detr", "imgsz": 800, "multiscale": False}
+    return {"transforms": "rtdetr", "imgsz": int(model_cfg.eval_size[0]), "multiscale": True}
+
+
+def recipe_for(model_name: str, pretrained: bool) -> dict[str, Any]:
+    """Default training settings for ``model_name`` (a preset) by whether its backbone is pretrained.
+
+    Returns a dict of :class:`TrainConfig` field values; its ``model_overrides`` entry holds the
+    freezing settings for the model config (``freeze_backbone_bn``, ``freeze_stem_layer1`` /
+    ``freeze_at``).
+    """
+    from decodet.registry import get_config
+
+    mcfg = get_config(model_name)
+    data = data_recipe(mcfg)
+
+    if pretrained and mcfg.arch == "deco":
+        return {
+            **data,
+            "lr": 1e-4,
+            "lr_backbone": 1e-5,
+            "lr_encoder": 1e-5,
+            "weight_decay": 1e-4,
+            "norm_bias_decay": True,
+            "schedule": "step",
+            "warmup_steps": 0,
+            "ema": False,
+            "model_overrides": {"freeze_backbone_bn": True, "freeze_stem_layer1": True},
+        }
+    if pretrained:  # DECO+ on RT-DETR's recipe; ResNet-D-50 and up freeze the stem and BN
+        deep = mcfg.backbone not in ("presnet18", "presnet34")
+        return {
+            **data,
+            "lr": 1.5e-4,
+            "lr_backbone": 1.5e-5,
+            "lr_encoder": None,
+            "weight_decay": 1e-4,
+            "norm_bias_decay": False,
+            "schedule": "constant",
+            "warmup_steps": 0,
+            "ema": True,
+            "model_overrides": {"freeze_backbone_bn": deep, "freeze_at": 0 if deep else -1},
+        }
+    # From scratch: everything trains (BN included) at one, higher learning rate.
+    freeze = {"freeze_backbone_bn": False}
+    freeze.update({"freeze_stem_layer1": False} if mcfg.arch == "deco" else {"freeze_at": -1})
+    return {
+        **data,
+        "lr": 4e-4,
+        "lr_backbone": 4e-4,
+        "lr_encoder": None,
+        "weight_decay": 1e-4,
+        "norm_bias_decay": False,
+        "schedule": "cosine",
+        "warmup_steps": 200,
+        "ema": mcfg.arch == "decoplus",
+        "model_overrides": freeze,
+    }
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with every ``None`` recipe field filled from :func:`recipe_for`.
+
+    The backbone counts as pretrained when ``pretrained_backbone`` is set or ``weights`` are given.
+    The recipe's model overrides sit under the user's ``model_overrides``.
+    """
+    pretrained = bool(cfg.pretrained_backbone or cfg.weights)
+    recipe = recipe_for(cfg.model, pretrained)
+    changes: dict[str, Any] = {}
+    for key, value in recipe.items():
+        if key == "model_overrides":
+            changes[key] = {**value, **cfg.model_overrides}
+        elif getattr(cfg, key) is None:
+            changes[key] = value
+    if cfg.lr is not None and cfg.lr_backbone is None and not pretrained:
+        changes["lr_backbone"] = cfg.lr  # from scratch: one learning rate unless told otherwise
+    if cfg.name is None:
+        changes["name"] = cfg.model
+    return dataclasses.replace(cfg, **changes)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string: take such strings as numbers for float fields."""
+    if isinstance(value, str) and float in typing.get_args(tp) + (tp,):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """Whether a (JSON / YAML) value fits a field annotation: ints pass for floats, bools only for bools."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin = typing.get_origin(tp) or tp
+    return isinstance(value, origin)
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(typing.get_origin(tp) or tp, "__name__", str(tp))
+
+
+def _scalar_type(tp: Any) -> Any:
+    """``int | None`` -> ``int``; other types unchanged."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def _none_or(kind: Any) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else kind(text)
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+# fields whose None default is filled by recipe_for()
+_RECIPE_FIELDS = {
+    "lr", "lr_backbone", "lr_encoder", "weight_decay", "norm_bias_decay", "schedule", "warmup_steps", "ema",
+    "imgsz", "transforms", "multiscale",
+}  # fmt: skip
+_HELP = {
+    "model": "model preset (decodet.list_models())",
+    "data": "dataset folder or data.yaml",
+    "weights": "initialise from a checkpoint (ours or the authors'); class heads re-initialised if counts differ",
+    "model_overrides": "model config override KEY=VALUE (repeatable), e.g. drop_path=0.1",
+    "time_budget_min": "stop after this many minutes of training, then evaluate and save",
+    "resume": "continue a run: its folder or its last_state.pt",
+    "amp": "mixed precision: none | bf16 | fp16 (CUDA)",
+    "schedule": "lr schedule: step | cosine | constant",
+    "transforms": "augmentation recipe: detr | light | rtdetr",
+    "lr_encoder": "DECO encoder's learning rate (none: same as --lr)",
+    "lr_drop_epoch": "step schedule's drop epoch (none: 2/3 of the epochs)",
+    "max_steps": "stop after this many optimizer steps in total, then evaluate and save",
+    "eval_every": "evaluate every N epochs (0: only at the end)",
+}
+
+
+def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Add one ``--flag`` per :class:`TrainConfig` field (plus ``--config FILE``) to ``parser``.
+
+    Every flag defaults to ``argparse.SUPPRESS`` so that only flags actually given override the
+    config file (or the resumed run's config).
+    """
+    parser = parser or argparse.ArgumentParser(prog="decodet train", description="Train a DECO / DECO+ detector.")
+    parser.add_argument("--config", default=argparse.SUPPRESS, help="YAML/JSON training config; flags override it")
+    types_ = _field_types()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp = types_[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = "by recipe" if f.name in _RECIPE_FIELDS else default
+        help_ = _HELP.get(f.name, "") + (f" (default: {shown})" if shown not in (None, "", {}) else "")
+        if f.name == "model_overrides":
+            parser.add_argument(
+                "--set", dest=f.name, metavar="KEY=VALUE", type=_key_value, action="append", default=argparse.SUPPRESS,
+                help=_HELP[f.name],
+            )  # fmt: skip
+            continue
+        kind = _scalar_type(tp)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+        else:
+            parser.add_argument(
+                flag, type=_none_or(kind), default=argparse.SUPPRESS, help=help_, metavar=f.name.upper()
+            )
+    return parser
+
+
+def config_from_namespace(ns: argparse.Namespace) -> TrainConfig:
+    """The :class:`TrainConfig` that parsed flags describe.
+
+    Base: ``--config FILE`` if given; with ``--resume`` (and no ``--config``) the resumed run's
+    saved ``train_config.yaml``; otherwise the defaults.  Given flags override the base.
+    """
+    given = {k: v for k, v in vars(ns).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    if "model_overrides" in given:
+        given["model_overrides"] = dict(given["model_overrides"])
+    config_file = getattr(ns, "config", None)
+    if config_file:
+        base = read_mapping(config_file)
+    elif given.get("resume"):
+        base = TrainConfig.load(run_config_path(given["resume"])).to_dict()
+    else:
+        base = {}
+    if "model_overrides" in given:
+        given["model_overrides"] = {**base.get("model_overrides", {}), **given["model_overrides"]}
+    return TrainConfig.from_dict({**base, **given}, source=config_file)
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    """``decodet train`` flags -> :class:`TrainConfig` (see :func:`config_from_namespace`)."""
+    return config_from_namespace(build_arg_parser().parse_args(argv))
+
+
+def run_config_path(resume: str | Path) -> Path:
+    """The saved ``train_config.yaml`` of the run that ``resume`` (folder or state file) names."""
+    path = Path(resume)
+    folder = path if path.is_dir() else path.parent
+    cfg_path = folder / "train_config.yaml"
+    if not cfg_path.is_file():
+        raise DecodetError("cannot resume: no train_config.yaml in the run folder", folder)
+    return cfg_path

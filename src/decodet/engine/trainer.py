@@ -1,0 +1,786 @@
+"""The training loop: data -> model -> criterion -> AdamW, with AMP, EMA, clipping,
+accumulation, DDP, evaluation, atomic checkpoints and exact resume.
+
+``train(cfg)`` runs a whole training and returns the final metrics.  A run folder
+(``runs/<name>``) receives::
+
+    train_config.yaml   the resolved TrainConfig (what --resume reads back)
+    last.safetensors    weights after the latest epoch (the EMA weights when EMA is on)
+    best.safetensors    weights of the best evaluation (COCO AP)
+    last_state.pt       optimizer, scheduler, scaler, EMA, RNG states, epoch/step: for --resume
+    metrics.jsonl/.csv  one record per epoch (decodet.engine.logging); loss.png, map.png: curves
+
+Determinism: the data order is a function of ``(seed, epoch)`` (a seeded sampler), and the
+global RNGs (augmentation, drop path) are re-seeded from ``(seed, epoch, rank)`` at each epoch
+start, so a run resumed at an epoch boundary continues exactly as an uninterrupted one (on
+CPU).  A run stopped part-way through an epoch (time budget, ``max_steps``) saves its RNG
+states and the batches done; resuming skips those batches and restores the RNG states.
+
+Only rank 0 writes files; every rank evaluates its shard of the validation set and the
+detections are gathered before scoring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from decodet.config import ModelConfig, config_from_dict, config_to_dict, replace
+from decodet.data.coco import CocoDetection
+from decodet.data.spec import resolve_data
+from decodet.data.transforms import MultiScaleCollate, build_transforms, collate, multiscale_sizes
+from decodet.engine import distributed as D
+from decodet.engine.ema import ModelEMA
+from decodet.engine.evaluator import CocoEvaluator, detections_to_coco, merge_detections
+from decodet.engine.logging import MetricsLogger, plot_curves, progress
+from decodet.engine.optim import build_optimizer, build_scheduler
+from decodet.engine.train_config import TrainConfig, data_recipe, parse_train_args, resolve
+from decodet.errors import DecodetError
+from decodet.io.atomic import atomic_path, atomic_write_text
+from decodet.losses import build_criterion
+from decodet.models.postprocess import postprocess
+from decodet.registry import build_from_config, get_config
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "train_config.yaml"
+STATE_FILE = "last_state.pt"
+LAST_WEIGHTS = "last.safetensors"
+BEST_WEIGHTS = "best.safetensors"
+BEST_METRIC = "AP"
+STATE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train as ``cfg`` says; returns the final metrics (last evaluation, losses, run folder).
+
+    Works single-process and under ``torchrun`` (joins the process group itself).
+
+    Raises:
+        DecodetError: bad config or data, a non-finite loss (naming the step; the last good
+            checkpoint is left intact), an unreadable state file to resume from.
+    """
+    created_group = not D.is_dist()
+    threads = torch.get_num_threads()
+    try:
+        trainer = Trainer(cfg)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
+    finally:
+        torch.set_num_threads(threads)  # cfg.threads applies to this run only
+        if created_group:
+            D.cleanup()
+
+
+def main_train(argv: list[str] | None = None) -> dict[str, Any]:
+    """``decodet train`` flags -> :func:`train` (see :func:`~decodet.engine.train_config.parse_train_args`)."""
+    return train(parse_train_args(argv))
+
+
+def input_normalized(model_cfg: ModelConfig) -> bool:
+    """Whether the model takes ImageNet-normalised input: yes unless its config turns
+    ``normalize`` off (a field, or in ``extra``; RT-DETR's plain [0, 1] convention).  The
+    same rule as ``decodet.deploy.export.normalization``: training, evaluation and inference agree."""
+    flag = getattr(model_cfg, "normalize", None)
+    if flag is None:
+        flag = (getattr(model_cfg, "extra", None) or {}).get("normalize", True)
+    return bool(flag)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: Dataset | DataLoader,
+    gt: Any = None,
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 1,
+    workers: int = 0,
+    amp: str = "none",
+    num_top: int = 100,
+    category_ids: list[int] | None = None,
+    channels_last: bool = False,
+    show_progress: bool = True,
+    detections_out: str | os.PathLike | None = None,
+) -> dict[str, float]:
+    """COCO box AP of ``model`` on ``data``; every process evaluates its shard.
+
+    Args:
+        model: a detector (``pred_logits`` / ``pred_boxes`` outputs); put in eval mode here.
+        data: a dataset with eval transforms (``CocoDetection``) or a loader of :func:`collate` batches.
+        gt: COCO ground truth (path / dict / ``COCO``); default: the dataset's ``ann_file``.
+        batch_size, workers: for the loader built when ``data`` is a dataset.
+        amp: ``none`` | ``bf16`` | ``fp16`` autocast for the forward pass.
+        num_top: detections kept per image (COCO's maxDets is 100).
+        category_ids: logit index -> category id; default: the model config's ``category_ids``
+            (``None`` there means the logit index is the id).
+        detections_out: also write the COCO results JSON here (rank 0).
+
+    Returns:
+        The 12 COCO stats (``AP``, ``AP50``, ...) on every process.
+    """
+    inner = D.unwrap(model)
+    device = torch.device(device) if device is not None else next(inner.parameters()).device
+    if isinstance(data, DataLoader):
+        loader = data
+    else:
+        sampler = D.ShardSampler(len(data), D.get_rank(), D.get_world_size())
+        loader = DataLoader(
+            data,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
+        )
+    if gt is None:
+        gt = getattr(loader.dataset, "ann_file", None)
+        if gt is None:
+            raise ValueError("evaluate: pass gt (COCO ground truth) for a dataset without ann_file")
+    if category_ids is None:
+        category_ids = getattr(getattr(inner, "config", None), "category_ids", None)
+
+    was_training = inner.training
+    inner.eval()  # the bare module: a DDP forward would sync buffers across uneven shards
+    evaluator = CocoEvaluator(max_dets=num_top)
+    kept: dict[int, dict[str, Tensor]] = {}
+    for images, targets in progress(loader, desc="eval", disable=None if show_progress else True, log_every=0):
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            outputs = inner(images)
+        canvas = [tuple(images.shape[-2:])] * images.shape[0]
+        dets = [_to_original(d, t) for d, t in zip(postprocess(outputs, canvas, num_top, category_ids), targets)]
+        ids = [int(t["image_id"]) for t in targets]
+        evaluator.update(ids, dets)
+        if detections_out is not None:
+            kept.update(zip(ids, dets))
+    inner.train(was_training)
+
+    evaluator.gather()
+    stats = None
+    if D.is_main():
+        stats = evaluator.summarize(gt)
+    if detections_out is not None:
+        merged = merge_detections(D.all_gather_object(kept))
+        if D.is_main():
+            atomic_write_text(detections_out, json.dumps(detections_to_coco(merged, max_dets=None)))
+    return D.broadcast_object(stats)
+
+
+def evaluate_checkpoint(
+    weights: str | os.PathLike,
+    data: str | os.PathLike,
+    split: str = "val",
+    imgsz: int | None = None,
+    batch_size: int = 4,
+    device: str = "auto",
+    out: str | os.PathLike | None = None,
+    workers: int = 0,
+) -> dict[str, float]:
+    """COCO stats of a checkpoint (ours or the authors') on a dataset split.
+
+    The eval transform and size follow the model's training recipe
+    (:func:`~decodet.engine.train_config.data_recipe`) unless ``imgsz`` is given; the
+    keep-aspect ``detr`` resize evaluates one image per batch whatever ``batch_size`` says.
+    With ``out``, writes ``detections.json`` and ``stats.json`` into that folder.
+    """
+    from decodet.io.checkpoint import load_model
+
+    dev = D.resolve_device(device)
+    model = load_model(weights, map_location=dev)
+    mcfg = model.config
+    split_spec = resolve_data(data).split(split)
+    recipe = data_recipe(mcfg)
+    tf = build_transforms(
+        recipe["transforms"], train=False, imgsz=imgsz or recipe["imgsz"], normalize=input_normalized(mcfg)
+    )
+    dataset = CocoDetection(split_spec.images_dir, split_spec.ann_file, transforms=tf)
+    _check_labels_fit(mcfg, dataset)
+    out_dir = Path(out) if out is not None else None
+    stats = evaluate(
+        model,
+        dataset,
+        device=dev,
+        batch_size=_eval_batch_size(recipe["transforms"], batch_size),
+        workers=workers,
+        detections_out=out_dir / "detections.json" if out_dir else None,
+    )
+    if out_dir is not None and D.is_main():
+        atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Holds everything one training run needs; :meth:`fit` runs it.  See the module docstring."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        cfg.validate()
+        self.info = D.init_distributed(cfg.device)
+        self.device = self.info.device
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.amp == "fp16" and self.device.type != "cuda":
+            raise DecodetError("amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+        _set_determinism(cfg.deterministic, self.device)
+
+        state = self._load_state(cfg.resume) if cfg.resume else None
+        self.cfg = cfg = resolve(cfg)
+        self.is_main = self.info.is_main
+
+        # ---- data
+        spec = resolve_data(cfg.data) if cfg.data else None
+        if spec is None:
+            raise DecodetError("no dataset given: pass --data (a dataset folder or data.yaml)")
+        train_split = spec.split(cfg.train_split)
+        self.train_set = CocoDetection(train_split.images_dir, train_split.ann_file)
+        if len(self.train_set) == 0:
+            raise DecodetError("the training split has no images", train_split.ann_file)
+
+        # ---- model (identical initialisation on every rank)
+        _seed_everything(cfg.seed)
+        if state is not None:
+            mcfg = config_from_dict(state["model_config"])
+            mcfg = replace(mcfg, pretrained_backbone=False)  # the state holds every weight
+        else:
+            dataset_fields = {
+                "num_classes": self.train_set.num_classes,
+                "category_ids": list(self.train_set.category_ids),
+                "class_names": list(self.train_set.class_names),
+                "pretrained_backbone": cfg.pretrained_backbone,
+            }
+            mcfg = get_config(cfg.model, **{**dataset_fields, **cfg.model_overrides})
+        _check_labels_fit(mcfg, self.train_set)
+        normalize = input_normalized(mcfg)
+        self.train_set.transforms = build_transforms(cfg.transforms, train=True, imgsz=cfg.imgsz, normalize=normalize)
+        self.val_set = None
+        if spec.has_split(cfg.val_split):
+            val_split = spec.split(cfg.val_split)
+            tf = build_transforms(cfg.transforms, train=False, imgsz=cfg.imgsz, normalize=normalize)
+            self.val_set = CocoDetection(val_split.images_dir, val_split.ann_file, transforms=tf)
+        else:
+            log.warning("no %r split in %s: training without evaluation", cfg.val_split, spec.source)
+
+        model = build_from_config(mcfg)
+        if cfg.weights and state is None:
+            from decodet.io.checkpoint import load_weights_into
+
+            load_weights_into(model, cfg.weights)
+        model.to(self.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model_cfg = mcfg
+        self.raw_model = model
+        self.criterion = build_criterion(mcfg).to(self.device)
+
+        # ---- loaders
+        self.sampler = D.EpochSampler(
+            self.train_set, seed=cfg.seed, rank=self.info.rank, world_size=self.info.world_size
+        )
+        self.loader_generator = torch.Generator()
+        collate_fn = MultiScaleCollate(multiscale_sizes(cfg.imgsz)) if cfg.multiscale else collate
+        self.train_loader = DataLoader(
+            self.train_set,
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,
+            num_workers=cfg.workers,
+            collate_fn=collate_fn,
+            pin_memory=self.device.type == "cuda",
+            generator=self.loader_generator,
+            drop_last=False,
+        )
+        self.batches_per_epoch = math.ceil(len(self.sampler) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accumulate)
+
+        # ---- optimisation
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            cfg.schedule,
+            steps_per_epoch=self.steps_per_epoch,
+            epochs=cfg.epochs,
+            warmup_steps=cfg.warmup_steps,
+            drop_epoch=cfg.lr_drop_epoch,
+            drop_factor=cfg.lr_drop_factor,
+            min_ratio=cfg.min_lr_ratio,
+        )  # max_steps / the time budget only stop training; the schedule spans ``epochs``
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.ema = ModelEMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None
+
+        # ---- progress counters
+        self.epoch = 0  # the epoch to run next (0-based)
+        self.batches_done = 0  # batches of ``self.epoch`` already trained (mid-epoch resume)
+        self.global_step = 0  # optimizer steps so far
+        self.best = -math.inf
+        self.resume_rng: dict[str, Any] | None = None
+        self.stop_rng: dict[str, Any] | None = None
+        if state is not None:
+            self._restore(state)
+
+        self.model = model
+        if self.info.distributed:
+            unused = _probe_unused(model, self.criterion, self.train_set, self.device, cfg.amp)
+            self.model = D.wrap_ddp(model, self.info, find_unused_parameters=bool(unused))
+        self.run_dir = self._run_dir(state)  # created once everything above has succeeded
+        self.metrics = None
+        if self.is_main:
+            cfg.save(self.run_dir / CONFIG_FILE)
+            self.metrics = MetricsLogger(self.run_dir)
+            # resuming: forget records written after the saved state; a fresh run in a reused
+            # folder (exist_ok): forget the previous run's records
+            dropped = self.metrics.drop_after("step", self.global_step if state is not None else -1)
+            if dropped and state is None:
+                log.info("%s: starting afresh, %d metric records of an earlier run dropped", self.run_dir, dropped)
+        self._log_setup()
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.t_start = time.monotonic()
+        final: dict[str, Any] = {}
+        stop = cfg.max_steps is not None and self.global_step >= cfg.max_steps
+        while self.epoch < cfg.epochs and not stop:
+            epoch = self.epoch
+            t0 = time.monotonic()
+            train_stats, stop = self._train_epoch(epoch)
+            epoch_time = time.monotonic() - t0
+            finished = self.batches_done == 0  # the epoch ran to its end
+            last = stop or (finished and self.epoch >= cfg.epochs)
+            eval_stats = {}
+            if self.val_set is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+                eval_stats = self._evaluate()
+            record = {
+                "epoch": epoch + 1,
+                "step": self.global_step,
+                **train_stats,
+                "epoch_time": epoch_time,
+                **{f"val/{k}": v for k, v in eval_stats.items()},
+            }
+            improved = BEST_METRIC in eval_stats and eval_stats[BEST_METRIC] > self.best
+            if improved:
+                self.best = eval_stats[BEST_METRIC]
+            self._save(improved)
+            if self.is_main:
+                self._log_epoch(record)
+            final = {**train_stats, **eval_stats, "epoch": epoch + 1, "step": self.global_step}
+        final.update({"best_" + BEST_METRIC: self.best if self.best > -math.inf else None})
+        final["run_dir"] = str(self.run_dir)
+        return final
+
+    def _train_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
+        """One epoch (or its remainder); returns (mean loss terms, lr, throughput) and whether to stop."""
+        cfg, model = self.cfg, self.raw_model
+        ddp = self.model
+        ddp.train()
+        self.criterion.train()
+        seed = _epoch_seed(cfg.seed, epoch, self.info.rank)
+        self.sampler.set_epoch(epoch)
+        self.sampler.start = self.batches_done * cfg.batch_size
+        self.loader_generator.manual_seed(seed + 1)
+        if self.batches_done and self.resume_rng is not None:
+            _set_rng_state(self.resume_rng)
+        else:
+            _seed_everything(seed)
+        self.resume_rng = None
+
+        first, total = self.batches_done, self.batches_per_epoch
+        accum = cfg.accumulate
+        sums: Tensor | None = None
+        keys: list[str] = []
+        count = images_seen = 0
+        stop = False
+        t0 = time.monotonic()
+        bar = progress(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        with bar:
+            for i, (images, targets) in enumerate(bar, start=first):
+                group_start = i - i % accum
+                group_size = min(accum, total - group_start)
+                step_now = i + 1 - group_start == group_size
+                losses, loss_value = self._forward_backward(images, targets, group_size, step_now, epoch, i)
+                if not keys:
+                    keys = [k for k in losses if k == "loss" or re.fullmatch(r"loss_[a-z0-9]+", k)]
+                logged = torch.stack([losses[k].detach().float() for k in keys])
+                sums = logged if sums is None else sums + logged
+                count += 1
+                images_seen += images.shape[0]
+                if step_now:
+                    self._optimizer_step(model)
+                    stop = self._should_stop()
+                    if stop:  # the RNG states a mid-epoch resume continues from
+                        self.stop_rng = _get_rng_state()
+                bar.set_postfix(loss=loss_value, lr=self.optimizer.param_groups[-1]["lr"])
+                if stop:
+                    break
+        done = first + count
+        self.batches_done = 0 if done >= total else done
+        if self.batches_done == 0:
+            self.epoch = epoch + 1
+        elapsed = time.monotonic() - t0
+
+        stats: dict[str, float] = {}
+        if sums is not None:
+            means = D.all_reduce_mean(sums / count).tolist()
+            stats = {f"train/{k}": v for k, v in zip(keys, means)}
+        for group in self.optimizer.param_groups:
+            stats[f"lr/{group.get('name', 'group')}"] = group["lr"]
+        stats["images_per_s"] = images_seen * self.info.world_size / max(elapsed, 1e-9)
+        return stats, stop
+
+    def _forward_backward(
+        self, images: Tensor, targets: list[dict[str, Any]], group_size: int, step_now: bool, epoch: int, batch: int
+    ) -> tuple[dict[str, Tensor], float]:
+        """Forward, loss, finiteness check, backward of one micro-batch; returns (loss terms, loss value)."""
+        cfg, ddp = self.cfg, self.model
+        images = images.to(self.device, non_blocking=True)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = [
+            {"labels": t["labels"].to(self.device, non_blocking=True), "boxes": t["boxes"].to(self.device)}
+            for t in targets
+        ]
+        # DDP syncs gradients only on the micro-batch that ends an accumulation group
+        no_sync = ddp.no_sync() if (self.info.distributed and not step_now) else contextlib.nullcontext()
+        with no_sync:
+            with _autocast(self.device, cfg.amp):
+                outputs = ddp(images)
+            losses = self.criterion(_to_float(outputs), targets)
+            loss = losses["loss"]
+            loss_value = float(D.all_reduce_mean(loss.detach()).item())  # the one sync per step
+            if not math.isfinite(loss_value):
+                raise self._nonfinite_error(loss_value, epoch, batch)
+            self.scaler.scale(loss / group_size if group_size > 1 else loss).backward()
+        return losses, loss_value
+
+    def _optimizer_step(self, model: nn.Module) -> None:
+        if self.cfg.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(model)
+        self.global_step += 1
+
+    def _should_stop(self) -> bool:
+        cfg = self.cfg
+        stop = cfg.max_steps is not None and self.global_step >= cfg.max_steps
+        if cfg.time_budget_min is not None:
+            over = time.monotonic() - self.t_start >= cfg.time_budget_min * 60
+            stop = stop or D.any_flag(over, self.device)
+        if stop and self.is_main:
+            why = "max_steps" if cfg.max_steps is not None and self.global_step >= cfg.max_steps else "time budget"
+            log.info("stopping after step %d (%s reached)", self.global_step, why)
+        return stop
+
+    def _nonfinite_error(self, value: float, epoch: int, batch: int) -> DecodetError:
+        last = self.run_dir / LAST_WEIGHTS
+        kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written yet"
+        return DecodetError(
+            f"non-finite loss ({value}) at step {self.global_step + 1} (epoch {epoch + 1}, batch {batch + 1}); "
+            f"training stopped and {kept} — try a lower --lr or --amp none"
+        )
+
+    def _evaluate(self) -> dict[str, float]:
+        model = self.ema.module if self.ema is not None else self.raw_model
+        return evaluate(
+            model,
+            self.val_set,
+            device=self.device,
+            batch_size=self.cfg.eval_batch_size or _eval_batch_size(self.cfg.transforms, self.cfg.batch_size),
+            workers=self.cfg.workers,
+            amp=self.cfg.amp,
+            num_top=100,
+            channels_last=self.cfg.channels_last,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save(self, improved: bool) -> None:
+        """Write last (and best) weights, then the training state; rank 0 only, all atomic."""
+        from decodet.io.checkpoint import save_model
+
+        rng = D.all_gather_object(self.stop_rng or _get_rng_state())  # every rank's, for a mid-epoch resume
+        self.stop_rng = None
+        if not self.is_main:
+            return
+        weights = self.ema.module if self.ema is not None else self.raw_model
+        extra = {"epoch": str(self.epoch), "step": str(self.global_step), "ema": str(self.ema is not None)}
+        save_model(weights, self.run_dir / LAST_WEIGHTS, extra=extra)
+        if improved:
+            save_model(weights, self.run_dir / BEST_WEIGHTS, extra={**extra, BEST_METRIC: f"{self.best:.6f}"})
+        state = {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "global_step": self.global_step,
+            "best": self.best,
+            "seed": self.cfg.seed,
+            "world_size": self.info.world_size,
+            "train_config": self.cfg.to_dict(),
+            "model_config": config_to_dict(self.model_cfg),
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": rng,
+        }
+        with atomic_path(self.run_dir / STATE_FILE) as tmp:
+            torch.save(state, tmp)
+
+    @staticmethod
+    def _load_state(resume: str) -> dict[str, Any]:
+        path = Path(resume)
+        if path.is_dir():
+            path = path / STATE_FILE
+        if not path.is_file():
+            raise DecodetError(
+                "cannot resume: training state not found (expected a run folder or its last_state.pt)", path
+            )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated / foreign file
+            raise DecodetError(f"cannot resume: unreadable training state ({type(e).__name__})", path) from None
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise DecodetError("cannot resume: not a decodet training state", path)
+        state["path"] = str(path)
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._restore_scheduler(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise DecodetError("cannot resume with EMA on: the saved run trained without EMA", state["path"])
+            self.ema.load_state_dict(state["ema"])
+        self.epoch = int(state["epoch"])
+        self.batches_done = int(state["batches_done"])
+        self.global_step = int(state["global_step"])
+        self.best = float(state["best"])
+        rng = state.get("rng") or []
+        if self.batches_done and len(rng) == self.info.world_size:
+            self.resume_rng = rng[self.info.rank]
+        elif self.batches_done:
+            log.warning("resuming mid-epoch with another process count: augmentation randomness will differ")
+        if self.batches_done and int(state.get("world_size", 1)) != self.info.world_size:
+            log.warning("resuming mid-epoch with another process count: the epoch's remaining order differs")
+        log.info("resumed from %s at epoch %d, step %d", state["path"], self.epoch + 1, self.global_step)
+
+    def _restore_scheduler(self, saved: dict[str, Any]) -> None:
+        """Continue the saved step count; the schedule's shape follows the current config (so
+        ``--resume RUN --epochs N`` stretches it), which is the saved one unless changed."""
+        factor = self.scheduler.lr_lambdas[0]
+        wanted = dict(factor.__dict__)
+        self.scheduler.load_state_dict(saved)
+        if factor.__dict__ != wanted:
+            log.info("lr schedule changed on resume: %s -> %s", factor.__dict__, wanted)
+            factor.__dict__.update(wanted)
+            step = self.scheduler.last_epoch
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base * factor(step)
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _run_dir(self, state: dict[str, Any] | None) -> Path:
+        """The run folder: the resumed run's, or project/name (name-2, name-3, ... when taken)."""
+        if state is not None:
+            return Path(state["path"]).parent
+        path = None
+        if self.info.is_main:
+            base = Path(self.cfg.project) / str(self.cfg.name)
+            path = base
+            n = 2
+            while not self.cfg.exist_ok and path.exists() and any(path.iterdir()):
+                path = base.with_name(f"{base.name}-{n}")
+                n += 1
+            path.mkdir(parents=True, exist_ok=True)
+            path = str(path)
+        return Path(D.broadcast_object(path))
+
+    # ------------------------------------------------------------------ logging
+
+    def _log_setup(self) -> None:
+        if not self.is_main:
+            return
+        cfg = self.cfg
+        n_params = sum(p.numel() for p in self.params)
+        log.info(
+            "training %s (%.2fM trainable parameters, %d classes) on %s x%d | %d train images%s | run folder %s",
+            cfg.model,
+            n_params / 1e6,
+            self.model_cfg.num_classes,
+            self.device,
+            self.info.world_size,
+            len(self.train_set),
+            f", {len(self.val_set)} val images" if self.val_set is not None else "",
+            self.run_dir,
+        )
+        log.info(
+            "recipe: lr %g (backbone %g%s), wd %g, %s schedule, warm-up %d, %d steps/epoch, ema %s, amp %s, "
+            "transforms %s at %d%s",
+            cfg.lr,
+            cfg.lr_backbone,
+            f", encoder {cfg.lr_encoder:g}" if cfg.lr_encoder is not None else "",
+            cfg.weight_decay,
+            cfg.schedule,
+            cfg.warmup_steps,
+            self.steps_per_epoch,
+            "on" if cfg.ema else "off",
+            cfg.amp,
+            cfg.transforms,
+            cfg.imgsz,
+            " multi-scale" if cfg.multiscale else "",
+        )
+
+    def _log_epoch(self, record: dict[str, Any]) -> None:
+        self.metrics.log(record)
+        plot_curves(self.run_dir)
+        summary = ", ".join(
+            f"{k.split('/')[-1]} {v:.4g}" for k, v in record.items() if k in ("train/loss", "val/AP", "val/AP50")
+        )
+        log.info("epoch %d (step %d, %.0f s): %s", record["epoch"], record["step"], record["epoch_time"], summary)
+
+    def close(self) -> None:
+        """Release loader workers."""
+        self.train_loader = None  # type: ignore[assignment]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _eval_batch_size(recipe: str, batch_size: int) -> int:
+    """1 for the keep-aspect ``detr`` eval resize: DECO has no padding mask, so padding a batch to a
+    common size would change its detections (the authors evaluate one image at a time)."""
+    if recipe == "detr" and batch_size > 1:
+        log.info("evaluating one image per batch: padded batches would change DECO's outputs")
+        return 1
+    return batch_size
+
+
+def _to_float(outputs: Any) -> Any:
+    """Model outputs with every floating tensor in fp32 (the criterion runs outside autocast)."""
+    if isinstance(outputs, Tensor):
+        return outputs.float() if outputs.is_floating_point() and outputs.dtype != torch.float32 else outputs
+    if isinstance(outputs, dict):
+        return {k: _to_float(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(_to_float(v) for v in outputs)
+    return outputs
+
+
+def _to_original(det: dict[str, Tensor], target: dict[str, Any]) -> dict[str, Tensor]:
+    """Boxes in canvas pixels -> the original image's pixels (``orig_size / size`` per axis), clamped."""
+    oh, ow = (float(v) for v in target["orig_size"])
+    h, w = (float(v) for v in target["size"])
+    boxes = det["boxes"].float().clone()
+    boxes[:, 0::2] = (boxes[:, 0::2] * (ow / w)).clamp(0, ow)
+    boxes[:, 1::2] = (boxes[:, 1::2] * (oh / h)).clamp(0, oh)
+    return {"boxes": boxes.cpu(), "scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()}
+
+
+def _check_labels_fit(mcfg: ModelConfig, dataset: CocoDetection) -> None:
+    if mcfg.num_classes < dataset.num_classes:
+        raise DecodetError(
+            f"the dataset has {dataset.num_classes} categories but the model {mcfg.name} has "
+            f"{mcfg.num_classes} class logits",
+            dataset.ann_file,
+        )
+
+
+def _probe_unused(
+    model: nn.Module, criterion: nn.Module, dataset: Dataset, device: torch.device, amp: str
+) -> list[str]:
+    """Names of trainable parameters that get no gradient (DDP then needs find_unused_parameters).
+
+    Runs one forward/backward on the first training image; buffers (BN statistics) are restored.
+    """
+    saved = {k: v.clone() for k, v in model.state_dict().items() if k in dict(model.named_buffers())}
+    images, targets = collate([dataset[0]])
+    with _autocast(device, amp):
+        outputs = model(images.to(device))
+    targets = [{"labels": t["labels"].to(device), "boxes": t["boxes"].to(device)} for t in targets]
+    criterion(_to_float(outputs), targets)["loss"].backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(saved, strict=False)
+    if unused:
+        log.debug("parameters without gradient (DDP find_unused_parameters on): %s", unused[:5])
+    return unused
+
+
+def _set_determinism(deterministic: bool, device: torch.device) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """A well-mixed 63-bit seed from (seed, epoch, rank)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _get_rng_state() -> dict[str, Any]:
+    """The global RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
