@@ -1,0 +1,346 @@
+"""``Detector``: any image in, detections out, on PyTorch or ONNX Runtime.
+
+>>> det = Detector("runs/exp/best.safetensors", score_threshold=0.3)
+>>> for result in det.stream("photos/", batch_size=8):
+...     print(result["path"], result["names"], result["boxes"])
+
+Every image is resized to one fixed ``imgsz`` (aspect ratio not kept), the evaluation
+transform of the ``light``/``rtdetr`` recipes.  DECO's outputs depend on padding, and a
+fixed size means no padding is ever needed: results do not depend on the batch an image
+was in, batches need no size grouping, and the same size exports to ONNX.  The default
+size is DECO+'s ``eval_size``; DECO has none and gets 640x640 (the authors evaluate DECO
+at short side 800 keeping the aspect ratio: pass e.g. ``imgsz=(800, 1216)`` for 2:3
+landscape images to get close to that).
+
+Results, one dict per image, in input order (torchvision-style, CPU tensors)::
+
+    boxes   [N, 4] float32  xyxy in original-image pixels (not clipped, as ``postprocess``)
+    scores  [N]    float32  sorted high to low, all >= score_threshold
+    labels  [N]    int64    dataset category ids (``config.category_ids``)
+    names   list[str]       class names (the label number when the model has no names)
+    path    str | None      the image file, when the input was one
+    orig_size (h, w)        of the original image
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as TF
+
+from decodet.data.images import load_image, to_rgb
+from decodet.deploy.export import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DeployModel,
+    as_size,
+    export_onnx,
+    normalization,
+    parse_metadata,
+    prepare_model,
+)
+from decodet.errors import DecodetError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+BACKENDS = ("torch", "onnxruntime")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class ImageItem:
+    """One input image, decoded lazily: ``image`` is a path until :func:`iter_images` reads it."""
+
+    image: Any  # PIL.Image | np.ndarray | Tensor once read
+    path: str | None = None
+
+
+def iter_images(source: Any, on_error: str = "skip") -> Iterator[ImageItem]:
+    """Expand ``source`` into decoded images, lazily, in order.
+
+    ``source``: a path to an image, a folder (its image files, sorted by name, not
+    recursive), a glob pattern (matches sorted), a ``PIL.Image``, a numpy array
+    (``[H, W, 3]``/``[H, W, 4]``/``[H, W]``, or ``[B, H, W, C]`` for several), a tensor
+    (``[3, H, W]``/``[1, H, W]``/``[H, W]``, or ``[B, 3, H, W]`` for several), or a
+    list/tuple of any of these.
+
+    A file named explicitly that cannot be read raises :class:`DecodetError`; files found
+    by expanding a folder or pattern are skipped with a warning (``on_error="raise"``:
+    raise for those too).  A folder or pattern with no image files is a ``DecodetError``.
+    """
+    if isinstance(source, list | tuple):
+        for item in source:
+            yield from iter_images(item, on_error)
+        return
+    if isinstance(source, Tensor | np.ndarray) and source.ndim == 4:
+        for image in source:
+            yield ImageItem(image)
+        return
+    if isinstance(source, Image.Image | np.ndarray | Tensor):
+        yield ImageItem(source)
+        return
+    if not isinstance(source, str | os.PathLike):
+        raise DecodetError(f"cannot read images from a {type(source).__name__} (expected a path, image or array)")
+    path = Path(source)
+    if path.is_file():
+        yield ImageItem(load_image(path), str(path))
+        return
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DecodetError(f"folder holds no image files ({', '.join(IMAGE_SUFFIXES)})", path)
+    elif glob.has_magic(str(source)):
+        files = sorted(Path(p) for p in glob.glob(str(source), recursive=True) if Path(p).is_file())
+        if not files:
+            raise DecodetError("no files match this pattern", source)
+    else:
+        raise DecodetError("image file or folder not found", path)
+    read = 0
+    for file in files:
+        try:
+            image = load_image(file)
+        except DecodetError as exc:
+            if on_error == "raise":
+                raise
+            log.warning("skipping %s", exc)
+            continue
+        read += 1
+        yield ImageItem(image, str(file))
+    if read == 0:
+        raise DecodetError(f"none of the {len(files)} files could be read as an image", source)
+
+
+def to_uint8_chw(image: Any) -> Tensor:
+    """A PIL image, numpy array or tensor (see :func:`iter_images`) -> RGB ``uint8 [3, H, W]``.
+
+    Float arrays/tensors must hold values in [0, 1]; they are rounded to 8 bits so that a
+    float input and its uint8 original give the same detections.
+    """
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.array(to_rgb(image), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[2] == 4:
+            return to_uint8_chw(Image.fromarray(_as_uint8(image, "array"), "RGBA"))
+        if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3)):
+            arr = _as_uint8(image, "array")
+            arr = arr if arr.ndim == 3 else arr[:, :, None]
+            return _to3(torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1))
+        raise DecodetError(f"numpy image must be [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]; got {list(image.shape)}")
+    if isinstance(image, Tensor):
+        t = image.detach().cpu()
+        t = t[None] if t.dim() == 2 else t
+        if t.dim() != 3 or t.shape[0] not in (1, 3):
+            raise DecodetError(f"image tensor must be [3, H, W], [1, H, W] or [H, W]; got {list(image.shape)}")
+        return _to3(torch.from_numpy(_as_uint8(t.numpy(), "tensor")))
+    raise DecodetError(f"unsupported image type {type(image).__name__}")
+
+
+def _as_uint8(a: np.ndarray, what: str) -> np.ndarray:
+    if a.dtype == np.uint8:
+        return a
+    if np.issubdtype(a.dtype, np.floating):
+        if a.size and (np.nanmin(a) < 0.0 or np.nanmax(a) > 1.0):
+            raise DecodetError(f"float image {what} must hold values in [0, 1] (got {np.nanmin(a)}..{np.nanmax(a)})")
+        return np.rint(np.nan_to_num(a) * 255.0).astype(np.uint8)
+    raise DecodetError(f"image {what} must be uint8 or float in [0, 1], got {a.dtype}")
+
+
+def _to3(t: Tensor) -> Tensor:
+    return t.expand(3, -1, -1).contiguous() if t.shape[0] == 1 else t.contiguous()
+
+
+def preprocess(
+    image: Any,
+    size: tuple[int, int],
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> tuple[Tensor, tuple[int, int]]:
+    """One image -> (``[3, H, W]`` float normalised at ``size``, original ``(h, w)``).
+
+    Resize uint8 with antialiasing, then scale to [0, 1] and normalise — the evaluation
+    transform of ``data.transforms`` (``v2.Resize((H, W), antialias=True)``).
+    """
+    x = to_uint8_chw(image)
+    orig = (int(x.shape[1]), int(x.shape[2]))
+    if orig[0] < 1 or orig[1] < 1:
+        raise DecodetError(f"image has no pixels ({orig[0]}x{orig[1]})")
+    x = TF.resize(x, list(size), antialias=True)
+    x = x.float().div_(255.0)
+    return TF.normalize(x, list(mean), list(std)), orig
+
+
+# ----------------------------------------------------------------------------- detector
+
+
+class Detector:
+    """Run a DECO / DECO+ detector on images of any size, mode and kind.
+
+    Args:
+        weights: a checkpoint (ours, the authors' ``.pth``, or a run folder), an
+            ``nn.Module`` (a copy is used; the caller's module is not changed), or an
+            ``.onnx`` file from :func:`~decodet.deploy.export.export_onnx`.
+        device: ``"cpu"``, ``"cuda"``, ... (torch device; for ONNX Runtime, ``"cuda"``
+            selects its CUDA provider when installed).
+        backend: ``"torch"`` or ``"onnxruntime"``; ``None`` picks ONNX Runtime for
+            ``.onnx`` files and torch otherwise.  ONNX Runtime with a checkpoint exports
+            it first (fp32, dynamic batch) to a temporary file — once per ``Detector``.
+        imgsz: ``(height, width)`` or an int for a square; default: the model's evaluation
+            size (module docstring).  An ONNX file carries its own (fixed) size.
+        score_threshold: detections scoring below it are dropped.  0.25 by default: a
+            user-facing cut.  Use 0.0 to get all ``max_det`` (what COCO evaluation wants).
+        max_det: at most this many detections per image (top scores over query x class).
+        batch_size: images per forward pass when given many (folders, lists).
+        threads: ONNX Runtime intra-op threads (``None``: its default).
+    """
+
+    def __init__(
+        self,
+        weights: str | os.PathLike | nn.Module,
+        device: str | torch.device = "cpu",
+        backend: str | None = None,
+        imgsz: int | tuple[int, int] | None = None,
+        score_threshold: float = 0.25,
+        max_det: int = 100,
+        batch_size: int = 1,
+        threads: int | None = None,
+    ) -> None:
+        is_onnx = isinstance(weights, str | os.PathLike) and str(weights).lower().endswith(".onnx")
+        backend = backend or ("onnxruntime" if is_onnx else "torch")
+        if backend not in BACKENDS:
+            raise DecodetError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if is_onnx and backend == "torch":
+            raise DecodetError("an .onnx file runs on backend 'onnxruntime', not 'torch'", weights)
+        if max_det < 1:
+            raise DecodetError(f"max_det must be at least 1, got {max_det}")
+        self.backend = backend
+        self.device = torch.device(device)
+        self.score_threshold = float(score_threshold)
+        self.batch_size = max(1, int(batch_size))
+        self._fixed_batch: int | None = None
+        if backend == "torch":
+            model = prepare_model(weights)
+            self.config = model.config
+            self.imgsz = as_size(imgsz, self.config)
+            self.max_det = int(max_det)
+            self._model = DeployModel(model, self.max_det).to(self.device).eval()
+            self.mean, self.std = normalization(self.config)
+        else:
+            self._init_onnx(weights, is_onnx, imgsz, int(max_det), threads)
+        self.class_names = _id_to_name(self.config)
+
+    def _init_onnx(self, weights: Any, is_onnx: bool, imgsz: Any, max_det: int, threads: int | None) -> None:
+        from decodet.deploy.ort import OrtModel
+
+        if is_onnx:
+            self._ort = OrtModel(weights, threads=threads, device=str(self.device))
+            info = parse_metadata(self._ort.metadata, weights)
+            if imgsz is not None and as_size(imgsz, info.config) != tuple(info.imgsz):
+                raise DecodetError(
+                    f"this ONNX file was exported at {info.imgsz[0]}x{info.imgsz[1]}; re-export it for "
+                    f"imgsz {imgsz!r} or leave imgsz unset",
+                    weights,
+                )
+        else:
+            with tempfile.TemporaryDirectory(prefix="decodet-ort-") as tmp:
+                log.info("exporting the model to ONNX for the onnxruntime backend (once)")
+                path = export_onnx(weights, Path(tmp) / "model.onnx", imgsz=imgsz, dynamic_batch=True, num_top=max_det)
+                self._ort = OrtModel(path, threads=threads, device=str(self.device))  # the session keeps the graph
+            info = parse_metadata(self._ort.metadata, path)
+        self.config = info.config
+        self.imgsz = (int(info.imgsz[0]), int(info.imgsz[1]))
+        self.mean, self.std = tuple(info.mean), tuple(info.std)
+        if max_det > info.num_top:
+            log.warning("max_det %d exceeds the %d detections this ONNX file keeps", max_det, info.num_top)
+        self.max_det = min(max_det, info.num_top)
+        if not info.dynamic_batch:
+            batch = self._ort.input_shape("images")[0]
+            self._fixed_batch = int(batch) if isinstance(batch, int) else 1
+
+    # -------------------------------------------------------------------------- API
+
+    def __call__(self, source: Any, batch_size: int | None = None) -> list[dict[str, Any]]:
+        """Detections for every image of ``source`` (see :func:`iter_images`), as a list
+        (one dict per image, module docstring) — even for a single image."""
+        return list(self.stream(source, batch_size))
+
+    def stream(self, source: Any, batch_size: int | None = None) -> Iterator[dict[str, Any]]:
+        """As ``__call__`` but lazily: images are read, run and yielded ``batch_size`` at a
+        time, so memory stays bounded on large folders."""
+        size = int(batch_size or self.batch_size)
+        batch: list[tuple[Tensor, tuple[int, int], str | None]] = []
+        for item in iter_images(source):
+            tensor, orig = preprocess(item.image, self.imgsz, self.mean, self.std)
+            batch.append((tensor, orig, item.path))
+            if len(batch) >= size:
+                yield from self._run(batch)
+                batch = []
+        if batch:
+            yield from self._run(batch)
+
+    def predict_batch(self, images: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Raw batched inference: ``images [B, 3, H, W]`` preprocessed at ``imgsz``,
+        ``orig_sizes [B, 2]`` (h, w) -> ``boxes [B, K, 4]``, ``scores [B, K]``, ``labels
+        [B, K]`` (CPU tensors, K = ``max_det``, no score threshold)."""
+        if self.backend == "torch":
+            with torch.inference_mode():
+                boxes, scores, labels = self._model(images.to(self.device), orig_sizes.to(self.device))
+            return boxes.cpu(), scores.cpu(), labels.cpu()
+        return self._run_onnx(images, orig_sizes)
+
+    def _run_onnx(self, images: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        step = self._fixed_batch or images.shape[0]
+        outs: list[tuple[Tensor, ...]] = []
+        for start in range(0, images.shape[0], step):
+            x, s = images[start : start + step], orig_sizes[start : start + step]
+            n = x.shape[0]
+            if n < step:  # a fixed-batch file: pad with copies of the last image
+                x = torch.cat([x, x[-1:].expand(step - n, -1, -1, -1)])
+                s = torch.cat([s, s[-1:].expand(step - n, -1)])
+            res = self._ort(images=x.float().numpy(), orig_sizes=s.float().numpy())
+            outs.append(tuple(torch.from_numpy(res[k][:n, : self.max_det]) for k in ("boxes", "scores", "labels")))
+        return tuple(torch.cat(parts) for parts in zip(*outs))  # type: ignore[return-value]
+
+    def _run(self, batch: list[tuple[Tensor, tuple[int, int], str | None]]) -> Iterator[dict[str, Any]]:
+        images = torch.stack([b[0] for b in batch])
+        sizes = torch.tensor([b[1] for b in batch], dtype=torch.float32)
+        boxes, scores, labels = self.predict_batch(images, sizes)
+        for i, (_, orig, path) in enumerate(batch):
+            keep = scores[i] >= self.score_threshold
+            lab = labels[i][keep].long()
+            yield {
+                "boxes": boxes[i][keep].float(),
+                "scores": scores[i][keep].float(),
+                "labels": lab,
+                "names": [self.class_names.get(int(v), str(int(v))) for v in lab],
+                "path": path,
+                "orig_size": orig,
+            }
+
+    def __repr__(self) -> str:
+        return (
+            f"Detector({self.config.name}, backend={self.backend}, imgsz={self.imgsz}, "
+            f"score_threshold={self.score_threshold}, max_det={self.max_det})"
+        )
+
+
+def _id_to_name(cfg: Any) -> dict[int, str]:
+    """Category id -> class name, from ``class_names`` (indexed by logit) and ``category_ids``."""
+    names = cfg.class_names
+    if not names:
+        return {}
+    ids = cfg.category_ids if cfg.category_ids is not None else range(len(names))
+    return {int(i): str(n) for i, n in zip(ids, names)}

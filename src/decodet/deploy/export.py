@@ -1,0 +1,550 @@
+"""ONNX export of a detector *with* its post-processing, optionally fp16 or int8.
+
+The exported graph::
+
+    images      [B, 3, H, W] float32, resized to (H, W), scaled to [0, 1] and normalised
+                with the metadata's mean/std (ImageNet's; none for configs with
+                ``normalize=False``, e.g. DECO+ on RT-DETR's convention)
+    orig_sizes  [B, 2]       float32, (height, width) of each original image
+      -> boxes  [B, K, 4]    float32, xyxy in original-image pixels
+         scores [B, K]       float32, sigmoid scores, sorted high to low
+         labels [B, K]       int64, dataset category ids (``config.category_ids`` is a
+                             constant gather inside the graph)
+
+``K`` (``num_top``) is a constant: the top-K (query, class) pairs, as ``postprocess``
+computes them; callers drop low scores themselves.  ``H, W`` are fixed at export time
+(DECO's outputs depend on the input size; uneven adaptive pooling is exported by
+slicing, see ``layers.adaptive_max_pool2d``); the batch axis is fixed too unless
+``dynamic_batch``.
+
+The file's ``metadata_props`` carry what :class:`~decodet.deploy.detector.Detector` needs
+to use it alone: format tag and version, decodet version, model config JSON (class
+names, category ids), image size, normalisation, K, precision, opset.
+
+Precisions:
+  * ``fp32`` — matches torch to ~1e-5.
+  * ``int8`` — ONNX Runtime static quantisation (QDQ, per-channel int8 weights, uint8
+    activations calibrated with MinMax) of Conv/MatMul/Gemm only; everything else,
+    post-processing (TopK, Gather, box scaling) included, stays float.
+  * ``fp16`` — weights and compute in half, inputs/outputs and post-processing float32;
+    meant for GPU providers.  ONNX Runtime's CPU provider runs it (the tests do) but it
+    is no CPU speed-up: use int8 there.
+  * ``bf16`` — refused: ONNX Runtime has no bf16 Conv kernels on CPU or CUDA, so such a
+    file could not run; use fp16 on GPU, int8 or fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import decodet
+from decodet.config import ModelConfig, config_from_dict, config_to_dict
+from decodet.errors import DecodetError
+from decodet.io.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+FORMAT = "decodet-onnx"
+FORMAT_VERSION = 1  # bump when inputs/outputs/metadata change incompatibly
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+DECO_DEFAULT_SIZE = (640, 640)
+DECO_DEFAULT_TOP = 100
+_QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
+# The torch.export-based exporter writes opset 18+; converting DECO's graphs down fails
+# (ONNX's version converter cannot move Reduce* axes inputs back into attributes).
+MIN_OPSET = 18
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class DeployModel(nn.Module):
+    """``model`` + export-friendly post-processing (the same maths as ``postprocess``).
+
+    ``forward(images [B, 3, H, W], orig_sizes [B, 2] (h, w) float)`` returns
+    ``boxes [B, K, 4]`` xyxy pixels, ``scores [B, K]`` sorted, ``labels [B, K]`` int64
+    category ids, with ``K = min(num_top, Q * C)``.  No data-dependent shapes, so it
+    exports to ONNX and runs batched; the torch backend of ``Detector`` uses it too.
+    """
+
+    def __init__(self, model: nn.Module, num_top: int) -> None:
+        super().__init__()
+        self.model = model
+        self.num_top = int(num_top)
+        cfg = model.config
+        ids = cfg.category_ids if cfg.category_ids is not None else list(range(cfg.num_classes))
+        self.register_buffer("category_ids", torch.as_tensor(ids, dtype=torch.int64), persistent=False)
+
+    def forward(self, images: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.model(images)
+        logits, boxes = out["pred_logits"].float(), out["pred_boxes"].float()
+        c = logits.shape[2]
+        k = min(self.num_top, logits.shape[1] * c)
+        scores, index = logits.sigmoid().flatten(1).topk(k, dim=1)
+        query = torch.div(index, c, rounding_mode="floor")
+        labels = self.category_ids[index % c]
+        cx, cy, w, h = boxes.unbind(-1)
+        xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+        xyxy = torch.gather(xyxy, 1, query.unsqueeze(-1).expand(-1, -1, 4))
+        sizes = orig_sizes.float()
+        scale = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=1)
+        return xyxy * scale.unsqueeze(1), scores, labels
+
+
+def default_imgsz(cfg: ModelConfig) -> tuple[int, int]:
+    """The fixed inference size: DECO+'s ``eval_size``; 640x640 for DECO (no such field)."""
+    size = getattr(cfg, "eval_size", None) or DECO_DEFAULT_SIZE
+    return int(size[0]), int(size[1])
+
+
+def default_num_top(cfg: ModelConfig) -> int:
+    """Detections kept per image: DECO+'s ``num_top_queries``; 100 for DECO (the authors')."""
+    return int(getattr(cfg, "num_top_queries", DECO_DEFAULT_TOP))
+
+
+def as_size(imgsz: int | Iterable[int] | None, cfg: ModelConfig) -> tuple[int, int]:
+    """``None`` -> :func:`default_imgsz`; ``n`` -> ``(n, n)``; ``(h, w)`` as is; checked."""
+    if imgsz is None:
+        return default_imgsz(cfg)
+    size = (int(imgsz), int(imgsz)) if isinstance(imgsz, int) else tuple(int(v) for v in imgsz)
+    if len(size) != 2 or min(size) < 32:
+        raise DecodetError(f"image size must be (height, width) of at least 32 pixels, got {imgsz!r}")
+    return size  # type: ignore[return-value]
+
+
+def normalization(cfg: ModelConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Input mean/std the model expects: ImageNet's, unless its config turns ``normalize``
+    off (as a field or in ``extra``): RT-DETR's convention of plain [0, 1] inputs."""
+    flag = getattr(cfg, "normalize", None)
+    if flag is None:
+        flag = (getattr(cfg, "extra", None) or {}).get("normalize", True)
+    return (IMAGENET_MEAN, IMAGENET_STD) if flag else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+
+def prepare_model(model_or_weights: nn.Module | str | os.PathLike) -> nn.Module:
+    """An inference copy: loaded from a checkpoint, or a deep copy of the module (the
+    caller's stays untouched); eval mode, fp32, CPU, re-parameterised by ``deploy()``
+    where the model has it (DECO+'s RepVGG/BN fusion)."""
+    if isinstance(model_or_weights, nn.Module):
+        model = copy.deepcopy(getattr(model_or_weights, "module", model_or_weights))
+    else:
+        from decodet.io.checkpoint import load_model
+
+        model = load_model(model_or_weights)
+    if not hasattr(model, "config"):
+        raise DecodetError(f"{type(model).__name__} is not a decodet model (it has no .config)")
+    model = model.float().cpu().eval()
+    if hasattr(model, "deploy"):
+        model = model.deploy() or model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+@dataclass
+class OnnxInfo:
+    """What an exported file's metadata says about it."""
+
+    config: ModelConfig
+    imgsz: tuple[int, int]
+    num_top: int
+    precision: str
+    dynamic_batch: bool
+    opset: int
+    decodet_version: str
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+
+def build_metadata(info: OnnxInfo) -> dict[str, str]:
+    return {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "decodet_version": info.decodet_version,
+        "model_config": json.dumps(config_to_dict(info.config)),
+        "imgsz": json.dumps(list(info.imgsz)),
+        "num_top": str(info.num_top),
+        "precision": info.precision,
+        "dynamic_batch": json.dumps(info.dynamic_batch),
+        "opset": str(info.opset),
+        "normalize_mean": json.dumps(list(info.mean)),
+        "normalize_std": json.dumps(list(info.std)),
+        "inputs": "images [B,3,H,W] float32 ImageNet-normalised; orig_sizes [B,2] float32 (h, w)",
+        "outputs": "boxes [B,K,4] xyxy pixels; scores [B,K] sorted; labels [B,K] int64 category ids",
+    }
+
+
+def parse_metadata(meta: dict[str, str], path: str | os.PathLike | None = None) -> OnnxInfo:
+    """Validate an ONNX file's ``metadata_props``; a foreign or incompatible file is a
+    :class:`DecodetError`."""
+    if meta.get("format") != FORMAT:
+        raise DecodetError(
+            "not an ONNX file exported by decodet (no decodet metadata); export one with `decodet export`", path
+        )
+    version = meta.get("format_version", "?")
+    made_by = meta.get("decodet_version", "unknown")
+    if version != str(FORMAT_VERSION):
+        raise DecodetError(
+            f"ONNX file has decodet export format {version} (written by decodet {made_by}); this decodet "
+            f"{decodet.__version__} reads format {FORMAT_VERSION} — re-export it with this version",
+            path,
+        )
+    try:
+        return OnnxInfo(
+            config=config_from_dict(json.loads(meta["model_config"])),
+            imgsz=tuple(json.loads(meta["imgsz"])),
+            num_top=int(meta["num_top"]),
+            precision=meta["precision"],
+            dynamic_batch=bool(json.loads(meta["dynamic_batch"])),
+            opset=int(meta["opset"]),
+            decodet_version=made_by,
+            mean=tuple(json.loads(meta["normalize_mean"])),
+            std=tuple(json.loads(meta["normalize_std"])),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise DecodetError(f"decodet metadata in the ONNX file is incomplete or corrupt ({exc!r})", path) from None
+    except DecodetError as exc:  # config of an unknown architecture / keys from another version
+        raise DecodetError(f"model config in the ONNX file does not fit this decodet ({exc})", path) from None
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_onnx(
+    model_or_weights: nn.Module | str | os.PathLike,
+    out_path: str | os.PathLike,
+    imgsz: int | tuple[int, int] | None = None,
+    opset: int | None = None,
+    dynamic_batch: bool = False,
+    precision: str = "fp32",
+    calib_images: Any = None,
+    num_top: int | None = None,
+    batch: int = 1,
+    calib_count: int = 32,
+) -> Path:
+    """Export a detector and its post-processing to one ONNX file (see the module docstring).
+
+    Args:
+        model_or_weights: a decodet model, or a checkpoint path (ours or the authors').
+        out_path: the ``.onnx`` file to write (atomically).
+        imgsz: fixed input ``(height, width)`` (or one int for a square); default: the
+            model's evaluation size (DECO+ ``eval_size``; 640x640 for DECO).
+        opset: ONNX opset, at least 18 (default: the exporter's).
+        dynamic_batch: make the batch axis symbolic; otherwise it is fixed at ``batch``.
+        precision: ``"fp32"``, ``"fp16"``, ``"int8"`` (``"bf16"`` is refused, see above).
+        calib_images: for int8, the calibration images: a folder, a glob, a list of paths
+            or in-memory images (anything ``Detector`` accepts).  ``None`` calibrates on
+            synthetic noise images — enough for speed tests, not for accuracy.
+        num_top: K, detections per image (default: DECO+ ``num_top_queries``, DECO 100).
+        batch: the fixed batch size when not ``dynamic_batch``.
+        calib_count: at most this many calibration images are used.
+
+    Returns:
+        ``out_path`` as a ``Path``.
+    """
+    precision = str(precision).lower()
+    if precision not in PRECISIONS:
+        raise DecodetError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        raise DecodetError(
+            "bf16 ONNX export is not supported: ONNX Runtime has no bf16 convolution kernels, so the file "
+            "could not run; use precision fp32 or int8 for CPU, fp16 for GPU"
+        )
+    if opset is not None and int(opset) < MIN_OPSET:
+        raise DecodetError(f"opset {opset} is not supported: DECO exports at opset {MIN_OPSET} or newer")
+    try:
+        import onnx
+    except ImportError:
+        raise DecodetError("ONNX export needs onnx, onnxscript, onnxruntime (pip install 'decodet[deploy]')") from None
+
+    model = prepare_model(model_or_weights)
+    cfg = model.config
+    size = as_size(imgsz, cfg)
+    k = int(num_top) if num_top is not None else default_num_top(cfg)
+    k = min(k, cfg.num_queries * cfg.num_classes)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = DeployModel(model, k).eval()
+
+    with tempfile.TemporaryDirectory(prefix="decodet-export-") as tmp:
+        fp32_path = Path(tmp) / "fp32.onnx"
+        _torch_export(wrapper, fp32_path, size, opset, dynamic_batch, max(1, int(batch)))
+        if precision == "int8":
+            final = Path(tmp) / "int8.onnx"
+            feed_batch = 1 if dynamic_batch else max(1, int(batch))
+            _quantize_int8(fp32_path, final, size, normalization(cfg), calib_images, calib_count, feed_batch)
+        elif precision == "fp16":
+            final = Path(tmp) / "fp16.onnx"
+            _convert_fp16(fp32_path, final)
+        else:
+            final = fp32_path
+        proto = onnx.load(str(final))
+        actual_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset or 0)
+        if opset is not None and actual_opset != int(opset):
+            log.warning("asked for opset %s, the exporter wrote opset %s", opset, actual_opset)
+        mean, std = normalization(cfg)
+        info = OnnxInfo(cfg, size, k, precision, dynamic_batch, int(actual_opset), decodet.__version__, mean, std)
+        del proto.metadata_props[:]
+        for key, value in build_metadata(info).items():
+            proto.metadata_props.add(key=key, value=value)
+        proto.producer_name = "decodet"
+        proto.producer_version = decodet.__version__
+        with atomic_path(out_path) as tmp_out:
+            onnx.save(proto, str(tmp_out))
+    _apply_umask(out_path)
+    log.info("wrote %s (%s, %dx%d, K=%d)", out_path, precision, size[0], size[1], k)
+    return out_path
+
+
+def _apply_umask(path: Path) -> None:
+    """Give the file the usual permissions (the atomic temp file is created 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o666 & ~mask)
+
+
+def _torch_export(
+    wrapper: DeployModel, path: Path, size: tuple[int, int], opset: int | None, dynamic_batch: bool, batch: int
+) -> None:
+    """torch.export-based ONNX export (the TorchScript exporter cannot do DECO's pooling)."""
+    b = 2 if dynamic_batch else batch  # a batch of 1 would specialise the batch axis to 1
+    images = torch.zeros(b, 3, *size)
+    sizes = torch.tensor([[float(size[0]), float(size[1])]] * b)
+    dynamic_shapes = None
+    if dynamic_batch:
+        axis = torch.export.Dim("batch", min=1, max=4096)
+        dynamic_shapes = {"images": {0: axis}, "orig_sizes": {0: axis}}
+    kwargs: dict[str, Any] = {"opset_version": opset} if opset is not None else {}
+    try:
+        with torch.no_grad(), _quiet_exporter():
+            torch.onnx.export(
+                wrapper,
+                (images, sizes),
+                str(path),
+                dynamo=True,
+                input_names=["images", "orig_sizes"],
+                output_names=["boxes", "scores", "labels"],
+                dynamic_shapes=dynamic_shapes,
+                optimize=True,
+                verbose=False,
+                report=False,
+                external_data=False,
+                **kwargs,
+            )
+    except ImportError as exc:
+        raise DecodetError(f"ONNX export needs onnxscript ({exc}); pip install 'decodet[deploy]'") from None
+    except Exception as exc:  # the exporter's own errors are long reports; keep one line, chain the rest
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else type(exc).__name__)
+        raise DecodetError(
+            f"ONNX export failed at {size[0]}x{size[1]}, opset {opset or 'default'}: {reason[:300]}"
+        ) from exc
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's INFO chatter and its axis-naming warning for the duration."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+# ----------------------------------------------------------------------------- int8
+
+
+class _CalibrationReader:
+    """``onnxruntime.quantization.CalibrationDataReader`` over preprocessed images."""
+
+    def __init__(self, batches: Iterator[dict[str, Any]]) -> None:
+        self._batches = batches
+
+    def get_next(self) -> dict[str, Any] | None:
+        return next(self._batches, None)
+
+    def __iter__(self):  # ORT >= 1.17 may iterate instead of calling get_next
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        item = self.get_next()
+        if item is None:
+            raise StopIteration
+        return item
+
+
+def calibration_batches(
+    calib_images: Any,
+    size: tuple[int, int],
+    count: int,
+    batch: int,
+    norm: tuple[tuple[float, ...], tuple[float, ...]] = (IMAGENET_MEAN, IMAGENET_STD),
+    seed: int = 0,
+) -> Iterator[dict[str, Any]]:
+    """Feeds ``{"images", "orig_sizes"}`` of ``batch`` images each, from at most ``count``
+    images of ``calib_images`` (anything ``Detector`` reads), or synthetic noise if ``None``."""
+    from decodet.deploy.detector import iter_images, preprocess
+
+    if calib_images is None:
+        gen = torch.Generator().manual_seed(seed)
+        # smooth-ish random images (noise at a few scales) rather than pure white noise
+        images = []
+        for _ in range(max(count, batch)):
+            img = torch.zeros(3, *size)
+            for s in (4, 16, 64):
+                low = torch.rand(1, 3, max(1, size[0] // s), max(1, size[1] // s), generator=gen)
+                img += torch.nn.functional.interpolate(low, size=size, mode="bilinear")[0] / 3
+            images.append((img * 255).round().to(torch.uint8))
+        source: Iterable[Any] = ((im, None) for im in images)
+    else:
+        source = ((item.image, item.path) for item in iter_images(calib_images, on_error="skip"))
+    buf: list[Tensor] = []
+    used = 0
+    for image, _ in source:
+        if used >= count:
+            break
+        tensor, _orig = preprocess(image, size, *norm)
+        buf.append(tensor)
+        used += 1
+        if len(buf) == batch:
+            yield _feed(buf, size)
+            buf = []
+    if buf:
+        while len(buf) < batch:  # a fixed-batch model needs full batches
+            buf.append(buf[-1])
+        yield _feed(buf, size)
+    if used == 0:
+        raise DecodetError("no calibration images could be read for int8 quantisation", _describe(calib_images))
+
+
+def _describe(source: Any) -> str | None:
+    return str(source) if isinstance(source, str | os.PathLike) else None
+
+
+def _feed(images: list[Tensor], size: tuple[int, int]) -> dict[str, Any]:
+    x = torch.stack(images).numpy()
+    sizes = torch.tensor([[float(size[0]), float(size[1])]] * len(images)).numpy()
+    return {"images": x, "orig_sizes": sizes}
+
+
+def _quantize_int8(
+    fp32_path: Path,
+    out_path: Path,
+    size: tuple[int, int],
+    norm: tuple[tuple[float, ...], tuple[float, ...]],
+    calib_images: Any,
+    count: int,
+    batch: int,
+) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if calib_images is None:
+        log.warning("int8 calibration on synthetic images: fine for speed, not for accuracy (pass calib_images)")
+    pre = out_path.with_name("pre.onnx")
+    try:
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+    except Exception as exc:  # symbolic shape inference gives up on some graphs; ONNX's still works
+        log.debug("symbolic shape inference failed (%s); retrying without it", exc)
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+    reader = _CalibrationReader(calibration_batches(calib_images, size, count, batch, norm))
+    quantize_static(
+        str(pre),
+        str(out_path),
+        reader,
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=_QUANTIZED_OPS,  # post-processing (TopK, Gather, ...) stays float
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        # MinMax calibration adds ReduceMin/ReduceMax outputs: memory stays small per image
+        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+    )
+
+
+# ----------------------------------------------------------------------------- fp16
+
+
+def _convert_fp16(fp32_path: Path, out_path: Path) -> None:
+    """Half weights/compute; float32 inputs, outputs and post-processing nodes."""
+    import onnx
+
+    try:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError:
+        raise DecodetError("fp16 export needs onnxruntime's transformers tools (pip install onnxruntime)") from None
+    proto = onnx.load(str(fp32_path))
+    post = [n.name for n in proto.graph.node if not _in_submodule(n, "model")]
+    half = convert_float_to_float16(proto, keep_io_types=True, node_block_list=post)
+    _drop_cast_round_trips(half)
+    onnx.save(half, str(out_path))
+
+
+def _drop_cast_round_trips(proto: Any) -> None:
+    """Replace ``Cast(to=float32)(Cast(to=float16)(x))`` by ``Identity(x)``.
+
+    The converter casts the float32 outputs of blocked (post-processing) nodes to half and
+    back where it assumed half values, which would round boxes and scores to fp16.
+    """
+    from onnx import TensorProto, helper
+
+    nodes = list(proto.graph.node)
+    producer = {out: n for n in nodes for out in n.output}
+    outputs = {o.name for o in proto.graph.output}
+
+    def cast_to(node: Any) -> int | None:
+        if node.op_type != "Cast":
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    new_nodes = []
+    for n in nodes:
+        first = producer.get(n.input[0]) if n.input else None
+        if cast_to(n) == TensorProto.FLOAT and first is not None and cast_to(first) == TensorProto.FLOAT16:
+            n = helper.make_node("Identity", [first.input[0]], list(n.output), name=n.name + "_identity")
+        new_nodes.append(n)
+    del proto.graph.node[:]
+    proto.graph.node.extend(new_nodes)
+    # casts to half that nothing reads any more
+    used = {name for n in proto.graph.node for name in n.input} | outputs
+    keep = [n for n in proto.graph.node if not (cast_to(n) == TensorProto.FLOAT16 and n.output[0] not in used)]
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+
+
+def _in_submodule(node: Any, name: str) -> bool:
+    """Whether the exporter recorded ``node`` as coming from ``DeployModel.<name>``."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = json.loads(prop.value.replace("'", '"'))
+            except ValueError:
+                return True
+            return len(scopes) > 1 and scopes[1] == name
+    return True
