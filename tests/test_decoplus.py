@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from decodet.errors import DecodetError
+from decodet.losses import build_criterion
 from decodet.models.decoplus import DECOPlus, InceptionDWConv2d, make_anchors
 from decodet.models.hybrid_encoder import RepVggBlock
 from decodet.registry import build_model, get_config
@@ -253,3 +254,17 @@ def test_pretrained_backbone_missing_weights_is_a_clear_error(tmp_path: Path) ->
 def test_too_small_input_is_a_clear_error(tiny: DECOPlus) -> None:
     with pytest.raises(DecodetError, match="too small"):
         tiny(torch.rand(1, 3, 32, 32))
+
+
+def test_hybrid_matching_group_trains_only_and_reaches_the_criterion():
+    torch.manual_seed(0)
+    model = build_model("deco_tiny", num_classes=5, one_to_many=3).train()
+    out = model(torch.randn(2, 3, 160, 160))
+    assert out["pred_logits_o2m"].shape == out["pred_logits"].shape
+    assert len(out["aux_outputs_o2m"]) == model.config.num_decoder_layers - 1
+    targets = [
+        {"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.1]])}
+    ] * 2
+    losses = build_criterion(model.config)(out, targets)
+    assert "loss_vfl_o2m" in losses and "loss_giou_o2m_aux0" in losses
+    assert set(model.eval()(torch.randn(1, 3, 160, 160))) == {"pred_logits", "pred_boxes"}

@@ -95,14 +95,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from decodet.deploy.export import export_onnx
 
+    calib = args.calib
+    if args.precision == "int8" and calib is None and Path("data/synth/val").is_dir():
+        calib = "data/synth/val"  # the bundled dataset (decodet demo writes it there)
+        log.info("calibrating int8 on the bundled validation images in %s", calib)
+    out_path = args.out
+    if out_path is None:
+        w = Path(args.weights)
+        stem = w.name if w.is_dir() else w.stem
+        suffix = "" if args.precision == "fp32" else f"_{args.precision}"
+        out_path = (w if w.is_dir() else w.parent) / f"{stem}{suffix}.onnx"
     out = export_onnx(
         args.weights,
-        args.out,
+        out_path,
         imgsz=tuple(args.imgsz) if args.imgsz else None,
         opset=args.opset,
         dynamic_batch=args.dynamic_batch,
         precision=args.precision,
-        calib_images=args.calib,
+        calib_images=calib,
     )
     print(f"exported {out}")
     return 0

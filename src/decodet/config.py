@@ -70,6 +70,10 @@ class DecoPlusConfig:
     eval_size: tuple[int, int] = (640, 640)
     drop_path: float = 0.0
     normalize: bool = False  # RT-DETR's convention: [0, 1] pixels, no mean/std
+    # Hybrid matching (H-DETR), training only: an extra group of Q queries (the next-best
+    # encoder positions) matched one-to-many to the targets repeated this many times.
+    # 0 = off (the published presets).  Inference is unchanged: one-to-one, no NMS.
+    one_to_many: int = 0
     category_ids: list[int] | None = None
     class_names: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

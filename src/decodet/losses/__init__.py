@@ -65,7 +65,10 @@ def criterion_options(name_or_config: Any) -> dict[str, Any]:
             f"cannot build a criterion for {name_or_config!r}: expected a preset name or a model config "
             f"with arch in {sorted(_RECIPES)}"
         )
-    return dict(_RECIPES[arch])
+    options = dict(_RECIPES[arch])
+    if getattr(name_or_config, "one_to_many", 0):  # the model trains a hybrid-matching group
+        options["one_to_many"] = int(name_or_config.one_to_many)
+    return options
 
 
 def build_criterion(name_or_config: Any, **overrides: Any) -> SetCriterion:

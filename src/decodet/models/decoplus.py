@@ -160,8 +160,10 @@ class DecoPlusDecoder(nn.Module):
         num_layers: int = 6,
         drop_path: float = 0.0,
         num_levels: int = 3,
+        one_to_many: int = 0,
     ) -> None:
         super().__init__()
+        self.one_to_many = one_to_many
         if num_levels != 3:
             raise DecodetError(f"DECO+ decoder expects 3 feature levels, got {num_levels}")
         d = hidden_dim
@@ -217,17 +219,17 @@ class DecoPlusDecoder(nn.Module):
         merged = torch.cat([self.downsample_convs[0](p8), p16, upsample2x_to(p32, (h, w))], dim=1)
         return self.output_proj(merged)
 
-    def _select_queries(self, proj: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Top-k query selection from the dense encoder predictions.
+    def _select_queries(self, proj: list[Tensor], k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Top-``k`` query selection from the dense encoder predictions.
 
-        Returns ``target [B, Q, d]`` (detached), ``ref_unact [B, Q, 4]`` (detached box
-        logits), ``enc_logits [B, Q, C]`` and ``enc_boxes [B, Q, 4]`` of the selection.
+        Returns ``target [B, k, d]`` (detached), ``ref_unact [B, k, 4]`` (detached box
+        logits), ``enc_logits [B, k, C]`` and ``enc_boxes [B, k, 4]`` of the selection.
         """
         shapes = [(int(p.shape[-2]), int(p.shape[-1])) for p in proj]
         memory = torch.cat([p.flatten(2).transpose(1, 2) for p in proj], dim=1)  # [B, N, d]
-        if memory.shape[1] < self.num_queries:
+        if memory.shape[1] < k:
             raise DecodetError(
-                f"input too small: {memory.shape[1]} feature positions for {self.num_queries} queries "
+                f"input too small: {memory.shape[1]} feature positions for {k} queries "
                 f"(level sizes {shapes}); use a larger image"
             )
         anchors, valid = self.anchors(shapes, memory.device)
@@ -236,7 +238,7 @@ class DecoPlusDecoder(nn.Module):
         logits = self.enc_score_head(out_memory)  # [B, N, C]
         coords = self.enc_bbox_head(out_memory) + anchors  # [B, N, 4] logits
 
-        index = torch.topk(logits.max(dim=-1).values, self.num_queries, dim=1).indices  # [B, Q]
+        index = torch.topk(logits.max(dim=-1).values, k, dim=1).indices  # [B, k]
         index = index.unsqueeze(-1)
         ref_unact = coords.gather(1, index.expand(-1, -1, coords.shape[-1]))
         enc_logits = logits.gather(1, index.expand(-1, -1, logits.shape[-1]))
@@ -246,7 +248,18 @@ class DecoPlusDecoder(nn.Module):
     def forward(self, feats: list[Tensor]) -> dict[str, Any]:
         proj = [p(f) for p, f in zip(self.input_proj, feats)]
         memory = self._merge_memory(proj)
-        output, ref_unact, enc_logits, enc_boxes = self._select_queries(proj)
+        q = self.num_queries
+        hybrid = self.training and self.one_to_many > 0
+        output, ref_unact, enc_logits, enc_boxes = self._select_queries(proj, 2 * q if hybrid else q)
+        if hybrid:
+            # Hybrid matching: the next Q encoder positions form a second query grid that
+            # runs through the same decoder as extra batch entries (convolutions never mix
+            # batch entries, so the groups cannot see each other).
+            b = memory.shape[0]
+            output = torch.cat([output[:, :q], output[:, q:]], dim=0)
+            ref_unact = torch.cat([ref_unact[:, :q], ref_unact[:, q:]], dim=0)
+            enc_logits, enc_boxes = enc_logits[:, :q], enc_boxes[:, :q]
+            memory = torch.cat([memory, memory], dim=0)
 
         logits_per_layer, boxes_per_layer = [], []
         ref_detached = torch.sigmoid(ref_unact)
@@ -267,7 +280,14 @@ class DecoPlusDecoder(nn.Module):
             ref = box
             ref_detached = box.detach() if self.training else box
 
+        if hybrid:
+            o2m = [(lg[b:], bx[b:]) for lg, bx in zip(logits_per_layer, boxes_per_layer)]
+            logits_per_layer = [lg[:b] for lg in logits_per_layer]
+            boxes_per_layer = [bx[:b] for bx in boxes_per_layer]
         out: dict[str, Any] = {"pred_logits": logits_per_layer[-1], "pred_boxes": boxes_per_layer[-1]}
+        if hybrid:
+            out["pred_logits_o2m"], out["pred_boxes_o2m"] = o2m[-1]
+            out["aux_outputs_o2m"] = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in o2m[:-1]]
         if self.training:
             aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits_per_layer[:-1], boxes_per_layer[:-1])]
             aux.append({"pred_logits": enc_logits, "pred_boxes": enc_boxes})
@@ -314,6 +334,7 @@ class DECOPlus(nn.Module):
             query_grid=tuple(cfg.query_grid),
             num_layers=cfg.num_decoder_layers,
             drop_path=cfg.drop_path,
+            one_to_many=cfg.one_to_many,
         )
         if cfg.pretrained_backbone:
             self.backbone.load_pretrained(cfg.extra.get("backbone_weights"))
