@@ -69,7 +69,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
         out=args.out,
     )
-    print(format_stats(stats))
+    from decodet.engine.distributed import is_main
+
+    if is_main():
+        print(format_stats(stats))
     return 0
 
 
@@ -226,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(message: str) -> str:
+    """The user-facing line of an error message (a worker's traceback ends with ours)."""
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if line.startswith("decodet.errors.DecodetError:"):
+            return line.split(":", 1)[1].strip()
+    return lines[-1] if lines else message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -243,7 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.func(args, rest)
         return args.func(args)
     except DecodetError as exc:
-        print(f"decodet: error: {exc}", file=sys.stderr)
+        print(f"decodet: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # an error re-raised from a DataLoader worker wraps our message
+        if isinstance(exc, DecodetError) or "DecodetError" not in str(exc):
+            raise
+        print(f"decodet: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("decodet: interrupted", file=sys.stderr)

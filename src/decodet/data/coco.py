@@ -134,7 +134,8 @@ class CocoDetection(Dataset):
             (see :func:`decodet.data.transforms.build_transforms`); ``None`` only converts the
             image to float in [0, 1].
         skip_bad_images: on an unreadable image, log a warning and return the next readable
-            sample instead of raising.
+            sample instead of raising. Files missing from ``images_dir`` are found up front (one
+            listing per folder) and reported in one warning; none present is a :class:`DecodetError`.
         max_pixels: decompression-bomb guard passed to :func:`~decodet.data.images.load_image`.
 
     ``dataset[i]`` is ``(image, target)``: ``image`` a float tensor [3, H, W] (after transforms);
@@ -165,6 +166,8 @@ class CocoDetection(Dataset):
         self.skip_bad_images = skip_bad_images
         self.max_pixels = max_pixels
         self._bad: set[int] = set()
+        if skip_bad_images and self.records:
+            self._skip_missing_files()
 
     @classmethod
     def from_split(cls, split: Any, **kwargs: Any) -> CocoDetection:
@@ -232,6 +235,36 @@ class CocoDetection(Dataset):
                 self._bad.add(i)
                 logger.warning("%s; skipping it (skip_bad_images)", e)
         raise DecodetError("no readable image in this dataset", self.images_dir)
+
+    def _skip_missing_files(self) -> None:
+        """Mark images whose file is absent as bad (one warning); raise if every file is absent."""
+        listings: dict[Path, set[str]] = {}
+        missing = []
+        for i in range(len(self.records)):
+            path = self.image_path(i)
+            if path.parent not in listings:
+                try:
+                    listings[path.parent] = set(os.listdir(path.parent))
+                except OSError:
+                    listings[path.parent] = set()
+            if path.name not in listings[path.parent] and not path.exists():  # (case-insensitive file systems)
+                missing.append(i)
+        if not missing:
+            return
+        first = self.records[missing[0]].file_name
+        if len(missing) == len(self.records):
+            raise DecodetError(
+                f"none of the {len(missing)} images of {self.ann_file.name} is in this folder (first: {first})",
+                self.images_dir,
+            )
+        self._bad.update(missing)
+        logger.warning(
+            "%s: %d of %d images are missing (first: %s); they are skipped",
+            self.images_dir,
+            len(missing),
+            len(self.records),
+            first,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -319,10 +352,14 @@ def _check_box(bbox: Any, rec: ImageRecord, issues: Counter) -> list[float] | No
     if cx1 - cx0 <= 0 or cy1 - cy0 <= 0:
         issues["boxes entirely outside the image"] += 1
         return None
+    box = [float(v) for v in np.asarray([cx0, cy0, cx1, cy1], dtype=np.float32)]  # as stored
+    if box[2] <= box[0] or box[3] <= box[1]:  # a positive size below float32 resolution
+        issues["boxes with zero or negative size"] += 1
+        return None
     overshoot = max(cx0 - x0, cy0 - y0, x1 - cx1, y1 - cy1)
     if overshoot > CLIP_TOLERANCE:
         issues["clipped"] += 1
-    return [cx0, cy0, cx1, cy1]
+    return box
 
 
 def _summary(issues: Counter) -> str:

@@ -87,17 +87,17 @@ def _detr(short: int, train: bool) -> list[v2.Transform]:
     scales = [round(s * r) for s in range(480, 801, 32)]
     max_size = round(1333 * r)
     if not train:
-        return [v2.Resize(short, max_size=max_size, antialias=True)]
+        return [ShortSideResize(short, max_size=max_size)]
     return [
         v2.RandomHorizontalFlip(),
         v2.RandomChoice(
             [
-                v2.RandomShortestSize(scales, max_size=max_size, antialias=True),
+                ShortSideResize(scales, max_size=max_size),
                 v2.Compose(
                     [
-                        v2.RandomShortestSize([round(s * r) for s in (400, 500, 600)], antialias=True),
+                        ShortSideResize([round(s * r) for s in (400, 500, 600)]),
                         RandomSizeCrop(round(384 * r), round(600 * r)),
-                        v2.RandomShortestSize(scales, max_size=max_size, antialias=True),
+                        ShortSideResize(scales, max_size=max_size),
                     ]
                 ),
             ]
@@ -124,11 +124,48 @@ def _rtdetr(h: int, w: int, train: bool, fill: tuple[int, int, int]) -> list[v2.
     return [
         v2.RandomPhotometricDistort(p=0.5),
         v2.RandomZoomOut(fill=_image_fill(fill)),
-        v2.RandomApply([v2.RandomIoUCrop()], p=0.8),
+        v2.RandomApply([RandomIoUCrop()], p=0.8),
         v2.SanitizeBoundingBoxes(min_size=1.0),
         v2.RandomHorizontalFlip(),
         resize,
     ]
+
+
+class ShortSideResize(v2.Transform):
+    """Keep-aspect resize: the short side to ``size`` (an int, or a random choice from a list),
+    the long side capped at ``max_size`` (then the short side shrinks to keep the aspect ratio).
+
+    Sizes follow ``v2.Resize(size, max_size)``; unlike it, no side drops below 1 px, so a very
+    elongated image (aspect ratio beyond ``max_size : 1``) is resized instead of failing.
+    """
+
+    def __init__(self, size: int | Sequence[int], max_size: int | None = None) -> None:
+        super().__init__()
+        self.sizes = [size] if isinstance(size, int) else [int(s) for s in size]
+        self.max_size = max_size
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = _query_size(flat_inputs)
+        short_side = self.sizes[_randint(0, len(self.sizes) - 1)] if len(self.sizes) > 1 else self.sizes[0]
+        short, long = min(h, w), max(h, w)
+        new_short, new_long = short_side, int(short_side * long / short)
+        if self.max_size is not None and new_long > self.max_size:
+            new_short, new_long = int(self.max_size * new_short / new_long), self.max_size
+        new_short = max(new_short, 1)
+        return {"size": [new_long, new_short] if w <= h else [new_short, new_long]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.resize, inpt, size=params["size"], antialias=True)
+
+
+class RandomIoUCrop(v2.RandomIoUCrop):
+    """torchvision's SSD-style IoU crop, leaving images under 4 px a side as they are (its crop
+    height can round to 0 there, and the aspect-ratio draw then divides by zero)."""
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        if min(_query_size(flat_inputs)) < 4:
+            return {}  # RandomIoUCrop's "leave as is"
+        return super().make_params(flat_inputs)
 
 
 class RandomSizeCrop(v2.Transform):

@@ -18,6 +18,11 @@ states and the batches done; resuming skips those batches and restores the RNG s
 
 Only rank 0 writes files; every rank evaluates its shard of the validation set and the
 detections are gathered before scoring.
+
+Robustness: an unreadable training or validation image (missing, truncated, not an image) is
+skipped with a warning naming it (``CocoDetection(skip_bad_images=True)``); every file write is
+atomic, so a run killed at any moment leaves complete checkpoints (plus, at worst, a temp file
+that the next run in the folder removes) and ``--resume`` continues from the last epoch end.
 """
 
 from __future__ import annotations
@@ -202,11 +207,31 @@ def evaluate_checkpoint(
     The eval transform and size follow the model's training recipe
     (:func:`~decodet.engine.train_config.data_recipe`) unless ``imgsz`` is given; the
     keep-aspect ``detr`` resize evaluates one image per batch whatever ``batch_size`` says.
-    With ``out``, writes ``detections.json`` and ``stats.json`` into that folder.
+    With ``out``, writes ``detections.json`` and ``stats.json`` into that folder (rank 0).
+    Under ``torchrun`` every process scores its shard of the images; all return the stats.
     """
+    created_group = not D.is_dist()
+    try:
+        # under torchrun every process scores its shard of the images (joins the group here)
+        dev = D.init_distributed(device).device
+        return _evaluate_checkpoint(weights, data, split, imgsz, batch_size, dev, out, workers)
+    finally:
+        if created_group:
+            D.cleanup()
+
+
+def _evaluate_checkpoint(
+    weights: str | os.PathLike,
+    data: str | os.PathLike,
+    split: str,
+    imgsz: int | None,
+    batch_size: int,
+    dev: torch.device,
+    out: str | os.PathLike | None,
+    workers: int,
+) -> dict[str, float]:
     from decodet.io.checkpoint import load_model
 
-    dev = D.resolve_device(device)
     model = load_model(weights, map_location=dev)
     mcfg = model.config
     split_spec = resolve_data(data).split(split)
@@ -255,7 +280,8 @@ class Trainer:
         if spec is None:
             raise DecodetError("no dataset given: pass --data (a dataset folder or data.yaml)")
         train_split = spec.split(cfg.train_split)
-        self.train_set = CocoDetection(train_split.images_dir, train_split.ann_file)
+        # a bad image file (missing, truncated, ...) is skipped with a warning naming it, not fatal
+        self.train_set = CocoDetection(train_split.images_dir, train_split.ann_file, skip_bad_images=True)
         if len(self.train_set) == 0:
             raise DecodetError("the training split has no images", train_split.ann_file)
 
@@ -279,7 +305,7 @@ class Trainer:
         if spec.has_split(cfg.val_split):
             val_split = spec.split(cfg.val_split)
             tf = build_transforms(cfg.transforms, train=False, imgsz=cfg.imgsz, normalize=normalize)
-            self.val_set = CocoDetection(val_split.images_dir, val_split.ann_file, transforms=tf)
+            self.val_set = CocoDetection(val_split.images_dir, val_split.ann_file, transforms=tf, skip_bad_images=True)
         else:
             log.warning("no %r split in %s: training without evaluation", cfg.val_split, spec.source)
 
@@ -347,6 +373,7 @@ class Trainer:
         self.run_dir = self._run_dir(state)  # created once everything above has succeeded
         self.metrics = None
         if self.is_main:
+            _remove_stale_temp_files(self.run_dir)
             cfg.save(self.run_dir / CONFIG_FILE)
             self.metrics = MetricsLogger(self.run_dir)
             # resuming: forget records written after the saved state; a fresh run in a reused
@@ -740,6 +767,14 @@ def _probe_unused(
     if unused:
         log.debug("parameters without gradient (DDP find_unused_parameters on): %s", unused[:5])
     return unused
+
+
+def _remove_stale_temp_files(run_dir: Path) -> None:
+    """Delete the temp files of atomic writes (``.<name>.<random>.tmp``) that a killed run left behind."""
+    for tmp in run_dir.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            log.info("removed %s, left by an interrupted write", tmp)
 
 
 def _set_determinism(deterministic: bool, device: torch.device) -> None:

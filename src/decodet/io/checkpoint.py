@@ -141,7 +141,7 @@ def _torch_load(path: Path) -> Any:
                 f"checkpoint pickles {what}, which is not allowed by safe loading (not a DECO checkpoint?)", path
             ) from None
         raise DecodetError(f"not a readable checkpoint ({msg})", path) from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError, KeyError, TypeError) as exc:
         msg = str(exc).splitlines()[0].split(". ")[0] if str(exc) else type(exc).__name__
         raise DecodetError(f"corrupt or truncated checkpoint ({msg})", path) from None
 
