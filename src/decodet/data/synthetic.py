@@ -21,13 +21,13 @@ square         2  checkerboard
 triangle       3  dots
 ring           5  plain
 cross          6  plain
-star           7  a contrasting centre
+star           7  cross-hatching
 hexagon        9  grid lines
 ellipse       10  diagonal stripes
 ============  ==  =====================
 
 Per image: 1 to 12 objects (fewer when they do not fit, never 0), sizes log-uniform from
-4% to 50% of the image side, random rotation (except circles and rings), up to ~20% cut off
+7% to 50% of the image side, random rotation (except circles and rings), up to ~20% cut off
 by the image border. Backgrounds: a colour gradient, low-frequency blotches, pixel noise,
 random lines and soft blobs (distractors, not classes); a few thin lines are also drawn over
 the objects.
@@ -60,7 +60,7 @@ from decodet.errors import DecodetError
 
 logger = logging.getLogger(__name__)
 
-MIN_SIZE_FRACTION = 0.04  # smallest object: 4% of the image side (~10 px at 256)
+MIN_SIZE_FRACTION = 0.07  # 18 px at 256: objects below ~15 px carry no texture and little shape
 MAX_SIZE_FRACTION = 0.5  # largest: half the image side
 MAX_OBJECTS = 12
 MIN_VISIBLE = 0.5  # an annotated object always keeps at least this fraction of its pixels visible
@@ -240,17 +240,23 @@ def _ellipse(R, u, v):
     return (u / R) ** 2 + (v / (0.55 * R)) ** 2 <= 1
 
 
+# Texture periods stay a few pixels wide whatever the object's size, so that a texture
+# element (a checker cell, a dot) never looks like a small object of another class.
+def _period(R: float, frac: float, lo: float, hi: float) -> float:
+    return min(max(lo, R * frac), hi)
+
+
 def _stripes(R, u, v):
-    return np.floor(u / max(1.5, R / 3)) % 2 == 0
+    return np.floor(u / _period(R, 1 / 3, 1.5, 3.0)) % 2 == 0
 
 
 def _checker(R, u, v):
-    p = max(1.5, R / 3)
+    p = _period(R, 1 / 3, 1.5, 3.0)
     return (np.floor(u / p) + np.floor(v / p)) % 2 == 0
 
 
 def _dots(R, u, v):
-    p = max(3.0, R / 2.2)
+    p = _period(R, 1 / 2.2, 3.0, 5.0)
     du, dv = np.mod(u, p) - p / 2, np.mod(v, p) - p / 2
     return du * du + dv * dv <= (0.3 * p) ** 2
 
@@ -259,18 +265,19 @@ def _plain(R, u, v):
     return np.zeros(u.shape, dtype=bool)
 
 
-def _centre(R, u, v):
-    return u * u + v * v <= (0.3 * R) ** 2
+def _crosshatch(R, u, v):
+    p = _period(R, 1 / 3, 2.0, 3.0)
+    return (np.floor((u + v) / p) % 2 == 0) ^ (np.floor((u - v) / p) % 2 == 0)
 
 
 def _grid(R, u, v):
-    p = max(3.0, R / 2.5)
+    p = _period(R, 1 / 2.5, 3.0, 5.0)
     t = max(1.0, 0.3 * p)
     return (np.mod(u, p) < t) | (np.mod(v, p) < t)
 
 
 def _diagonal(R, u, v):
-    return np.floor((u + v) / max(1.5, R / 2.5)) % 2 == 0
+    return np.floor((u + v) / _period(R, 1 / 2.5, 1.5, 3.0)) % 2 == 0
 
 
 ShapeFn = Callable[[float, np.ndarray, np.ndarray], np.ndarray]
@@ -282,7 +289,7 @@ CLASSES: list[tuple[int, str, ShapeFn, ShapeFn, bool]] = [
     (3, "triangle", lambda R, u, v: _polygon(3, R, u, v), _dots, True),
     (5, "ring", _ring, _plain, False),
     (6, "cross", _cross, _plain, True),
-    (7, "star", _star, _centre, True),
+    (7, "star", _star, _crosshatch, True),
     (9, "hexagon", lambda R, u, v: _polygon(6, R, u, v), _grid, True),
     (10, "ellipse", _ellipse, _diagonal, True),
 ]
