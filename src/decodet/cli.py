@@ -146,7 +146,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from decodet.engine.demo import run_demo
+    from decodet.demo import run_demo
 
     run_demo(data_dir=args.data, out_dir=args.out, minutes=args.minutes, threads=args.threads)
     return 0

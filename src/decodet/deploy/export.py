@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 import decodet
 from decodet.config import ModelConfig, config_from_dict, config_to_dict
+from decodet.deploy.inputs import IMAGENET_MEAN, IMAGENET_STD
 from decodet.errors import DecodetError
 from decodet.io.atomic import atomic_path
 
@@ -59,8 +60,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "decodet-onnx"
 FORMAT_VERSION = 1  # bump when inputs/outputs/metadata change incompatibly
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 DECO_DEFAULT_SIZE = (640, 640)
 DECO_DEFAULT_TOP = 100
@@ -408,7 +407,7 @@ def calibration_batches(
 ) -> Iterator[dict[str, Any]]:
     """Feeds ``{"images", "orig_sizes"}`` of ``batch`` images each, from at most ``count``
     images of ``calib_images`` (anything ``Detector`` reads), or synthetic noise if ``None``."""
-    from decodet.deploy.detector import iter_images, preprocess
+    from decodet.deploy.inputs import iter_images, preprocess
 
     if calib_images is None:
         gen = torch.Generator().manual_seed(seed)
