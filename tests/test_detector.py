@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from decodet.deploy import detector as detector_module
+from decodet.deploy import inputs as detector_module
 from decodet.deploy.detector import Detector, iter_images, preprocess
 from decodet.deploy.export import DeployModel, normalization, prepare_model
 from decodet.errors import DecodetError
