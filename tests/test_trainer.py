@@ -465,3 +465,13 @@ def test_weights_initialise_the_model_and_select_the_finetuning_recipe(tmp_path:
     assert trainer.cfg.lr == 1.5e-4 and trainer.cfg.lr_backbone == 1.5e-5  # DECO+'s fine-tuning recipe
     loaded = load_model(weights).state_dict()
     assert all(torch.equal(v, loaded[k]) for k, v in trainer.raw_model.state_dict().items())
+
+
+def test_loss_overrides_reach_the_criterion_options():
+    from decodet.engine.train_config import parse_train_args
+    from decodet.losses import build_criterion
+
+    cfg = parse_train_args(["--data", "x", "--loss", "weight_class=2", "--loss", "weight_giou=3"])
+    assert cfg.loss_overrides == {"weight_class": 2, "weight_giou": 3}
+    criterion = build_criterion("deco_tiny", **cfg.loss_overrides)
+    assert criterion.weights == {"loss_vfl": 2, "loss_bbox": 5.0, "loss_giou": 3}

@@ -47,6 +47,7 @@ class TrainConfig:
     pretrained_backbone: bool = False
     weights: str | None = None  # initialise from a checkpoint (ours or the authors')
     model_overrides: dict[str, Any] = field(default_factory=dict)
+    loss_overrides: dict[str, Any] = field(default_factory=dict)  # build_criterion options, e.g. weight_class
 
     # how long
     epochs: int = 12
@@ -149,6 +150,7 @@ class TrainConfig:
             (self.imgsz is None or self.imgsz >= 32, f"imgsz must be >= 32, got {self.imgsz}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (isinstance(self.model_overrides, dict), "model_overrides must be a mapping"),
+            (isinstance(self.loss_overrides, dict), "loss_overrides must be a mapping"),
         ]
         for ok, message in checks:
             if not ok:
@@ -334,6 +336,7 @@ _HELP = {
     "data": "dataset folder or data.yaml",
     "weights": "initialise from a checkpoint (ours or the authors'); class heads re-initialised if counts differ",
     "model_overrides": "model config override KEY=VALUE (repeatable), e.g. drop_path=0.1",
+    "loss_overrides": "criterion option KEY=VALUE (repeatable), e.g. weight_class=2 (decodet.build_criterion)",
     "time_budget_min": "stop after this many minutes of training, then evaluate and save",
     "resume": "continue a run: its folder or its last_state.pt",
     "amp": "mixed precision: none | bf16 | fp16 (CUDA)",
@@ -361,10 +364,11 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = "by recipe" if f.name in _RECIPE_FIELDS else default
         help_ = _HELP.get(f.name, "") + (f" (default: {shown})" if shown not in (None, "", {}) else "")
-        if f.name == "model_overrides":
+        if f.name in ("model_overrides", "loss_overrides"):
+            option = "--set" if f.name == "model_overrides" else "--loss"
             parser.add_argument(
-                "--set", dest=f.name, metavar="KEY=VALUE", type=_key_value, action="append", default=argparse.SUPPRESS,
-                help=_HELP[f.name],
+                option, dest=f.name, metavar="KEY=VALUE", type=_key_value, action="append",
+                default=argparse.SUPPRESS, help=_HELP[f.name],
             )  # fmt: skip
             continue
         kind = _scalar_type(tp)
@@ -384,8 +388,9 @@ def config_from_namespace(ns: argparse.Namespace) -> TrainConfig:
     saved ``train_config.yaml``; otherwise the defaults.  Given flags override the base.
     """
     given = {k: v for k, v in vars(ns).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-    if "model_overrides" in given:
-        given["model_overrides"] = dict(given["model_overrides"])
+    for key in ("model_overrides", "loss_overrides"):
+        if key in given:
+            given[key] = dict(given[key])
     config_file = getattr(ns, "config", None)
     if config_file:
         base = read_mapping(config_file)
@@ -393,8 +398,9 @@ def config_from_namespace(ns: argparse.Namespace) -> TrainConfig:
         base = TrainConfig.load(run_config_path(given["resume"])).to_dict()
     else:
         base = {}
-    if "model_overrides" in given:
-        given["model_overrides"] = {**base.get("model_overrides", {}), **given["model_overrides"]}
+    for key in ("model_overrides", "loss_overrides"):
+        if key in given:
+            given[key] = {**base.get(key, {}), **given[key]}
     return TrainConfig.from_dict({**base, **given}, source=config_file)
 
 

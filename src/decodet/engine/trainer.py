@@ -319,7 +319,7 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         self.model_cfg = mcfg
         self.raw_model = model
-        self.criterion = build_criterion(mcfg).to(self.device)
+        self.criterion = build_criterion(mcfg, **cfg.loss_overrides).to(self.device)
 
         # ---- loaders
         self.sampler = D.EpochSampler(
