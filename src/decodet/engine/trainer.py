@@ -297,6 +297,10 @@ class Trainer:
                 "class_names": list(self.train_set.class_names),
                 "pretrained_backbone": cfg.pretrained_backbone,
             }
+            if cfg.transforms in ("light", "rtdetr") and get_config(cfg.model).arch == "decoplus":
+                # The model evaluates (and Detector / export run it) at the fixed square size it
+                # was trained at; the checkpoint's config carries it.
+                dataset_fields["eval_size"] = (cfg.imgsz, cfg.imgsz)
             mcfg = get_config(cfg.model, **{**dataset_fields, **cfg.model_overrides})
         _check_labels_fit(mcfg, self.train_set)
         normalize = input_normalized(mcfg)
