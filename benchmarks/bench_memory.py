@@ -18,25 +18,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from decodet.data.synthetic import generate_synthetic
+from decodet.engine.logging import rss_mb
 from decodet.engine.train_config import TrainConfig
 from decodet.engine.trainer import Trainer
-
-
-def rss_mb() -> float:
-    """This process's resident set size in MiB (Linux ``/proc``; elsewhere the peak RSS)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class _RecordingTrainer(Trainer):

@@ -10,7 +10,6 @@ import io
 import json
 import logging
 import os
-import resource
 import struct
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from PIL import Image
 
 from decodet.cli import main
 from decodet.data import load_image
+from decodet.engine.logging import rss_mb
 from decodet.errors import DecodetError
 from decodet.io.checkpoint import save_model
 from decodet.registry import build_model
@@ -255,25 +255,15 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
-def _rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 @pytest.mark.parametrize("width, height", [(100_000, 100_000), (2**31 - 1, 2**31 - 1), (50_000, 3_000)])
 def test_a_header_claiming_a_huge_image_is_refused_without_allocating(tmp_path: Path, width, height) -> None:
     path = tmp_path / "huge.png"
     _png_header_only(path, width, height)
-    before = _rss_mb()
+    before = rss_mb()
     with pytest.raises(DecodetError, match="cannot read image: (too large|.* over the limit)") as info:
         load_image(path)
     assert info.value.path == str(path)
-    assert _rss_mb() - before < 50  # decoding would need >= 450 MB
+    assert rss_mb() - before < 50  # decoding would need >= 450 MB
 
 
 def test_a_huge_image_through_the_cli(tmp_path: Path, weights: Path, capsys) -> None:

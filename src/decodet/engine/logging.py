@@ -270,6 +270,19 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+def rss_mb() -> float:
+    """This process's resident set size in MiB (Linux ``/proc``; elsewhere the peak RSS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource  # POSIX only
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def setup_logging(level: int | str = "INFO", log_file: str | os.PathLike | None = None) -> logging.Logger:
     """Configure the ``decodet`` logger: concise lines on stderr (and ``log_file`` if given).
 
