@@ -127,8 +127,12 @@ def test_metadata_describes_the_model(tiny, tiny_onnx):
 
 @pytest.mark.slow
 def test_detector_onnxruntime_equals_torch(tiny, tiny_onnx):
-    rng = np.random.default_rng(0)
-    imgs = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((90, 120), (64, 200), (150, 80))]
+    # Smooth (image-like) uint8 inputs: on pixel noise, the random-weight encoder's scores tie
+    # within 1e-6 across positions, and rounding differences reorder the query selection.
+    imgs = [
+        ((images(1, h, w, seed=s)[0] * 0.225 + 0.45).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        for s, (h, w) in enumerate(((90, 120), (64, 200), (150, 80)))
+    ]
     ref = Detector(tiny, imgsz=SIZE, score_threshold=0.0, max_det=20)(imgs, batch_size=2)
     for det in (
         Detector(tiny_onnx, score_threshold=0.0, max_det=20),  # backend picked from the suffix

@@ -12,10 +12,9 @@ import logging
 from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from decodet.errors import DecodetError
-from decodet.models.layers import ConvNeXtBlock, LayerNorm2d
+from decodet.models.layers import ConvNeXtBlock, FrozenBatchNorm2d, LayerNorm2d, channels_last_on_cpu
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ class Backbone(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x: [B, 3, H, W] -> [B, C, ceil(H/32), ceil(W/32)]``."""
-        return self.body(x)["0"]
+        return self.body(channels_last_on_cpu(x))["0"].contiguous()
 
 
 def _load_convnext_tiny_imagenet(body: ConvNeXt) -> None:

@@ -36,12 +36,12 @@ class DecoDecoderLayer(nn.Module):
     def forward(self, t: Tensor, memory: Tensor, pos: Tensor) -> Tensor:
         q_hw = t.shape[-2:]
         # SIM
-        y = self.dwconv1(t + pos).permute(0, 2, 3, 1)
+        y = self.dwconv1((t + pos).contiguous()).permute(0, 2, 3, 1)
         y = self.pwconv1_2(self.act(self.pwconv1_1(self.norm1(y)))) * self.gamma1
         t = t + y.permute(0, 3, 1, 2)
         # CIM
         u = F.interpolate(t, size=memory.shape[-2:], mode="nearest")
-        y = (self.dwconv2(u + memory) + u).permute(0, 2, 3, 1)
+        y = (self.dwconv2((u + memory).contiguous()) + u).permute(0, 2, 3, 1)
         y = self.norm2(y)
         y = y + self.pwconv2_2(self.act(self.pwconv2_1(y))) * self.gamma2
         return adaptive_max_pool2d(y.permute(0, 3, 1, 2), (int(q_hw[0]), int(q_hw[1])))

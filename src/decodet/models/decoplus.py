@@ -121,13 +121,13 @@ class DecoPlusDecoderLayer(nn.Module):
         pos = query_pos.transpose(1, 2).reshape(b, -1, self.qh, self.qw)
 
         # SIM: t = t + gamma1 * FFN(LN(InceptionDW(t + pos)))
-        y = self.dwconv1(t + pos).permute(0, 2, 3, 1)  # [B, qH, qW, d]
+        y = self.dwconv1((t + pos).contiguous()).permute(0, 2, 3, 1)  # [B, qH, qW, d]
         y = self.pwconv1_2(self.act1(self.pwconv1_1(self.norm1(y)))) * self.gamma1
         t = t + self.drop_path(y.permute(0, 3, 1, 2))
 
         # CIM: upsample onto the memory; y = LN(dw9x9(t + memory) + t); t = y + gamma2 * FFN(y)
         t = F.interpolate(t, size=(memory.shape[-2], memory.shape[-1]), mode="nearest")
-        y = (self.dwconv2(t + memory) + t).permute(0, 2, 3, 1)  # [B, H, W, d]
+        y = (self.dwconv2((t + memory).contiguous()) + t).permute(0, 2, 3, 1)  # [B, H, W, d]
         y = self.norm2(y)
         z = self.pwconv2_2(self.act2(self.pwconv2_1(y))) * self.gamma2
         t = (y + self.drop_path(z)).permute(0, 3, 1, 2)  # [B, d, H, W]

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from decodet.errors import DecodetError
+from decodet.models.layers import FrozenBatchNorm2d, channels_last_on_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -212,13 +212,13 @@ class PResNet(nn.Module):
             _freeze_norms(self)
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        x = self.conv1(images)
+        x = self.conv1(channels_last_on_cpu(images))
         x = nn.functional.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         outs = []
         for i, stage in enumerate(self.layers):
             x = stage(x)
             if i > 0:
-                outs.append(x)
+                outs.append(x.contiguous())
         return outs
 
     def load_pretrained(self, path: str | os.PathLike | None = None) -> None:
