@@ -82,3 +82,16 @@ def test_user_mistakes_are_one_line_errors(argv, expected, capsys, tmp_path, mon
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("decodet: error:") and expected in err[0]
+
+
+def test_demo_runs_end_to_end_on_existing_data(tiny_data, tmp_path, capsys):
+    """``decodet demo`` with a dataset already in place (no generation) and a tiny time budget:
+    trains, evaluates, draws, and says where everything is."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--data", str(tiny_data), "--out", str(out), "--minutes", "0.01", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "validation mAP@[.5:.95]" in printed and str(out / "best.safetensors") in printed
+    for name in ("best.safetensors", "metrics.jsonl", "train_config.yaml", "predictions/predictions.json"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "predictions").glob("*.jpg"))) == 4  # every validation image drawn
+    assert "zoom: 0.0" in (out / "train_config.yaml").read_text()  # the demo's recipe was used

@@ -131,3 +131,15 @@ def test_export_path_of_adaptive_max_pool_equals_native(monkeypatch, hw, out):
     native = adaptive_max_pool2d(x, out)
     monkeypatch.setattr(layers, "_exporting", lambda: True)
     assert torch.equal(layers.adaptive_max_pool2d(x, out), native)
+
+
+def test_postprocess_top_k_labels_and_boxes_clipped_to_the_image():
+    """Top-k over (query, class) pairs, category ids mapped, boxes in pixels clipped to the image."""
+    logits = torch.full((1, 3, 2), -10.0)
+    logits[0, 0, 1], logits[0, 2, 0] = 3.0, 1.0  # best: query 0 class 1, then query 2 class 0
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.5, 0.5, 0.1, 0.1], [0.95, 0.1, 0.3, 0.4]]])
+    (det,) = decodet.postprocess({"pred_logits": logits, "pred_boxes": boxes}, [(100, 200)], 2, [7, 9])
+    assert det["labels"].tolist() == [9, 7]
+    torch.testing.assert_close(det["scores"], torch.sigmoid(torch.tensor([3.0, 1.0])))
+    # query 2 spans x 0.8..1.1 and y -0.1..0.3 of the image: clipped to (160, 0, 200, 30)
+    torch.testing.assert_close(det["boxes"], torch.tensor([[80.0, 30.0, 120.0, 70.0], [160.0, 0.0, 200.0, 30.0]]))

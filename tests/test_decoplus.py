@@ -73,13 +73,20 @@ def test_decoplus_r18_shapes_odd_size() -> None:
 
 def test_aux_layout_last_entry_is_encoder_topk(tiny: DECOPlus) -> None:
     tiny.train()
-    out = tiny(torch.rand(1, 3, 128, 160))
+    x = torch.rand(1, 3, 128, 160)
+    out = tiny(x)
     tiny.eval()
     aux = out["aux_outputs"]
     assert len(aux) == tiny.config.num_decoder_layers  # (L - 1) decoder layers + 1 encoder entry
-    # The encoder entry holds the top-k selection: its best class logit is sorted descending.
+    # The encoder entry holds the top-k selection: in the "score" layout (the published one)
+    # its best class logit is sorted descending; deco_tiny's "spatial" layout holds the same set.
+    torch.manual_seed(0)
+    scored = build_model("deco_tiny", num_classes=7, query_layout="score")
+    scored.load_state_dict(tiny.state_dict())
+    best_scored = scored.train()(x)["aux_outputs"][-1]["pred_logits"].max(-1).values[0]
+    assert (best_scored[:-1] >= best_scored[1:]).all()
     best = aux[-1]["pred_logits"].max(-1).values[0]
-    assert (best[:-1] >= best[1:]).all()
+    torch.testing.assert_close(best.sort(descending=True).values, best_scored)
     # The decoder entries are not: they are per-query refinements.
     assert not torch.equal(aux[0]["pred_logits"], aux[-1]["pred_logits"])
 
@@ -268,3 +275,35 @@ def test_hybrid_matching_group_trains_only_and_reaches_the_criterion():
     losses = build_criterion(model.config)(out, targets)
     assert "loss_vfl_o2m" in losses and "loss_giou_o2m_aux0" in losses
     assert set(model.eval()(torch.randn(1, 3, 160, 160))) == {"pred_logits", "pred_boxes"}
+
+
+@pytest.mark.parametrize("one_to_many", [0, 2])
+def test_spatial_query_layout_orders_the_grid_by_box_centre(one_to_many: int) -> None:
+    """``query_layout="spatial"`` keeps the same selected queries (per group), placed on the
+    grid by reference-box centre: rows by y, each row by x."""
+    torch.manual_seed(0)
+    model = build_model("deco_tiny", num_classes=4, query_layout="spatial", one_to_many=one_to_many).train()
+    dec = model.decoder
+    seen = []
+    original = dec._spatial_order
+
+    def spy(index, coords, k):
+        ordered = original(index, coords, k)
+        seen.append((index, ordered, coords))
+        return ordered
+
+    dec._spatial_order = spy
+    model(torch.rand(2, 3, 192, 192))
+    index, ordered, coords = seen[0]
+    qh, qw = dec.query_grid
+    q = qh * qw
+    assert ordered.shape == index.shape == (2, q * (2 if one_to_many else 1))
+    for b in range(2):
+        for g in range(ordered.shape[1] // q):
+            group = slice(g * q, (g + 1) * q)
+            assert sorted(ordered[b, group].tolist()) == sorted(index[b, group].tolist())  # same selection
+            centre = coords[b, ordered[b, group], :2].reshape(qh, qw, 2)
+            assert (centre[..., 0].diff(dim=1) >= 0).all()  # x ascending along each row
+            assert (centre[..., 1].amax(dim=1)[:-1] <= centre[..., 1].amin(dim=1)[1:]).all()  # rows by y
+    with pytest.raises(DecodetError, match="query_layout"):
+        build_model("deco_tiny", num_classes=4, query_layout="random")

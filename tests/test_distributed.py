@@ -22,7 +22,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from decodet.data.transforms import build_transforms
 from decodet.engine import trainer as trainer_mod
 from decodet.engine.distributed import EpochSampler, ShardSampler
-from test_trainer import make_tiny_coco, tiny_config
+from test_trainer import TINY, make_tiny_coco, tiny_config
 
 TESTS = Path(__file__).resolve().parent
 
@@ -174,7 +174,12 @@ def _torchrun(cwd: Path, *args: str) -> None:
 @pytest.mark.slow
 def test_two_processes_equal_one_process_and_gather_every_image(tmp_path: Path) -> None:
     data = make_tiny_coco(tmp_path / "data", n_train=8, n_val=3)  # 3 val images: not divisible by 2
+    # The "score" query layout: the "spatial" one places queries by box centres, and centres
+    # that tie within float rounding may swap cells between the two runs — a legitimate
+    # difference that would hide the one this test looks for.
+    overrides = {**TINY, "query_layout": "score"}
     common = {"epochs": 2, "ema": True, "ema_warmup": 2, "eval_every": 1, "device": "cpu", "seed": 7}
+    common["model_overrides"] = overrides
     two = tiny_config(tmp_path, data, name="two", batch_size=2, **common).to_dict()
     one = tiny_config(tmp_path, data, name="one", batch_size=4, **common).to_dict()
 
@@ -200,8 +205,9 @@ def test_two_processes_equal_one_process_and_gather_every_image(tmp_path: Path) 
     for part in ("model", "ema"):
         sa, sb = (a[part], b[part]) if part == "model" else (a[part]["module"], b[part]["module"])
         assert sa.keys() == sb.keys()
-        worst = max((sa[k].double() - sb[k].double()).abs().max().item() for k in sa if sa[k].is_floating_point())
-        assert worst <= PARITY_ATOL, (part, worst)
+        diffs = {k: (sa[k].double() - sb[k].double()).abs().max().item() for k in sa if sa[k].is_floating_point()}
+        worst = max(diffs.values())
+        assert worst <= PARITY_ATOL, (part, worst, max(diffs, key=diffs.get))
     assert results[0]["final"]["train/loss"] == pytest.approx(single["train/loss"], rel=1e-5)
 
     # `decodet eval` under torchrun: 3 images over 2 processes, each scored once, as one process scores them

@@ -204,3 +204,22 @@ def test_multiscale_collate():
 def test_multiscale_sizes():
     assert multiscale_sizes(640) == [480, 512, 544, 576, 608, 640, 640, 640, 672, 704, 736, 768, 800]
     assert multiscale_sizes(256) == [192, 224, 256, 256, 256, 288, 320]
+
+
+def test_light_zoom_range():
+    """``zoom`` bounds the light recipe's random scaling: 0 keeps the size (flip and shift only)."""
+    torch.manual_seed(0)
+    sizes = {}
+    for zoom in (0.0, 0.4):
+        tf = build_transforms("light", train=True, imgsz=128, normalize=False, zoom=zoom)
+        widths = []
+        for _ in range(40):
+            image, target = _sample(128, 128, [[44, 44, 84, 84]])  # 40 px, far from the border
+            _, t = tf(image, target)
+            if len(t["boxes"]):
+                widths.append(float(t["boxes"][0, 2] - t["boxes"][0, 0]))
+        sizes[zoom] = torch.tensor(widths)
+    assert torch.allclose(sizes[0.0], torch.full_like(sizes[0.0], 40.0), atol=1.0)
+    assert sizes[0.4].min() < 34 and sizes[0.4].max() > 46 and (sizes[0.4] >= 40 * 0.6 - 1).all()
+    with pytest.raises(DecodetError, match="zoom"):
+        build_transforms("light", train=True, imgsz=128, zoom=1.5)

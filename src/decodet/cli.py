@@ -148,7 +148,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from decodet.demo import run_demo
 
-    run_demo(data_dir=args.data, out_dir=args.out, minutes=args.minutes, threads=args.threads)
+    kwargs = {} if args.minutes is None else {"minutes": args.minutes}
+    run_demo(data_dir=args.data, out_dir=args.out, threads=args.threads, **kwargs)
     return 0
 
 
@@ -223,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="generate the bundled data, train deco_tiny (~10 min CPU), evaluate, draw")
     de.add_argument("--data", type=Path, default=Path("data/synth"))
     de.add_argument("--out", type=Path, default=Path("runs/demo"))
-    de.add_argument("--minutes", type=float, default=10.0)
+    de.add_argument("--minutes", type=float, default=None, help="training time budget (default: 11)")
     de.add_argument("--threads", type=int, default=None)
     de.set_defaults(func=_cmd_demo)
     return p

@@ -74,6 +74,10 @@ class DecoPlusConfig:
     # encoder positions) matched one-to-many to the targets repeated this many times.
     # 0 = off (the published presets).  Inference is unchanged: one-to-one, no NMS.
     one_to_many: int = 0
+    # Where the selected queries sit on the decoder's grid: "score" (the release: row-major
+    # in top-k order) or "spatial" (rows by reference-box centre y, each row by x, so a
+    # query's grid cell follows its box, as DECO's fixed query grid does).
+    query_layout: str = "score"
     category_ids: list[int] | None = None
     class_names: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -71,6 +71,9 @@ def _deco_tiny() -> ModelConfig:
         query_grid=(10, 10),
         num_top_queries=100,
         eval_size=(320, 320),
+        # Queries placed on the grid by box centre: on the bundled data, AP 0.384 vs 0.359
+        # in score order (the demo recipe with zoom 0.4, 1,500 steps).
+        query_layout="spatial",
     )
 
 

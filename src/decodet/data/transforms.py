@@ -12,7 +12,7 @@ Recipes (``build_transforms(recipe, train, imgsz)``):
   384..600 per side -> a random short side in 480..800. Eval: short side 800 (long <= 1333).
   All sizes scale by ``imgsz / 800`` (``imgsz=800`` is the published recipe).
 - ``"light"``: for small CPU runs. Train: resize to the fixed ``imgsz`` square (aspect ratio
-  not kept, so batches need no padding), flip, random zoom 0.6..1.4 with +-10% translation,
+  not kept, so batches need no padding), flip, random zoom 1 +- ``zoom`` (default 0.4) with +-10% translation,
   mild brightness/contrast jitter. Eval: resize to the square.
 - ``"rtdetr"``: RT-DETR's. Train: photometric distortion, zoom out (up to 4x), IoU crop
   (p=0.8), flip, resize to the ``imgsz`` square. Eval: resize to the square. Multi-scale
@@ -48,7 +48,11 @@ Sample = tuple[torch.Tensor, dict[str, Any]]
 
 
 def build_transforms(
-    recipe: str = "light", train: bool = True, imgsz: int | Sequence[int] = 640, normalize: bool = True
+    recipe: str = "light",
+    train: bool = True,
+    imgsz: int | Sequence[int] = 640,
+    normalize: bool = True,
+    zoom: float = 0.4,
 ) -> v2.Compose:
     """The transform pipeline ``(image, target) -> (image, target)`` of a recipe (module docstring).
 
@@ -59,6 +63,7 @@ def build_transforms(
             (``detr``), or ``(height, width)`` (``detr`` uses the smaller of the two).
         normalize: subtract ImageNet mean and divide by its std; ``False`` keeps [0, 1]
             (RT-DETR's convention).
+        zoom: ``light`` training only: random zoom in ``1 - zoom .. 1 + zoom`` (0: none).
 
     Returns:
         ``v2.Compose`` taking a PIL image or uint8 ``tv_tensors.Image`` and a target dict with
@@ -70,7 +75,9 @@ def build_transforms(
     if recipe == "detr":
         ops = _detr(min(h, w), train)
     elif recipe == "light":
-        ops = _light(h, w, train, fill)
+        if not 0 <= zoom < 1:
+            raise DecodetError(f"zoom must be in [0, 1), got {zoom}")
+        ops = _light(h, w, train, fill, zoom)
     elif recipe == "rtdetr":
         ops = _rtdetr(h, w, train, fill)
     else:
@@ -105,14 +112,15 @@ def _detr(short: int, train: bool) -> list[v2.Transform]:
     ]
 
 
-def _light(h: int, w: int, train: bool, fill: tuple[int, int, int]) -> list[v2.Transform]:
+def _light(h: int, w: int, train: bool, fill: tuple[int, int, int], zoom: float = 0.4) -> list[v2.Transform]:
     resize = v2.Resize((h, w), antialias=True)
     if not train:
         return [resize]
+    scale = (1.0 - zoom, 1.0 + zoom)
     return [
         resize,
         v2.RandomHorizontalFlip(),
-        v2.RandomAffine(degrees=0.0, translate=(0.1, 0.1), scale=(0.6, 1.4), fill=_image_fill(fill)),
+        v2.RandomAffine(degrees=0.0, translate=(0.1, 0.1), scale=scale, fill=_image_fill(fill)),
         v2.ColorJitter(brightness=0.2, contrast=0.2),
     ]
 

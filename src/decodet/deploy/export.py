@@ -101,8 +101,9 @@ class DeployModel(nn.Module):
         xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
         xyxy = torch.gather(xyxy, 1, query.unsqueeze(-1).expand(-1, -1, 4))
         sizes = orig_sizes.float()
-        scale = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=1)
-        return xyxy * scale.unsqueeze(1), scores, labels
+        scale = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=1).unsqueeze(1)
+        # clipped to the image, as the evaluation does (a box past the border only loses IoU)
+        return torch.minimum(torch.clamp(xyxy * scale, min=0.0), scale), scores, labels
 
 
 def default_imgsz(cfg: ModelConfig) -> tuple[int, int]:

@@ -77,6 +77,7 @@ class TrainConfig:
     imgsz: int | None = None  # square side (light / rtdetr recipes) or short side (detr)
     transforms: str | None = None  # augmentation recipe of decodet.data.transforms: detr | light | rtdetr
     multiscale: bool | None = None  # RT-DETR's per-batch random square size around imgsz
+    zoom: float = 0.4  # light recipe: random zoom range 1 +- zoom (0: none)
     workers: int = 2
     eval_batch_size: int | None = None  # None: batch_size (1 for the detr recipe: no padding)
 
@@ -346,6 +347,7 @@ _HELP = {
     "lr_drop_epoch": "step schedule's drop epoch (none: 2/3 of the epochs)",
     "max_steps": "stop after this many optimizer steps in total, then evaluate and save",
     "eval_every": "evaluate every N epochs (0: only at the end)",
+    "zoom": "light recipe: random zoom in 1 +- ZOOM while training (0: none)",
 }
 
 

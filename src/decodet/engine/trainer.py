@@ -304,7 +304,9 @@ class Trainer:
             mcfg = get_config(cfg.model, **{**dataset_fields, **cfg.model_overrides})
         _check_labels_fit(mcfg, self.train_set)
         normalize = input_normalized(mcfg)
-        self.train_set.transforms = build_transforms(cfg.transforms, train=True, imgsz=cfg.imgsz, normalize=normalize)
+        self.train_set.transforms = build_transforms(
+            cfg.transforms, train=True, imgsz=cfg.imgsz, normalize=normalize, zoom=cfg.zoom
+        )
         self.val_set = None
         if spec.has_split(cfg.val_split):
             val_split = spec.split(cfg.val_split)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from decodet.models.layers import adaptive_max_pool2d
+from decodet.models.layers import DepthwiseConv2d, adaptive_max_pool2d
 
 
 class DecoDecoderLayer(nn.Module):
@@ -20,13 +20,12 @@ class DecoDecoderLayer(nn.Module):
 
     def __init__(self, d: int, kernel_size: int = 9, layer_scale: float = 1e-6) -> None:
         super().__init__()
-        pad = kernel_size // 2
-        self.dwconv1 = nn.Conv2d(d, d, kernel_size, padding=pad, groups=d)
+        self.dwconv1 = DepthwiseConv2d(d, kernel_size)
         self.norm1 = nn.LayerNorm(d, eps=1e-6)
         self.pwconv1_1 = nn.Linear(d, 4 * d)
         self.pwconv1_2 = nn.Linear(4 * d, d)
         self.gamma1 = nn.Parameter(torch.full((d,), layer_scale))
-        self.dwconv2 = nn.Conv2d(d, d, kernel_size, padding=pad, groups=d)
+        self.dwconv2 = DepthwiseConv2d(d, kernel_size)
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
         self.pwconv2_1 = nn.Linear(d, 4 * d)
         self.pwconv2_2 = nn.Linear(4 * d, d)
@@ -36,12 +35,12 @@ class DecoDecoderLayer(nn.Module):
     def forward(self, t: Tensor, memory: Tensor, pos: Tensor) -> Tensor:
         q_hw = t.shape[-2:]
         # SIM
-        y = self.dwconv1((t + pos).contiguous()).permute(0, 2, 3, 1)
+        y = self.dwconv1(t + pos).permute(0, 2, 3, 1)
         y = self.pwconv1_2(self.act(self.pwconv1_1(self.norm1(y)))) * self.gamma1
         t = t + y.permute(0, 3, 1, 2)
         # CIM
         u = F.interpolate(t, size=memory.shape[-2:], mode="nearest")
-        y = (self.dwconv2((u + memory).contiguous()) + u).permute(0, 2, 3, 1)
+        y = (self.dwconv2(u + memory) + u).permute(0, 2, 3, 1)
         y = self.norm2(y)
         y = y + self.pwconv2_2(self.act(self.pwconv2_1(y))) * self.gamma2
         return adaptive_max_pool2d(y.permute(0, 3, 1, 2), (int(q_hw[0]), int(q_hw[1])))

@@ -37,7 +37,7 @@ from torchvision.ops import StochasticDepth
 from decodet.config import DecoPlusConfig
 from decodet.errors import DecodetError
 from decodet.models.hybrid_encoder import HybridEncoder, upsample2x_to
-from decodet.models.layers import MLP, _exporting, adaptive_max_pool2d, inverse_sigmoid
+from decodet.models.layers import MLP, DepthwiseConv2d, _exporting, adaptive_max_pool2d, inverse_sigmoid
 from decodet.models.resnet_d import ConvNormLayer, PResNet
 
 logger = logging.getLogger(__name__)
@@ -80,9 +80,9 @@ class InceptionDWConv2d(nn.Module):
     def __init__(self, dim: int, square: int = 3, band_h: int = 13, band_w: int = 15, ratio: float = 0.25) -> None:
         super().__init__()
         g = int(dim * ratio)
-        self.dwconv_hw = nn.Conv2d(g, g, square, padding=square // 2, groups=g)
-        self.dwconv_w = nn.Conv2d(g, g, (1, band_w), padding=(0, band_w // 2), groups=g)
-        self.dwconv_h = nn.Conv2d(g, g, (band_h, 1), padding=(band_h // 2, 0), groups=g)
+        self.dwconv_hw = DepthwiseConv2d(g, square)
+        self.dwconv_w = DepthwiseConv2d(g, (1, band_w))
+        self.dwconv_h = DepthwiseConv2d(g, (band_h, 1))
         self.splits = [dim - 3 * g, g, g, g]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -107,7 +107,7 @@ class DecoPlusDecoderLayer(nn.Module):
         self.pwconv1_2 = nn.Linear(4 * dim, dim)
         self.gamma1 = nn.Parameter(torch.full((dim,), 1e-6))
         # CIM
-        self.dwconv2 = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.dwconv2 = DepthwiseConv2d(dim, kernel_size)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv2_1 = nn.Linear(dim, 4 * dim)
         self.act2 = nn.GELU()
@@ -121,13 +121,13 @@ class DecoPlusDecoderLayer(nn.Module):
         pos = query_pos.transpose(1, 2).reshape(b, -1, self.qh, self.qw)
 
         # SIM: t = t + gamma1 * FFN(LN(InceptionDW(t + pos)))
-        y = self.dwconv1((t + pos).contiguous()).permute(0, 2, 3, 1)  # [B, qH, qW, d]
+        y = self.dwconv1(t + pos).permute(0, 2, 3, 1)  # [B, qH, qW, d]
         y = self.pwconv1_2(self.act1(self.pwconv1_1(self.norm1(y)))) * self.gamma1
         t = t + self.drop_path(y.permute(0, 3, 1, 2))
 
         # CIM: upsample onto the memory; y = LN(dw9x9(t + memory) + t); t = y + gamma2 * FFN(y)
         t = F.interpolate(t, size=(memory.shape[-2], memory.shape[-1]), mode="nearest")
-        y = (self.dwconv2((t + memory).contiguous()) + t).permute(0, 2, 3, 1)  # [B, H, W, d]
+        y = (self.dwconv2(t + memory) + t).permute(0, 2, 3, 1)  # [B, H, W, d]
         y = self.norm2(y)
         z = self.pwconv2_2(self.act2(self.pwconv2_1(y))) * self.gamma2
         t = (y + self.drop_path(z)).permute(0, 3, 1, 2)  # [B, d, H, W]
@@ -161,9 +161,13 @@ class DecoPlusDecoder(nn.Module):
         drop_path: float = 0.0,
         num_levels: int = 3,
         one_to_many: int = 0,
+        query_layout: str = "score",
     ) -> None:
         super().__init__()
         self.one_to_many = one_to_many
+        if query_layout not in ("score", "spatial"):
+            raise DecodetError(f"query_layout must be 'score' or 'spatial', got {query_layout!r}")
+        self.query_layout = query_layout
         if num_levels != 3:
             raise DecodetError(f"DECO+ decoder expects 3 feature levels, got {num_levels}")
         d = hidden_dim
@@ -239,11 +243,29 @@ class DecoPlusDecoder(nn.Module):
         coords = self.enc_bbox_head(out_memory) + anchors  # [B, N, 4] logits
 
         index = torch.topk(logits.max(dim=-1).values, k, dim=1).indices  # [B, k]
+        if self.query_layout == "spatial":
+            index = self._spatial_order(index, coords, k)
         index = index.unsqueeze(-1)
         ref_unact = coords.gather(1, index.expand(-1, -1, coords.shape[-1]))
         enc_logits = logits.gather(1, index.expand(-1, -1, logits.shape[-1]))
         target = out_memory.gather(1, index.expand(-1, -1, out_memory.shape[-1]))
         return target.detach(), ref_unact.detach(), enc_logits, torch.sigmoid(ref_unact)
+
+    def _spatial_order(self, index: Tensor, coords: Tensor, k: int) -> Tensor:
+        """Reorder the selected ``index [B, k]`` for the ``"spatial"`` query layout: each
+        group of ``Q`` queries (the one-to-one group, then the hybrid one) by its reference
+        box's centre y into rows of ``qW``, then each row by centre x.  (Box logits order as
+        the boxes do: the sigmoid is monotonic.)"""
+        qh, qw = self.query_grid
+        b = index.shape[0]
+        centre = coords.gather(1, index.unsqueeze(-1).expand(-1, -1, coords.shape[-1]))[..., :2].detach()
+        index, cx, cy = (t.reshape(b * (k // (qh * qw)), qh * qw) for t in (index, centre[..., 0], centre[..., 1]))
+        # Exact ties (boxes still on their anchors share rows and columns) are broken by the
+        # top-k rank through a tiny offset, so every backend sorts them the same way.
+        rank = torch.arange(qh * qw, device=index.device, dtype=cx.dtype).expand_as(cx) * (1e-4 / (qh * qw))
+        by_y = torch.argsort(cy + rank, dim=1)
+        index, cx, rank = (t.gather(1, by_y).reshape(-1, qh, qw) for t in (index, cx, rank))
+        return index.gather(2, torch.argsort(cx + rank, dim=2)).reshape(b, k)
 
     def forward(self, feats: list[Tensor]) -> dict[str, Any]:
         proj = [p(f) for p, f in zip(self.input_proj, feats)]
@@ -335,6 +357,7 @@ class DECOPlus(nn.Module):
             num_layers=cfg.num_decoder_layers,
             drop_path=cfg.drop_path,
             one_to_many=cfg.one_to_many,
+            query_layout=cfg.query_layout,
         )
         if cfg.pretrained_backbone:
             self.backbone.load_pretrained(cfg.extra.get("backbone_weights"))

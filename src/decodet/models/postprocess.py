@@ -26,7 +26,7 @@ def postprocess(
         score_threshold: drop detections scoring below it (after top-k).
 
     Returns:
-        One dict per image: ``boxes [N, 4]`` xyxy pixels, ``scores [N]``, ``labels [N]`` int64.
+        One dict per image: ``boxes [N, 4]`` xyxy pixels (clipped to the image), ``scores [N]``, ``labels [N]`` int64.
     """
     logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
     b, q, c = logits.shape
@@ -37,7 +37,7 @@ def postprocess(
     xyxy = box_convert(boxes.float(), "cxcywh", "xyxy")
     xyxy = torch.gather(xyxy, 1, query.unsqueeze(-1).expand(-1, -1, 4))
     scale = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=1)
-    xyxy = xyxy * scale[:, None, :]
+    xyxy = torch.minimum((xyxy * scale[:, None, :]).clamp(min=0.0), scale[:, None, :])  # clipped to the image
     if category_ids is not None:
         labels = torch.as_tensor(category_ids, device=labels.device)[labels]
     results = []
