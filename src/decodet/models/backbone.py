@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.models._utils import IntermediateLayerGetter
@@ -86,6 +87,9 @@ class Backbone(nn.Module):
                     p.requires_grad_(False)
         self.body = IntermediateLayerGetter(net, return_layers={"layer4": "0"})
         self.num_channels = channels
+        # Weights in the layout the CPU input gets (channels_last_on_cpu): oneDNN then skips a
+        # weight reorder per conv and per gradient (deco_r18 training step: ~10% faster).
+        self.body.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x: [B, 3, H, W] -> [B, C, ceil(H/32), ceil(W/32)]``."""

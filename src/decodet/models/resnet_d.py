@@ -210,6 +210,8 @@ class PResNet(nn.Module):
                 module.requires_grad_(False)
         if freeze_norm:
             _freeze_norms(self)
+        # Weights in the layout the CPU input gets (see channels_last_on_cpu): no per-conv reorder.
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         x = self.conv1(channels_last_on_cpu(images))
