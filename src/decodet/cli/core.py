@@ -1,27 +1,10 @@
-"""The ``decodet`` command line: one program, one subcommand per job.
-
-    decodet models                         list the presets
-    decodet data synth OUT ...             write the bundled synthetic dataset
-    decodet train --model NAME --data D    train (also under torchrun)
-    decodet eval --weights W --data D      COCO mAP on a split
-    decodet predict SOURCE --weights W     detect, draw boxes, write COCO results JSON
-    decodet export --weights W             ONNX (fp32 / fp16 / int8) with post-processing inside
-    decodet benchmark --model NAME         latency table against DETR and RT-DETR
-    decodet convert IN.pth OUT             the authors' checkpoint -> ours
-    decodet demo                           the whole job on the bundled data
-
-User mistakes (:class:`DecodetError`) print one line and exit with status 2.
-"""
+"""The core subcommands: models, train, eval, predict, export, benchmark, convert, demo."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
-from collections.abc import Sequence
 from pathlib import Path
-
-from decodet.errors import DecodetError
 
 log = logging.getLogger("decodet")
 
@@ -31,14 +14,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     for name in list_models():
         print(name)
-    return 0
-
-
-def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from decodet.data.synthetic import generate_synthetic
-
-    out = generate_synthetic(args.out, train=args.train, val=args.val, image_size=args.image_size, seed=args.seed)
-    print(f"wrote synthetic dataset to {out}")
     return 0
 
 
@@ -153,21 +128,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="decodet", description="DECO: query-based detection with ConvNets.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the core subcommands to the ``decodet`` parser's subparsers."""
 
     sub.add_parser("models", help="list model presets").set_defaults(func=_cmd_models)
-
-    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
-    synth = data.add_parser("synth", help="write the bundled synthetic COCO-format dataset")
-    synth.add_argument("out", type=Path)
-    synth.add_argument("--train", type=int, default=2000)
-    synth.add_argument("--val", type=int, default=200)
-    synth.add_argument("--image-size", type=int, default=320)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.set_defaults(func=_cmd_data_synth)
 
     tr = sub.add_parser("train", help="train a model (see `decodet train --help`)", add_help=False)
     tr.set_defaults(func=_cmd_train, passthrough=True)
@@ -227,46 +191,3 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--minutes", type=float, default=None, help="training time budget (default: 11)")
     de.add_argument("--threads", type=int, default=None)
     de.set_defaults(func=_cmd_demo)
-    return p
-
-
-def _one_line(message: str) -> str:
-    """The user-facing line of an error message (a worker's traceback ends with ours)."""
-    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
-    for line in reversed(lines):
-        if line.startswith("decodet.errors.DecodetError:"):
-            return line.split(":", 1)[1].strip()
-    return lines[-1] if lines else message
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    # `train` owns its flags (they mirror TrainConfig); everything after it passes through.
-    if "train" in argv[:2]:
-        i = argv.index("train")
-        args, rest = parser.parse_args(argv[: i + 1]), argv[i + 1 :]
-    else:
-        args, rest = parser.parse_args(argv), []
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        if getattr(args, "passthrough", False):
-            return args.func(args, rest)
-        return args.func(args)
-    except DecodetError as exc:
-        print(f"decodet: error: {_one_line(str(exc))}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # an error re-raised from a DataLoader worker wraps our message
-        if isinstance(exc, DecodetError) or "DecodetError" not in str(exc):
-            raise
-        print(f"decodet: error: {_one_line(str(exc))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("decodet: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
