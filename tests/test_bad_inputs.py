@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -20,7 +21,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
+import decodet
 from decodet.cli import main
 from decodet.data import load_image
 from decodet.engine.logging import rss_mb
@@ -199,6 +202,37 @@ def test_eval_with_a_text_file_as_weights(data: Path, tmp_path: Path, capsys) ->
     text = tmp_path / "notes.pth"
     text.write_text("these are not weights\n")
     _one_line_error(["eval", "--weights", str(text), "--data", str(data)], capsys, text)
+
+
+# Every suffix the loader accepts: ours (.safetensors) and the authors' / torch's pickles.
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def _junk_weights(kind: str, suffix: str, weights: Path, folder: Path) -> Path:
+    """A weights file of random bytes, or a real checkpoint cut short, named ``*suffix``."""
+    path = folder / f"{kind}{suffix}"
+    if kind == "junk":
+        path.write_bytes(np.random.default_rng(0).bytes(5000))
+    elif suffix == ".safetensors":
+        path.write_bytes(weights.read_bytes()[:4000])
+    else:  # an authors'-style pickle, truncated
+        full = folder / f"full{suffix}"
+        torch.save({"model": load_file(str(weights))}, full)
+        path.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    return path
+
+
+@pytest.mark.parametrize("suffix", WEIGHT_SUFFIXES)
+@pytest.mark.parametrize("kind", ["junk", "truncated"])
+def test_unreadable_weights_of_every_suffix_are_one_line(
+    kind: str, suffix: str, data: Path, tmp_path: Path, weights: Path, capsys
+) -> None:
+    bad = _junk_weights(kind, suffix, weights, tmp_path)
+    image = data / "val" / sorted(p.name for p in (data / "val").iterdir())[0]
+    _one_line_error(["predict", str(image), "--weights", str(bad), "--out", str(tmp_path / "p")], capsys, bad)
+    _one_line_error(["eval", "--weights", str(bad), "--data", str(data)], capsys, bad)
+    with pytest.raises(DecodetError, match=re.escape(str(bad))):
+        decodet.Detector(bad)
 
 
 def test_eval_with_a_model_of_fewer_classes_than_the_data(data: Path, tmp_path: Path, capsys) -> None:

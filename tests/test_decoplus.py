@@ -8,24 +8,15 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import read_reference
 from decodet.errors import DecodetError
 from decodet.losses import build_criterion
 from decodet.models.decoplus import DECOPlus, InceptionDWConv2d, make_anchors
 from decodet.models.hybrid_encoder import RepVggBlock
 from decodet.registry import build_model, get_config
 
-TABLES = Path("/work/shared/reference/official_state_dicts")
 # The authors' ResNet-50 setting: frozen batch norm in the backbone, stem frozen.
 R50_OVERRIDES = {"freeze_backbone_bn": True, "freeze_at": 0}
-
-
-def read_table(name: str) -> dict[str, tuple[int, ...]]:
-    """``key -> shape`` from a reference table ('scalar' is shape ())."""
-    rows = {}
-    for line in (TABLES / f"{name}.tsv").read_text().splitlines()[1:]:
-        key, shape = line.split("\t")
-        rows[key] = () if shape == "scalar" else tuple(int(s) for s in shape.split("x"))
-    return rows
 
 
 def all_outputs_sum(out: dict) -> torch.Tensor:
@@ -121,12 +112,12 @@ def test_parameter_counts(name: str, overrides: dict, expected: int) -> None:
 def test_state_dict_matches_authors_table(name: str, overrides: dict) -> None:
     model = build_model(name, num_classes=80, **overrides)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert ours == read_table(name)
+    assert ours == read_reference(name)
 
 
 def test_authors_state_dict_loads_strict_and_runs() -> None:
     torch.manual_seed(0)
-    table = read_table("decoplus_r18")
+    table = read_reference("decoplus_r18")
     state = {}
     for key, shape in table.items():
         if key.endswith("num_batches_tracked"):

@@ -114,11 +114,12 @@ class SetCriterion(nn.Module):
         logits = outputs["pred_logits"]
         _check_targets(targets, logits.shape[0], logits.shape[-1])
         device = logits.device
+        dtype = _loss_dtype(outputs)
         targets = [{"labels": t["labels"].to(device), "boxes": t["boxes"].to(device)} for t in targets]
         sizes = [len(t["labels"]) for t in targets]
         flat = _FlatTargets(
             torch.cat([t["labels"] for t in targets]),
-            torch.cat([t["boxes"] for t in targets]).float(),
+            torch.cat([t["boxes"] for t in targets]).to(dtype),
             [sum(sizes[:b]) for b in range(len(sizes))],
         )
 
@@ -167,14 +168,15 @@ class SetCriterion(nn.Module):
             indices: B ``(query_idx, target_idx)`` pairs from the matcher.
             num_boxes: the normaliser.
         """
-        logits = outputs["pred_logits"].float()
+        dtype = _loss_dtype(outputs)
+        logits = outputs["pred_logits"].to(dtype)
         device = logits.device
         batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]).to(device)
         query_idx = torch.cat([q for q, _ in indices]).to(device)
         tgt_idx = torch.cat([j + start for start, (_, j) in zip(targets.starts, indices)]).to(device)
         labels = targets.labels[tgt_idx]
         tgt_boxes = targets.boxes[tgt_idx]
-        src_boxes = outputs["pred_boxes"][batch_idx, query_idx].float()
+        src_boxes = outputs["pred_boxes"][batch_idx, query_idx].to(dtype)
 
         iou, giou = paired_iou_giou(src_boxes, tgt_boxes)
         onehot = torch.zeros_like(logits)
@@ -193,8 +195,13 @@ class SetCriterion(nn.Module):
         }
 
 
+def _loss_dtype(outputs: dict[str, Tensor]) -> torch.dtype:
+    """float64 for a float64 model (gradient checks), else float32 (bf16/fp16 autocast outputs too)."""
+    return torch.promote_types(outputs["pred_boxes"].dtype, torch.float32)
+
+
 class _FlatTargets(NamedTuple):
-    """A batch's targets concatenated: ``labels`` [T], ``boxes`` [T, 4] float32, image b's first row ``starts[b]``."""
+    """A batch's targets concatenated: ``labels`` [T], ``boxes`` [T, 4] in the loss dtype, image b's first row ``starts[b]``."""
 
     labels: Tensor
     boxes: Tensor

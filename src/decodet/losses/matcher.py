@@ -107,12 +107,14 @@ class HungarianMatcher(nn.Module):
 
         # Targets padded to [B, N_max]; padding columns get a harmless full-image box and are dropped later.
         device = groups[0]["pred_logits"].device
+        # Costs in float64 for a float64 model (gradient checks), else float32 (also under autocast).
+        dtype = torch.promote_types(groups[0]["pred_boxes"].dtype, torch.float32)
         batch, n_max = len(targets), max(sizes)
         slots = torch.cat([torch.arange(n) + b * n_max for b, n in enumerate(sizes)]).to(device)
         tgt_ids = torch.zeros(batch * n_max, dtype=torch.int64, device=device)
         tgt_ids[slots] = torch.cat([t["labels"] for t in targets]).to(device)
-        tgt_boxes = torch.tensor([0.5, 0.5, 1.0, 1.0], device=device).repeat(batch * n_max, 1)
-        tgt_boxes[slots] = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
+        tgt_boxes = torch.tensor([0.5, 0.5, 1.0, 1.0], device=device, dtype=dtype).repeat(batch * n_max, 1)
+        tgt_boxes[slots] = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=dtype)
         tgt_ids, tgt_boxes = tgt_ids.view(batch, n_max), tgt_boxes.view(batch, n_max, 4)
 
         # Groups with the same query count share one batched cost computation; one device-to-host copy in all.
@@ -121,8 +123,8 @@ class HungarianMatcher(nn.Module):
             by_queries.setdefault(group["pred_logits"].shape[1], []).append(g)
         costs, order = [], []
         for members in by_queries.values():
-            logits = torch.cat([groups[g]["pred_logits"] for g in members]).float()  # [G'B, Q, C]
-            boxes = torch.cat([groups[g]["pred_boxes"] for g in members]).float()  # [G'B, Q, 4]
+            logits = torch.cat([groups[g]["pred_logits"] for g in members]).to(dtype)  # [G'B, Q, C]
+            boxes = torch.cat([groups[g]["pred_boxes"] for g in members]).to(dtype)  # [G'B, Q, 4]
             costs.append(
                 self._cost(logits, boxes, tgt_ids.repeat(len(members), 1), tgt_boxes.repeat(len(members), 1, 1))
             )
