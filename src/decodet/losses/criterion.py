@@ -201,7 +201,7 @@ def _loss_dtype(outputs: dict[str, Tensor]) -> torch.dtype:
 
 
 class _FlatTargets(NamedTuple):
-    """A batch's targets concatenated: ``labels`` [T], ``boxes`` [T, 4] in the loss dtype, image b's first row ``starts[b]``."""
+    """A batch's targets concatenated: ``labels`` [T], ``boxes`` [T, 4] (loss dtype); image b starts at starts[b]."""
 
     labels: Tensor
     boxes: Tensor
