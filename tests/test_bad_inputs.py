@@ -135,10 +135,11 @@ def test_train_skips_missing_and_corrupt_images_with_a_warning(data: Path, tmp_p
     truncated.write_bytes(truncated.read_bytes()[:60])
     empty = data / "val" / "001.png"
     empty.write_bytes(b"")
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         assert main(_train_argv(data, tmp_path / "runs", "--workers", "1")) == 0
     assert capsys.readouterr().err == ""
-    assert "train: 1 of 4 images are missing (first: 001.png); they are skipped" in caplog.text
+    assert "train: 1 of 4 images are missing (first: 001.png); they are skipped, 3 are used" in caplog.text
+    assert "| 3 train images, 2 val images |" in caplog.text  # the count actually used
     assert (tmp_path / "runs" / "t" / "last.safetensors").is_file()
     # a worker's warnings go to its own stderr: check the unreadable files' warnings without workers
     caplog.clear()

@@ -237,7 +237,8 @@ class CocoDetection(Dataset):
         raise DecodetError("no readable image in this dataset", self.images_dir)
 
     def _skip_missing_files(self) -> None:
-        """Mark images whose file is absent as bad (one warning); raise if every file is absent."""
+        """Drop images whose file is absent (one warning), so ``len`` counts the images used; raise if
+        every file is absent."""
         listings: dict[Path, set[str]] = {}
         missing = []
         for i in range(len(self.records)):
@@ -252,18 +253,21 @@ class CocoDetection(Dataset):
         if not missing:
             return
         first = self.records[missing[0]].file_name
-        if len(missing) == len(self.records):
+        total = len(self.records)
+        if len(missing) == total:
             raise DecodetError(
                 f"none of the {len(missing)} images of {self.ann_file.name} is in this folder (first: {first})",
                 self.images_dir,
             )
-        self._bad.update(missing)
+        gone = set(missing)
+        self.records = [rec for i, rec in enumerate(self.records) if i not in gone]
         logger.warning(
-            "%s: %d of %d images are missing (first: %s); they are skipped",
+            "%s: %d of %d images are missing (first: %s); they are skipped, %d are used",
             self.images_dir,
             len(missing),
-            len(self.records),
+            total,
             first,
+            len(self.records),
         )
 
     def __repr__(self) -> str:
