@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import shutil
 import socket
 import threading
 from collections.abc import Iterator
@@ -81,9 +82,10 @@ class FileServer:
 
 
 @pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("DECODET_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache" / "weights"
+    yield tmp_path / "cache" / "weights"
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)  # up to 89 MB: pytest keeps old tmp dirs
 
 
 def _serve(monkeypatch: pytest.MonkeyPatch, files: dict[str, bytes]) -> Iterator[FileServer]:
@@ -271,3 +273,4 @@ def test_fine_tune_in_one_command(tmp_path, cache, authors_server):
     assert (saved.weights, saved.lr, saved.lr_backbone, saved.ema) == (NAME, 1.5e-4, 1.5e-5, True)
     model = decodet.load_model(tmp_path / "runs" / "ft")
     assert model.config.num_classes == 2 and model.config.class_names == ["red", "green"]
+    shutil.rmtree(tmp_path / "runs")  # ~0.5 GB of checkpoints and optimizer state
