@@ -3,7 +3,10 @@
 Public API::
 
     list_models, build_model, load_model, convert_official, build_criterion,
-    postprocess, evaluate_coco, Detector, DecodetError
+    postprocess, evaluate_coco, Detector, DecodetError, train, TrainResult
+
+Weights arguments also take the names of the authors' released checkpoints
+(``"decoplus_r18.coco"``, ...: ``decodet.io.hub.WEIGHTS``), downloaded once into a cache.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ _LAZY = {
     "postprocess": "decodet.models.postprocess",
     "evaluate_coco": "decodet.engine.evaluator",
     "Detector": "decodet.deploy.detector",
+    "train": "decodet.engine.api",
+    "TrainResult": "decodet.engine.api",
 }
 
 __all__ = ["DecodetError", "build_model", "list_models", *_LAZY]

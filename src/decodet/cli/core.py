@@ -10,10 +10,18 @@ log = logging.getLogger("decodet")
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    from decodet.io.hub import WEIGHTS, cache_dir, is_cached
     from decodet.registry import list_models
 
+    rows = [("preset", "named weights", "COCO AP", "cached")]
     for name in list_models():
-        print(name)
+        named = [w for w in WEIGHTS.values() if w.preset == name]
+        rows += [(name, w.name, f"{w.coco_ap:.1f}", "yes" if is_cached(w.name) else "no") for w in named]
+        rows += [] if named else [(name, "-", "", "")]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    print(f"(COCO val2017 box AP published by the authors; cache: {cache_dir() / 'weights'})")
     return 0
 
 
@@ -131,7 +139,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the core subcommands to the ``decodet`` parser's subparsers."""
 
-    sub.add_parser("models", help="list model presets").set_defaults(func=_cmd_models)
+    sub.add_parser("models", help="list model presets and named pretrained weights").set_defaults(func=_cmd_models)
 
     tr = sub.add_parser("train", help="train a model (see `decodet train --help`)", add_help=False)
     tr.set_defaults(func=_cmd_train, passthrough=True)

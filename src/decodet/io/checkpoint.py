@@ -84,8 +84,11 @@ def convert_official(path: str | os.PathLike, out_path: str | os.PathLike) -> Pa
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """``(config, state_dict in our names)`` from either checkpoint format."""
-    path = Path(path)
+    """``(config, state_dict in our names)`` from either checkpoint format (or a run folder,
+    or named weights such as ``"decoplus_r18.coco"``: :mod:`decodet.io.hub`)."""
+    from decodet.io.hub import resolve_weights
+
+    path = Path(resolve_weights(path))
     if not path.exists():
         raise DecodetError("weights file not found", path)
     if path.is_dir():
