@@ -125,6 +125,7 @@ class LRFactor:
         self.drop_steps = tuple(int(s) for s in drop_steps)
         self.drop_factor = float(drop_factor)
         self.min_ratio = float(min_ratio)
+        self.fitted = False  # total_steps was fixed from measured step times (see fit_total_steps)
 
     def __call__(self, step: int) -> float:
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
@@ -169,3 +170,13 @@ def build_scheduler(
         min_ratio=min_ratio,
     )
     return LambdaLR(optimizer, factor)
+
+
+def fit_total_steps(planned: int, steps_done: int, seconds_per_step: float, seconds_left: float) -> int:
+    """The schedule's total steps that end within ``seconds_left`` at ``seconds_per_step``.
+
+    Never more than ``planned`` (a fast machine runs the configured schedule) and never fewer than
+    ``steps_done + 1``.
+    """
+    affordable = steps_done + int(seconds_left / max(seconds_per_step, 1e-9))
+    return max(steps_done + 1, min(int(planned), affordable))

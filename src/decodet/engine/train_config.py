@@ -52,7 +52,10 @@ class TrainConfig:
     # how long
     epochs: int = 12
     max_steps: int | None = None  # stop after this many optimizer steps in total
-    time_budget_min: float | None = None  # stop cleanly after this many minutes of training
+    time_budget_min: float | None = None  # stop cleanly after this many minutes of training steps
+    # Size the lr schedule to time_budget_min: time the first steps, then fix the total so the
+    # schedule completes (cosine reaches its floor) within the budget on this machine.
+    fit_schedule: bool = False
 
     # optimisation
     batch_size: int = 4  # per process
@@ -83,6 +86,7 @@ class TrainConfig:
 
     # bookkeeping
     eval_every: int = 1  # evaluate every N epochs (and always after the last one); 0: only at the end
+    eval_subset: int = 0  # >0: between epochs, evaluate on the first N val images only (a cheap curve)
     project: str = "runs"
     name: str | None = None  # run folder project/name; None: the model name
     exist_ok: bool = False  # reuse project/name instead of picking name-2, name-3, ...
@@ -148,6 +152,8 @@ class TrainConfig:
             (self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must lie in [0, 1), got {self.ema_decay}"),
             (self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}"),
+            (self.eval_subset >= 0, f"eval_subset must be >= 0, got {self.eval_subset}"),
+            (not self.fit_schedule or self.time_budget_min is not None, "fit_schedule needs time_budget_min"),
             (self.imgsz is None or self.imgsz >= 32, f"imgsz must be >= 32, got {self.imgsz}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (isinstance(self.model_overrides, dict), "model_overrides must be a mapping"),
@@ -338,7 +344,9 @@ _HELP = {
     "weights": "initialise from a checkpoint (ours or the authors'); class heads re-initialised if counts differ",
     "model_overrides": "model config override KEY=VALUE (repeatable), e.g. drop_path=0.1",
     "loss_overrides": "criterion option KEY=VALUE (repeatable), e.g. weight_class=2 (decodet.build_criterion)",
-    "time_budget_min": "stop after this many minutes of training, then evaluate and save",
+    "time_budget_min": "stop after this many minutes of training steps (evaluation not counted), then evaluate",
+    "fit_schedule": "with --time-budget-min: time the first steps, then size the lr schedule to end in the budget",
+    "eval_subset": "evaluate on the first N validation images between epochs (the final evaluation uses all)",
     "resume": "continue a run: its folder or its last_state.pt",
     "amp": "mixed precision: none | bf16 | fp16 (CUDA)",
     "schedule": "lr schedule: step | cosine | constant",

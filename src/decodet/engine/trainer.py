@@ -51,7 +51,7 @@ from decodet.engine import distributed as D
 from decodet.engine.ema import ModelEMA
 from decodet.engine.evaluator import CocoEvaluator, detections_to_coco, merge_detections
 from decodet.engine.logging import MetricsLogger, plot_curves, progress
-from decodet.engine.optim import build_optimizer, build_scheduler
+from decodet.engine.optim import build_optimizer, build_scheduler, fit_total_steps
 from decodet.engine.train_config import TrainConfig, data_recipe, parse_train_args, resolve
 from decodet.errors import DecodetError
 from decodet.io.atomic import atomic_path, atomic_write_text
@@ -394,6 +394,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         self.t_start = time.monotonic()
+        self.paused = 0.0  # seconds spent evaluating and saving: not training time
+        self.fit_clock: tuple[int, float] | None = None  # (step, training seconds) where step timing began
         final: dict[str, Any] = {}
         stop = cfg.max_steps is not None and self.global_step >= cfg.max_steps
         while self.epoch < cfg.epochs and not stop:
@@ -404,8 +406,9 @@ class Trainer:
             finished = self.batches_done == 0  # the epoch ran to its end
             last = stop or (finished and self.epoch >= cfg.epochs)
             eval_stats = {}
+            t_pause = time.monotonic()
             if self.val_set is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-                eval_stats = self._evaluate()
+                eval_stats = self._evaluate(subset=0 if last else cfg.eval_subset)
             record = {
                 "epoch": epoch + 1,
                 "step": self.global_step,
@@ -413,10 +416,12 @@ class Trainer:
                 "epoch_time": epoch_time,
                 **{f"val/{k}": v for k, v in eval_stats.items()},
             }
-            improved = BEST_METRIC in eval_stats and eval_stats[BEST_METRIC] > self.best
+            # a subset's AP is a curve point, not comparable with a full evaluation's for "best"
+            improved = BEST_METRIC in eval_stats and "subset" not in eval_stats and eval_stats[BEST_METRIC] > self.best
             if improved:
                 self.best = eval_stats[BEST_METRIC]
             self._save(improved)
+            self.paused += time.monotonic() - t_pause
             if self.is_main:
                 self._log_epoch(record)
             final = {**train_stats, **eval_stats, "epoch": epoch + 1, "step": self.global_step}
@@ -522,14 +527,52 @@ class Trainer:
 
     def _should_stop(self) -> bool:
         cfg = self.cfg
-        stop = cfg.max_steps is not None and self.global_step >= cfg.max_steps
+        factor = self.scheduler.lr_lambdas[0]
+        if cfg.fit_schedule and not factor.fitted:
+            self._fit_schedule(factor)
+        why = ""
+        if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
+            why = "max_steps reached"
+        elif factor.fitted and self.global_step >= factor.total_steps:
+            why = "the schedule sized to the time budget is complete"
         if cfg.time_budget_min is not None:
-            over = time.monotonic() - self.t_start >= cfg.time_budget_min * 60
-            stop = stop or D.any_flag(over, self.device)
-        if stop and self.is_main:
-            why = "max_steps" if cfg.max_steps is not None and self.global_step >= cfg.max_steps else "time budget"
-            log.info("stopping after step %d (%s reached)", self.global_step, why)
-        return stop
+            over = self._training_seconds() >= cfg.time_budget_min * 60
+            if D.any_flag(over, self.device) and not why:
+                why = "time budget reached"
+        if why and self.is_main:
+            lr = self.optimizer.param_groups[-1]["lr"]
+            log.info("stopping after step %d (%s; lr %.3g)", self.global_step, why, lr)
+        return bool(why)
+
+    def _training_seconds(self) -> float:
+        return time.monotonic() - self.t_start - self.paused
+
+    # Steps timed to size a budgeted schedule: skip the first (start-up), then time this many.
+    FIT_SKIP, FIT_STEPS, FIT_MARGIN = 10, 30, 0.03
+
+    def _fit_schedule(self, factor: Any) -> None:
+        """Time steps FIT_SKIP.. FIT_SKIP + FIT_STEPS, then fix the schedule's total steps so that it
+        ends inside ``time_budget_min`` (less a small margin); every process gets the same total."""
+        if self.fit_clock is None:
+            if self.global_step >= self.FIT_SKIP:
+                self.fit_clock = (self.global_step, self._training_seconds())
+            return
+        step0, t0 = self.fit_clock
+        if self.global_step - step0 < self.FIT_STEPS:
+            return
+        now = self._training_seconds()
+        per_step = float(D.all_reduce_mean(torch.tensor((now - t0) / (self.global_step - step0), device=self.device)))
+        left = self.cfg.time_budget_min * 60 * (1 - self.FIT_MARGIN) - now
+        planned = factor.total_steps
+        factor.total_steps = fit_total_steps(planned, self.global_step, per_step, left)
+        factor.fitted = True
+        if self.is_main:
+            log.info(
+                "lr schedule sized to the time budget: %d steps (%.3f s/step measured; %d planned)",
+                factor.total_steps,
+                per_step,
+                planned,
+            )
 
     def _nonfinite_error(self, value: float, epoch: int, batch: int) -> DecodetError:
         last = self.run_dir / LAST_WEIGHTS
@@ -539,11 +582,17 @@ class Trainer:
             f"training stopped and {kept} — try a lower --lr or --amp none"
         )
 
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self, subset: int = 0) -> dict[str, float]:
+        """COCO stats of the (EMA) model on the validation set, or on its first ``subset`` images
+        (then the stats carry ``subset``: the number of images)."""
         model = self.ema.module if self.ema is not None else self.raw_model
-        return evaluate(
+        data: Dataset = self.val_set
+        if 0 < subset < len(self.val_set):
+            data = torch.utils.data.Subset(self.val_set, range(subset))
+        stats = evaluate(
             model,
-            self.val_set,
+            data,
+            gt=self.val_set.ann_file,
             device=self.device,
             batch_size=self.cfg.eval_batch_size or _eval_batch_size(self.cfg.transforms, self.cfg.batch_size),
             workers=self.cfg.workers,
@@ -551,6 +600,7 @@ class Trainer:
             num_top=100,
             channels_last=self.cfg.channels_last,
         )
+        return {**stats, "subset": len(data)} if data is not self.val_set else stats
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -633,6 +683,8 @@ class Trainer:
         factor = self.scheduler.lr_lambdas[0]
         wanted = dict(factor.__dict__)
         self.scheduler.load_state_dict(saved)
+        if self.cfg.fit_schedule and factor.__dict__.get("fitted"):  # keep the total the run measured
+            wanted.update(total_steps=factor.total_steps, fitted=True)
         if factor.__dict__ != wanted:
             log.info("lr schedule changed on resume: %s -> %s", factor.__dict__, wanted)
             factor.__dict__.update(wanted)
