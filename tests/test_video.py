@@ -191,6 +191,17 @@ def test_corrupt_video_is_a_one_line_error(ckpt, tmp_path, capsys):
     text.write_text("not a video at all\n")
     with pytest.raises(DecodetError, match="notes.mkv"):
         next(Detector(ckpt, imgsz=int(IMGSZ)).stream(text))
+    assert not (tmp_path / "o").exists()  # nothing written for a file that cannot be read
+
+
+def test_video_options_and_missing_pyav(ckpt, clip, tmp_path, capsys, monkeypatch):
+    args = ["predict", str(clip), "--weights", str(ckpt), "--out", str(tmp_path / "o"), *OPTS]
+    assert main([*args, "--fps", "5"]) == 2 and "own rate" in capsys.readouterr().err
+    assert main([*args, "--stride", "0"]) == 2 and "stride" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "av", None)  # as if PyAV were not installed
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "pip install" in err
 
 
 @pytest.fixture(scope="module")

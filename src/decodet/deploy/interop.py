@@ -1,13 +1,12 @@
 """Convert decodet detections to and from ``supervision.Detections``.
 
-So that supervision's annotators, trackers, zones and counters work on decodet output::
+So that supervision's annotators, zones and trackers work on decodet output::
 
     import supervision as sv
     from decodet.deploy.interop import to_supervision
 
-    tracker = sv.ByteTrack()
-    for result in detector.stream("video.mp4"):
-        tracked = tracker.update_with_detections(to_supervision(result))
+    dets = to_supervision(detector(image)[0])
+    drawn = sv.LabelAnnotator().annotate(sv.BoxAnnotator().annotate(image.copy(), dets), dets)
 
 A decodet detection dict (one image, see :class:`~decodet.Detector`) holds ``boxes [N, 4]``
 xyxy pixels, ``scores [N]``, ``labels [N]`` (category ids) and ``names`` (N strings).  In

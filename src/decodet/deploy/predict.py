@@ -63,13 +63,13 @@ def predict_to_folder(
         raise DecodetError("--stride applies to videos and --as-video frame folders only")
     if video and ann_file:
         raise DecodetError("--ann applies to image inputs only (a video gets per-frame JSON Lines)")
-    out.mkdir(parents=True, exist_ok=True)
     detector = Detector(
         weights, device=device, backend=backend, imgsz=imgsz, score_threshold=threshold, max_det=max_det
     )
     if video:
         predict_video(source, detector, out, stride=stride, fps=fps, batch_size=batch_size, draw=draw)
         return out
+    out.mkdir(parents=True, exist_ok=True)
     known = _ids_from_annotations(ann_file) if ann_file else None
     results: list[dict[str, Any]] = []
     index: list[dict[str, Any]] = []

@@ -90,8 +90,9 @@ def predict_video(
     if stride < 1:
         raise DecodetError(f"--stride must be at least 1, got {stride}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if is_video(source):
+        if fps is not None:
+            raise DecodetError("--fps is for --as-video frame folders; a video file keeps its own rate", source)
         info = probe(source)
         rate, total = info.fps, (-(-info.frames // stride) if info.frames else None)
         frames: Iterator[ImageItem] = (
@@ -102,6 +103,7 @@ def predict_video(
         rate, total = Fraction(fps or 30.0).limit_denominator(1001 * 1000), None
         frames = folder_frames(source, float(rate), stride)
         stem = Path(str(source).rstrip("/*")).name or "frames"
+    out.mkdir(parents=True, exist_ok=True)
     video_path = out / f"{stem}.mp4" if draw else None
     jsonl_path = out / f"{stem}.jsonl"
 
