@@ -4,7 +4,7 @@
     decodet data synth OUT ...             write the bundled synthetic dataset
     decodet train --model NAME --data D    train (also under torchrun)
     decodet eval --weights W --data D      COCO mAP on a split
-    decodet predict SOURCE --weights W     detect, draw boxes, write COCO results JSON
+    decodet predict SOURCE --weights W     detect, draw boxes, write COCO results (video: MP4 + JSONL)
     decodet export --weights W             ONNX (fp32 / fp16 / int8) with post-processing inside
     decodet benchmark --model NAME         latency table against DETR and RT-DETR
     decodet convert IN.pth OUT             the authors' checkpoint -> ours

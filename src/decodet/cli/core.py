@@ -73,8 +73,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         max_det=args.max_det,
         batch_size=args.batch_size,
         ann_file=args.ann,
+        stride=args.stride,
+        as_video=args.as_video,
+        fps=args.fps,
     )
-    print(f"detections and drawn images written to {out}")
+    from decodet.deploy.video import is_video
+
+    if is_video(args.source) or args.as_video or args.fps is not None:
+        print(f"drawn video and per-frame detections (JSON Lines) written to {out}")
+    else:
+        print(f"detections and drawn images written to {out}")
     return 0
 
 
@@ -154,8 +162,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--out", type=Path, default=None, help="also write detections JSON and stats here")
     ev.set_defaults(func=_cmd_eval)
 
-    pr = sub.add_parser("predict", help="detect objects in images, draw them, write COCO results")
-    pr.add_argument("source", help="image file, folder or glob")
+    pr = sub.add_parser("predict", help="detect objects in images or a video, draw them, write the detections")
+    pr.add_argument("source", help="image file, folder or glob; or a video file (.mp4, .mov, .mkv, ...)")
     pr.add_argument("--weights", required=True)
     pr.add_argument("--out", type=Path, default=Path("runs/predict"))
     pr.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
@@ -165,6 +173,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--max-det", type=int, default=100)
     pr.add_argument("--batch-size", type=int, default=1)
     pr.add_argument("--ann", default=None, help="COCO annotation JSON: take image ids from it (for evaluation)")
+    pr.add_argument("--stride", type=int, default=1, help="video: detect every K-th frame")
+    pr.add_argument("--as-video", action="store_true", help="treat a folder of images as the frames of a video")
+    pr.add_argument("--fps", type=float, default=None, help="frame rate of --as-video frames (default 30; implies it)")
     pr.set_defaults(func=_cmd_predict)
 
     ex = sub.add_parser("export", help="export to ONNX with post-processing inside the graph")

@@ -20,6 +20,7 @@ Results, one dict per image, in input order (torchvision-style, CPU tensors)::
     names   list[str]       class names (the label number when the model has no names)
     path    str | None      the image file, when the input was one
     orig_size (h, w)        of the original image
+    frame, time int, float  video frames only: index from 0 and time in seconds
 """
 
 from __future__ import annotations
@@ -146,12 +147,17 @@ class Detector:
 
     def stream(self, source: Any, batch_size: int | None = None) -> Iterator[dict[str, Any]]:
         """As ``__call__`` but lazily: images are read, run and yielded ``batch_size`` at a
-        time, so memory stays bounded on large folders."""
+        time, so memory stays bounded on large folders and long videos.
+
+        ``source`` may also be a video file (its frames are decoded one at a time) or any
+        iterable of images (a generator works).  Results for video frames also carry
+        ``frame`` (index from 0) and ``time`` (seconds).
+        """
         size = int(batch_size or self.batch_size)
-        batch: list[tuple[Tensor, tuple[int, int], str | None]] = []
+        batch: list[tuple[Tensor, tuple[int, int], ImageItem]] = []
         for item in iter_images(source):
             tensor, orig = preprocess(item.image, self.imgsz, self.mean, self.std)
-            batch.append((tensor, orig, item.path))
+            batch.append((tensor, orig, item))
             if len(batch) >= size:
                 yield from self._run(batch)
                 batch = []
@@ -181,21 +187,24 @@ class Detector:
             outs.append(tuple(torch.from_numpy(res[k][:n, : self.max_det]) for k in ("boxes", "scores", "labels")))
         return tuple(torch.cat(parts) for parts in zip(*outs))  # type: ignore[return-value]
 
-    def _run(self, batch: list[tuple[Tensor, tuple[int, int], str | None]]) -> Iterator[dict[str, Any]]:
+    def _run(self, batch: list[tuple[Tensor, tuple[int, int], ImageItem]]) -> Iterator[dict[str, Any]]:
         images = torch.stack([b[0] for b in batch])
         sizes = torch.tensor([b[1] for b in batch], dtype=torch.float32)
         boxes, scores, labels = self.predict_batch(images, sizes)
-        for i, (_, orig, path) in enumerate(batch):
+        for i, (_, orig, item) in enumerate(batch):
             keep = scores[i] >= self.score_threshold
             lab = labels[i][keep].long()
-            yield {
+            result = {
                 "boxes": boxes[i][keep].float(),
                 "scores": scores[i][keep].float(),
                 "labels": lab,
                 "names": [self.class_names.get(int(v), str(int(v))) for v in lab],
-                "path": path,
+                "path": item.path,
                 "orig_size": orig,
             }
+            if item.frame is not None:
+                result.update(frame=item.frame, time=item.time)
+            yield result
 
     def __repr__(self) -> str:
         return (

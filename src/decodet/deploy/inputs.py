@@ -9,8 +9,8 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 from decodet.data.images import load_image, to_rgb
+from decodet.deploy.video import VIDEO_SUFFIXES, read_frames
 from decodet.errors import DecodetError
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,15 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 @dataclass
 class ImageItem:
-    """One input image, decoded lazily: ``image`` is a path until :func:`iter_images` reads it."""
+    """One input image, decoded lazily: ``image`` is a path until :func:`iter_images` reads it.
+
+    Video frames also carry their ``frame`` index (from 0) and ``time`` (seconds).
+    """
 
     image: Any  # PIL.Image | np.ndarray | Tensor once read
     path: str | None = None
+    frame: int | None = None
+    time: float | None = None
 
 
 def iter_images(source: Any, on_error: str = "skip") -> Iterator[ImageItem]:
@@ -45,7 +51,9 @@ def iter_images(source: Any, on_error: str = "skip") -> Iterator[ImageItem]:
     recursive), a glob pattern (matches sorted), a ``PIL.Image``, a numpy array
     (``[H, W, 3]``/``[H, W, 4]``/``[H, W]``, or ``[B, H, W, C]`` for several), a tensor
     (``[3, H, W]``/``[1, H, W]``/``[H, W]``, or ``[B, 3, H, W]`` for several), or a
-    list/tuple of any of these.
+    list/tuple of any of these.  A video file (see :mod:`decodet.deploy.video`) yields its
+    frames, decoded one at a time; any other iterable (a generator of frames, of
+    ``ImageItem``) is consumed lazily, item by item.
 
     A file named explicitly that cannot be read raises :class:`DecodetError`; files found
     by expanding a folder or pattern are skipped with a warning (``on_error="raise"``:
@@ -62,9 +70,22 @@ def iter_images(source: Any, on_error: str = "skip") -> Iterator[ImageItem]:
     if isinstance(source, Image.Image | np.ndarray | Tensor):
         yield ImageItem(source)
         return
+    if isinstance(source, ImageItem):
+        if isinstance(source.image, str | os.PathLike):
+            source = replace(source, image=load_image(source.image), path=source.path or str(source.image))
+        yield source
+        return
+    if isinstance(source, Iterable) and not isinstance(source, str | bytes | os.PathLike | Mapping):
+        for item in source:
+            yield from iter_images(item, on_error)
+        return
     if not isinstance(source, str | os.PathLike):
         raise DecodetError(f"cannot read images from a {type(source).__name__} (expected a path, image or array)")
     path = Path(source)
+    if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
+        for frame in read_frames(path):
+            yield ImageItem(frame.image, str(path), frame.index, frame.time)
+        return
     if path.is_file():
         yield ImageItem(load_image(path), str(path))
         return

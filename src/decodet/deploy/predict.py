@@ -5,6 +5,9 @@ Writes into ``out_dir``: one drawn image per input (same name, ``.jpg``), and
 w, h], score``) that :func:`decodet.evaluate_coco` reads.  Image ids come from a COCO
 annotation file when one is given (matched by file name), else 1..N in input order
 (``images.json`` maps ids to files).  Both JSON files are written atomically.
+
+A video file, or a folder of frames with ``as_video``, goes to
+:func:`~decodet.deploy.predict_video.predict_video` instead: a drawn video and per-frame JSON Lines.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 from decodet.data.images import load_image
 from decodet.deploy.detector import Detector
 from decodet.deploy.draw import draw_detections, save_image_atomic
+from decodet.deploy.predict_video import predict_video
+from decodet.deploy.video import is_video
 from decodet.engine.logging import progress
 from decodet.errors import DecodetError
 from decodet.io.atomic import atomic_write_text
@@ -45,13 +50,26 @@ def predict_to_folder(
     batch_size: int = 1,
     ann_file: str | os.PathLike | None = None,
     draw: bool = True,
+    stride: int = 1,
+    as_video: bool = False,
+    fps: float | None = None,
 ) -> Path:
-    """Detect objects in ``source`` (file, folder or glob); returns ``out_dir``."""
+    """Detect objects in ``source`` (image file, folder or glob; a video file; or a folder of
+    frames with ``as_video``, at ``fps``); returns ``out_dir``.  ``stride`` K: every K-th frame
+    of a video."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    video = is_video(source) or as_video or fps is not None
+    if not video and stride != 1:
+        raise DecodetError("--stride applies to videos and --as-video frame folders only")
+    if video and ann_file:
+        raise DecodetError("--ann applies to image inputs only (a video gets per-frame JSON Lines)")
     detector = Detector(
         weights, device=device, backend=backend, imgsz=imgsz, score_threshold=threshold, max_det=max_det
     )
+    if video:
+        predict_video(source, detector, out, stride=stride, fps=fps, batch_size=batch_size, draw=draw)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
     known = _ids_from_annotations(ann_file) if ann_file else None
     results: list[dict[str, Any]] = []
     index: list[dict[str, Any]] = []
