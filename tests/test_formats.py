@@ -99,11 +99,15 @@ def test_yolo_names_as_list_and_data_yaml_path(tmp_path):
     spec = resolve_data(root / "data.yaml")
     assert spec.format == "yolo" and list(spec.splits) == ["train"]
     assert parse_coco(spec.split("train").ann_file).class_names == ["cat", "dog"]
+    # exported layouts name splits relative to a sub-folder: train: ../images/train
+    (root / "data.yaml").write_text("train: ../images/train\nval: ../val.txt\nnames: [cat, dog]\n")
+    assert set(resolve_data(root).splits) == {"train", "val"}
 
 
 def test_auto_detection(tmp_path, synth):
     assert resolve_data(synth).format == "coco"  # its data.yaml names COCO JSON files
-    assert resolve_data(synth / "annotations/..").format == "coco"
+    assert main(["data", "convert", str(synth), str(tmp_path / "c"), "--to", "coco"]) == 0
+    assert not (tmp_path / "c" / "data.yaml").exists() and resolve_data(tmp_path / "c").format == "coco"
     assert resolve_data(_yolo(tmp_path / "y")).format == "yolo"
     voc = _voc_from_coco(synth, tmp_path / "VOCdevkit" / "VOC2007")
     assert resolve_data(voc).format == "voc"
@@ -363,7 +367,7 @@ def test_train_two_steps_from_format(tmp_path, synth, fmt):
         assert main(["data", "convert", str(synth), str(data), "--to", "yolo"]) == 0
     else:
         data = _voc_from_coco(synth, tmp_path / "voc")
-    argv = ["train", "--model", "deco_tiny", "--data", str(data), "--imgsz", "64", "--epochs", "1", "--max-steps", "2"]
+    argv = ["train", "--model", "deco_tiny", "--data", str(data), "--imgsz", "96", "--epochs", "1", "--max-steps", "2"]
     argv += [
         "--batch-size",
         "2",

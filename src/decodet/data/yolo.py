@@ -60,6 +60,13 @@ def read_yolo(file: Path, content: dict[str, Any]) -> ConvertedDataset:
     if not root.is_dir():
         raise DecodetError(f"dataset root (path) not found: {root}", file)
     categories = [{"id": k, "name": v} for k, v in sorted(names.items())]
+    mixed = [k for k in YOLO_SPLITS if isinstance(content.get(k), dict)]
+    if mixed:
+        raise DecodetError(
+            f"split {mixed[0]!r} is a mapping (COCO form) but other splits are paths (YOLO form): "
+            "use one form for every split",
+            file,
+        )
     dataset = ConvertedDataset("yolo", file, root)
     for split in YOLO_SPLITS:
         value = content.get(split)
@@ -127,6 +134,8 @@ def _list_images(entries: list[str], root: Path, file: Path, split: str, problem
     images: list[Path] = []
     for entry in entries:
         path = _under(root, entry)
+        if not path.exists() and entry.startswith("../"):
+            path = root / entry[3:]  # exports that name splits from a sub-folder (``train: ../train/images``)
         if path.is_dir():
             images += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         elif path.is_file() and path.suffix.lower() == ".txt":
