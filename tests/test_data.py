@@ -415,7 +415,7 @@ def test_dataset_file_root_is_relative_to_the_file(tmp_path):
         (lambda c: {**c, "val": {"images": "imgs/nope", "annotations": "ann/val.json"}}, "image folder not found"),
         (lambda c: {**c, "val": {"images": "imgs/val", "annotations": "ann/nope.json"}}, "annotation file not found"),
         (lambda c: {**c, "val": {"images": "imgs/val"}}, "needs both 'images' and 'annotations'"),
-        (lambda c: {**c, "train": "images/train"}, "must be a mapping"),
+        (lambda c: {**c, "train": "images/train"}, "use one form for every split"),
         (lambda c: {"names": ["a"]}, "names no split"),
     ],
 )

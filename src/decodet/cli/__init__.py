@@ -2,6 +2,8 @@
 
     decodet models                         list the presets
     decodet data synth OUT ...             write the bundled synthetic dataset
+    decodet data check DATA                validate a dataset (COCO, YOLO, VOC), summary + histograms
+    decodet data convert SRC DST --to F    convert a dataset to COCO or YOLO
     decodet train --model NAME --data D    train (also under torchrun)
     decodet eval --weights W --data D      COCO mAP on a split
     decodet predict SOURCE --weights W     detect, draw boxes, write COCO results (video: MP4 + JSONL)

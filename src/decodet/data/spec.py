@@ -27,6 +27,17 @@ Three ways to point at a dataset:
 
 3. **A folder holding such a file** as ``data.yaml`` (or ``data.yml`` / ``data.json``).
 
+4. **A YOLO dataset** (ultralytics layout): a ``data.yaml`` whose splits are image folders or
+   lists (``train: images/train``), labels in ``labels/...`` beside ``images/...``. See
+   :mod:`decodet.data.yolo`.
+
+5. **A Pascal VOC folder** (``Annotations/``, ``JPEGImages/``, ``ImageSets/Main/``), or a folder
+   holding exactly one (``VOCdevkit``). See :mod:`decodet.data.voc`.
+
+YOLO and VOC datasets are read into COCO-style annotations, written as ``instances_<split>.json``
+to a cache folder (:mod:`decodet.data.converted`), so every split is an image folder plus a COCO
+JSON whatever the format; ``DataSpec.format`` says which format it was.
+
 Split aliases: ``spec.split("train")`` also finds ``train2017``/``train2014`` when no split is
 called exactly ``train`` (likewise ``val``/``test``).
 """
@@ -42,6 +53,10 @@ from typing import Any
 
 import yaml
 
+from decodet.data.converted import ConvertedDataset, write_cached_annotations
+from decodet.data.problems import Problems
+from decodet.data.voc import find_voc_root, read_voc
+from decodet.data.yolo import is_yolo_file, read_yolo
 from decodet.errors import DecodetError
 
 DATASET_FILES = ("data.yaml", "data.yml", "data.json")
@@ -67,12 +82,17 @@ class DataSpec:
         root: the dataset root folder.
         splits: split name -> :class:`SplitSpec`, for splits whose files all exist.
         missing: split name -> why it is unusable (e.g. annotation file without its image folder).
+        format: ``"coco"``, ``"yolo"`` or ``"voc"``.
+        problems: what was skipped while converting a YOLO / VOC dataset (empty for COCO, whose
+            annotation files are checked when they are loaded).
     """
 
     source: Path
     root: Path
     splits: dict[str, SplitSpec]
     missing: dict[str, str] = field(default_factory=dict)
+    format: str = "coco"
+    problems: Problems = field(default_factory=Problems)
 
     def split(self, name: str) -> SplitSpec:
         """The split called ``name`` (or ``name2017``/``name2014``); DecodetError if absent."""
@@ -105,7 +125,16 @@ def resolve_data(data: str | os.PathLike) -> DataSpec:
     for name in DATASET_FILES:
         if (path / name).is_file():
             return _from_file(path / name)
+    voc_root = find_voc_root(path)
+    if voc_root is not None:
+        return _from_converted(read_voc(voc_root))
     return _from_coco_layout(path)
+
+
+def _from_converted(dataset: ConvertedDataset) -> DataSpec:
+    ann_files = write_cached_annotations(dataset)
+    splits = {name: SplitSpec(images_dir, ann_files[name]) for name, (images_dir, _) in dataset.splits.items()}
+    return DataSpec(dataset.source, dataset.root, splits, format=dataset.format, problems=dataset.problems)
 
 
 def _from_coco_layout(root: Path) -> DataSpec:
@@ -124,7 +153,7 @@ def _from_coco_layout(root: Path) -> DataSpec:
     if not splits and not missing:
         raise DecodetError(
             "no dataset found: expected annotations/instances_<split>.json next to image folders <split>/, "
-            f"or a dataset file ({', '.join(DATASET_FILES)})",
+            f"a dataset file ({', '.join(DATASET_FILES)}; COCO or YOLO), or a Pascal VOC folder",
             root,
         )
     return DataSpec(source=root, root=root, splits=splits, missing=missing)
@@ -132,6 +161,8 @@ def _from_coco_layout(root: Path) -> DataSpec:
 
 def _from_file(file: Path) -> DataSpec:
     content = _read_mapping(file)
+    if is_yolo_file(content):
+        return _from_converted(read_yolo(file, content))
     if "images" in content and "annotations" in content:
         raise DecodetError(
             "this is a COCO annotation file, not a dataset file: pass the dataset folder or a data.yaml "
@@ -149,13 +180,7 @@ def _from_file(file: Path) -> DataSpec:
         if name == "path" or not isinstance(value, (dict, str, list)):
             continue
         if not isinstance(value, dict):
-            if name in ("train", "val", "test"):
-                raise DecodetError(
-                    f"split {name!r} must be a mapping with 'images' and 'annotations' (COCO JSON) keys, "
-                    f"got {value!r} (YOLO-style label folders are not supported)",
-                    file,
-                )
-            continue  # other keys, e.g. names: [...]
+            continue  # other keys, e.g. names: [...] (a split given as a path is YOLO, read above)
         images = _pick(value, _IMAGES_KEYS)
         annotations = _pick(value, _ANNOTATIONS_KEYS)
         if images is None or annotations is None:
