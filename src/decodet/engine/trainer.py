@@ -125,6 +125,8 @@ def evaluate(
     channels_last: bool = False,
     show_progress: bool = True,
     detections_out: str | os.PathLike | None = None,
+    plots_out: str | os.PathLike | None = None,
+    plot_threshold: float = 0.3,
 ) -> dict[str, float]:
     """COCO box AP of ``model`` on ``data``; every process evaluates its shard.
 
@@ -138,6 +140,8 @@ def evaluate(
         category_ids: logit index -> category id; default: the model config's ``category_ids``
             (``None`` there means the logit index is the id).
         detections_out: also write the COCO results JSON here (rank 0).
+        plots_out: also write the per-class table, PR curves, confusion matrix (at score
+            ``plot_threshold``) and worst images into this folder (rank 0; decodet.engine.analysis).
 
     Returns:
         The 12 COCO stats (``AP``, ``AP50``, ...) on every process.
@@ -185,6 +189,11 @@ def evaluate(
     stats = None
     if D.is_main():
         stats = evaluator.summarize(gt)
+        if plots_out is not None:
+            from decodet.engine.analysis import write_analysis
+
+            images_dir = getattr(loader.dataset, "images_dir", None)
+            write_analysis(plots_out, evaluator.coco_eval, images_dir, score_threshold=plot_threshold)
     if detections_out is not None:
         merged = merge_detections(D.all_gather_object(kept))
         if D.is_main():
@@ -201,20 +210,24 @@ def evaluate_checkpoint(
     device: str = "auto",
     out: str | os.PathLike | None = None,
     workers: int = 0,
+    plots: bool = False,
+    plot_threshold: float = 0.3,
 ) -> dict[str, float]:
     """COCO stats of a checkpoint (ours or the authors') on a dataset split.
 
     The eval transform and size follow the model's training recipe
     (:func:`~decodet.engine.train_config.data_recipe`) unless ``imgsz`` is given; the
     keep-aspect ``detr`` resize evaluates one image per batch whatever ``batch_size`` says.
-    With ``out``, writes ``detections.json`` and ``stats.json`` into that folder (rank 0).
+    With ``out``, writes ``detections.json`` and ``stats.json`` into that folder (rank 0), and
+    with ``plots`` the per-class table, curves, confusion matrix and worst images too.
     Under ``torchrun`` every process scores its shard of the images; all return the stats.
     """
     created_group = not D.is_dist()
     try:
         # under torchrun every process scores its shard of the images (joins the group here)
         dev = D.init_distributed(device).device
-        return _evaluate_checkpoint(weights, data, split, imgsz, batch_size, dev, out, workers)
+        plot_kw = {"plots": plots, "plot_threshold": plot_threshold}
+        return _evaluate_checkpoint(weights, data, split, imgsz, batch_size, dev, out, workers, **plot_kw)
     finally:
         if created_group:
             D.cleanup()
@@ -229,6 +242,8 @@ def _evaluate_checkpoint(
     dev: torch.device,
     out: str | os.PathLike | None,
     workers: int,
+    plots: bool = False,
+    plot_threshold: float = 0.3,
 ) -> dict[str, float]:
     from decodet.io.checkpoint import load_model
 
@@ -249,6 +264,8 @@ def _evaluate_checkpoint(
         batch_size=_eval_batch_size(recipe["transforms"], batch_size),
         workers=workers,
         detections_out=out_dir / "detections.json" if out_dir else None,
+        plots_out=out_dir if out_dir is not None and plots else None,
+        plot_threshold=plot_threshold,
     )
     if out_dir is not None and D.is_main():
         atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
