@@ -48,10 +48,12 @@ from decodet.data.coco import CocoDetection
 from decodet.data.spec import resolve_data
 from decodet.data.transforms import MultiScaleCollate, build_transforms, collate, multiscale_sizes
 from decodet.engine import distributed as D
+from decodet.engine.early_stopping import EarlyStopping
 from decodet.engine.ema import ModelEMA
 from decodet.engine.evaluator import CocoEvaluator, detections_to_coco, merge_detections
 from decodet.engine.logging import MetricsLogger, plot_curves, progress
 from decodet.engine.optim import build_optimizer, build_scheduler
+from decodet.engine.tensorboard import TensorBoardLogger, require_tensorboard
 from decodet.engine.train_config import TrainConfig, data_recipe, parse_train_args, resolve
 from decodet.errors import DecodetError
 from decodet.io.atomic import atomic_path, atomic_write_text
@@ -66,6 +68,7 @@ STATE_FILE = "last_state.pt"
 LAST_WEIGHTS = "last.safetensors"
 BEST_WEIGHTS = "best.safetensors"
 BEST_METRIC = "AP"
+PLOTS_DIR = "eval"  # per-class table, PR curves, confusion matrix, worst images (decodet.engine.analysis)
 STATE_VERSION = 1
 
 
@@ -280,6 +283,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         cfg.validate()
+        if cfg.tensorboard:
+            require_tensorboard()  # every rank, before any work: a clear error when it is not installed
         self.info = D.init_distributed(cfg.device)
         self.device = self.info.device
         if cfg.threads:
@@ -384,6 +389,8 @@ class Trainer:
         self.batches_done = 0  # batches of ``self.epoch`` already trained (mid-epoch resume)
         self.global_step = 0  # optimizer steps so far
         self.best = -math.inf
+        self.early_stopping = EarlyStopping(cfg.patience, BEST_METRIC)
+        self.stop_reason = "epochs done"
         self.resume_rng: dict[str, Any] | None = None
         self.stop_rng: dict[str, Any] | None = None
         if state is not None:
@@ -404,6 +411,7 @@ class Trainer:
             dropped = self.metrics.drop_after("step", self.global_step if state is not None else -1)
             if dropped and state is None:
                 log.info("%s: starting afresh, %d metric records of an earlier run dropped", self.run_dir, dropped)
+        self.tb = TensorBoardLogger(self.run_dir) if cfg.tensorboard and self.is_main else None
         self._log_setup()
 
     # ------------------------------------------------------------------ loop
@@ -422,7 +430,7 @@ class Trainer:
             last = stop or (finished and self.epoch >= cfg.epochs)
             eval_stats = {}
             if self.val_set is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-                eval_stats = self._evaluate()
+                eval_stats = self._evaluate(plots=last and cfg.plots)
             record = {
                 "epoch": epoch + 1,
                 "step": self.global_step,
@@ -433,11 +441,20 @@ class Trainer:
             improved = BEST_METRIC in eval_stats and eval_stats[BEST_METRIC] > self.best
             if improved:
                 self.best = eval_stats[BEST_METRIC]
+            reason = self.early_stopping.update(improved, self.best) if eval_stats and not last else None
+            if reason:  # the same on every rank: evaluation results are broadcast
+                stop, self.stop_reason = True, reason
+                record["stop_reason"] = reason
+                if self.is_main:
+                    log.info("%s; stopped after epoch %d, the best weights are in %s", reason, epoch + 1, BEST_WEIGHTS)
             self._save(improved)
             if self.is_main:
                 self._log_epoch(record)
             final = {**train_stats, **eval_stats, "epoch": epoch + 1, "step": self.global_step}
+        if self.stop_reason.startswith("early stopping") and cfg.plots:
+            self._evaluate_best_with_plots()
         final.update({"best_" + BEST_METRIC: self.best if self.best > -math.inf else None})
+        final["stop_reason"] = self.stop_reason
         final["run_dir"] = str(self.run_dir)
         return final
 
@@ -479,6 +496,8 @@ class Trainer:
                 images_seen += images.shape[0]
                 if step_now:
                     self._optimizer_step(model)
+                    if self.tb is not None:
+                        self.tb.log_step(self.global_step, loss_value)
                     stop = self._should_stop()
                     if stop:  # the RNG states a mid-epoch resume continues from
                         self.stop_rng = _get_rng_state()
@@ -543,9 +562,11 @@ class Trainer:
         if cfg.time_budget_min is not None:
             over = time.monotonic() - self.t_start >= cfg.time_budget_min * 60
             stop = stop or D.any_flag(over, self.device)
-        if stop and self.is_main:
+        if stop:
             why = "max_steps" if cfg.max_steps is not None and self.global_step >= cfg.max_steps else "time budget"
-            log.info("stopping after step %d (%s reached)", self.global_step, why)
+            self.stop_reason = f"{why} reached"
+            if self.is_main:
+                log.info("stopping after step %d (%s reached)", self.global_step, why)
         return stop
 
     def _nonfinite_error(self, value: float, epoch: int, batch: int) -> DecodetError:
@@ -556,10 +577,12 @@ class Trainer:
             f"training stopped and {kept} — try a lower --lr or --amp none"
         )
 
-    def _evaluate(self) -> dict[str, float]:
-        model = self.ema.module if self.ema is not None else self.raw_model
+    def _eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.raw_model
+
+    def _evaluate(self, model: nn.Module | None = None, plots: bool = False) -> dict[str, float]:
         return evaluate(
-            model,
+            model or self._eval_model(),
             self.val_set,
             device=self.device,
             batch_size=self.cfg.eval_batch_size or _eval_batch_size(self.cfg.transforms, self.cfg.batch_size),
@@ -567,7 +590,21 @@ class Trainer:
             amp=self.cfg.amp,
             num_top=100,
             channels_last=self.cfg.channels_last,
+            plots_out=self.run_dir / PLOTS_DIR if plots else None,
         )
+
+    def _evaluate_best_with_plots(self) -> None:
+        """After early stopping, the end-of-training plots describe the kept (best) weights."""
+        from decodet.io.checkpoint import load_model
+
+        D.barrier()  # rank 0 wrote the file
+        best = self.run_dir / BEST_WEIGHTS
+        if best.is_file():
+            self._evaluate(load_model(best, map_location=self.device), plots=True)
+
+    def _draw_size(self) -> int | None:
+        """Square size for TensorBoard's drawn images: the training size, except DECO's keep-aspect resize."""
+        return None if self.cfg.transforms == "detr" else self.cfg.imgsz
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -590,6 +627,7 @@ class Trainer:
             "batches_done": self.batches_done,
             "global_step": self.global_step,
             "best": self.best,
+            "early_stopping": self.early_stopping.state_dict(),
             "seed": self.cfg.seed,
             "world_size": self.info.world_size,
             "train_config": self.cfg.to_dict(),
@@ -635,6 +673,7 @@ class Trainer:
         self.batches_done = int(state["batches_done"])
         self.global_step = int(state["global_step"])
         self.best = float(state["best"])
+        self.early_stopping.load_state_dict(state.get("early_stopping"))
         rng = state.get("rng") or []
         if self.batches_done and len(rng) == self.info.world_size:
             self.resume_rng = rng[self.info.rank]
@@ -711,6 +750,10 @@ class Trainer:
 
     def _log_epoch(self, record: dict[str, Any]) -> None:
         self.metrics.log(record)
+        if self.tb is not None:
+            self.tb.log_record(record)
+            if f"val/{BEST_METRIC}" in record:  # a few validation images with the model's boxes
+                self.tb.log_images(self._eval_model(), self.val_set, record["step"], self.device, self._draw_size())
         plot_curves(self.run_dir)
         summary = ", ".join(
             f"{k.split('/')[-1]} {v:.4g}" for k, v in record.items() if k in ("train/loss", "val/AP", "val/AP50")
@@ -718,8 +761,11 @@ class Trainer:
         log.info("epoch %d (step %d, %.0f s): %s", record["epoch"], record["step"], record["epoch_time"], summary)
 
     def close(self) -> None:
-        """Release loader workers."""
+        """Release loader workers and the TensorBoard writer."""
         self.train_loader = None  # type: ignore[assignment]
+        if getattr(self, "tb", None) is not None:
+            self.tb.close()
+            self.tb = None
 
 
 # ----------------------------------------------------------------------------- helpers
