@@ -49,7 +49,7 @@ def test_tensorboard_writes_losses_lrs_map_and_images_every_epoch(tmp_path: Path
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     assert TrainConfig().eval_every == 1  # evaluation every epoch by default: the mAP plot is a curve
-    cfg = tiny_config(tmp_path, data, epochs=2, eval_every=TrainConfig().eval_every, tensorboard=True, plots=False)
+    cfg = tiny_config(tmp_path, data, epochs=2, eval_every=TrainConfig().eval_every, tensorboard=True, plots=True)
     final = train(cfg)
     run = Path(final["run_dir"])
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
@@ -69,6 +69,9 @@ def test_tensorboard_writes_losses_lrs_map_and_images_every_epoch(tmp_path: Path
     assert sorted(images) == ["val_images/000.png", "val_images/001.png"]  # the 2 validation images
     shot = events.Images("val_images/000.png")
     assert [s.step for s in shot] == [2, 4] and (shot[0].width, shot[0].height) == (64, 64)
+    # the end of training explains the final evaluation
+    written = {p.name for p in (run / "eval").iterdir()}
+    assert {"per_class.csv", "pr_curves.png", "confusion_matrix.csv", "confusion_matrix.png", "worst_images"} <= written
 
 
 def test_tensorboard_missing_is_a_one_line_error(tmp_path: Path, data: Path, monkeypatch, capsys) -> None:
@@ -89,7 +92,9 @@ def test_tensorboard_missing_is_a_one_line_error(tmp_path: Path, data: Path, mon
 def test_patience_stops_a_run_that_cannot_improve(tmp_path: Path, data: Path, caplog) -> None:
     # lr 0 and frozen BN: the weights never change, so the AP of the first evaluation is never beaten
     overrides = {**tiny_config(tmp_path, data).model_overrides, "freeze_backbone_bn": True}
-    cfg = tiny_config(tmp_path, data, epochs=10, eval_every=1, lr=0.0, patience=2, model_overrides=overrides)
+    cfg = tiny_config(
+        tmp_path, data, epochs=10, eval_every=1, lr=0.0, patience=2, plots=True, model_overrides=overrides
+    )
     with caplog.at_level(logging.INFO, logger="decodet"):
         final = train(cfg)
     run = Path(final["run_dir"])

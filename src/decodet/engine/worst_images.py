@@ -95,5 +95,6 @@ def _draw_missed(image: Image.Image, missed: list[dict[str, Any]], names: dict[i
         labels=[f"missed {names[a['category_id']]}" for a in missed],
         colors=[MISSED_COLOR] * len(missed),
         width=max(1, round(max(h, w) / 300)),
+        fill_labels=True,  # black text on a white tag, as draw_detections does for detections
     )
     return Image.fromarray(pixels.permute(1, 2, 0).numpy())
