@@ -93,6 +93,7 @@ def tiny_config(tmp_path: Path, data: Path, **changes) -> TrainConfig:
         "eval_every": 0,
         "model_overrides": dict(TINY),
         "threads": 1,  # tiny tensors: one thread is fastest, and robust on a busy machine
+        "plots": False,  # end-of-training plots cost a second or two; tests/test_watch.py covers them
     }
     return TrainConfig(**{**base, **changes})
 

@@ -43,6 +43,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from decodet.engine.evaluator import format_stats
     from decodet.engine.trainer import evaluate_checkpoint
 
+    if args.plots and args.out is None:
+        args.out = Path("runs/eval")
+
     stats = evaluate_checkpoint(
         args.weights,
         args.data,
@@ -51,11 +54,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         out=args.out,
+        plots=args.plots,
+        plot_threshold=args.plot_threshold,
     )
     from decodet.engine.distributed import is_main
 
     if is_main():
         print(format_stats(stats))
+        if args.plots:
+            from decodet.engine.analysis import PER_CLASS_CSV, format_per_class, read_per_class_csv
+
+            print(format_per_class(read_per_class_csv(args.out / PER_CLASS_CSV)))
+            print(f"per-class table, PR curves, confusion matrix and worst images written to {args.out}")
     return 0
 
 
@@ -160,6 +170,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--out", type=Path, default=None, help="also write detections JSON and stats here")
+    ev.add_argument(
+        "--plots",
+        action="store_true",
+        help="also write a per-class table, PR curves, a confusion matrix and the worst images (to --out, "
+        "default runs/eval)",
+    )
+    ev.add_argument("--plot-threshold", type=float, default=0.3, help="score threshold of the confusion matrix")
     ev.set_defaults(func=_cmd_eval)
 
     pr = sub.add_parser("predict", help="detect objects in images or a video, draw them, write the detections")

@@ -81,6 +81,22 @@ def evaluate_coco(
         DecodetError: unreadable or malformed files, detections for images that are not in the
             ground truth, unknown ``image_ids``.
     """
+    ev = run_coco_eval(gt_json, detections, iou_type=iou_type, image_ids=image_ids)
+    return {name: float(value) for name, value in zip(STAT_NAMES, ev.stats)}
+
+
+def run_coco_eval(
+    gt_json: GroundTruth,
+    detections: Detections,
+    *,
+    iou_type: str = "bbox",
+    image_ids: Iterable[int] | None = None,
+) -> Any:
+    """As :func:`evaluate_coco`, but returns the summarised ``pycocotools`` ``COCOeval`` itself.
+
+    Its ``stats`` are the 12 numbers; ``eval["precision"]`` (``[T, R, K, A, M]``) and
+    ``eval["recall"]`` (``[T, K, A, M]``) are what :mod:`decodet.engine.analysis` breaks down per class.
+    """
     if iou_type != "bbox":
         raise DecodetError(f"iou_type must be 'bbox', got {iou_type!r}")
     gt = load_coco_gt(gt_json)
@@ -95,8 +111,7 @@ def evaluate_coco(
         if not eval_ids:
             raise DecodetError("image_ids is empty: nothing to evaluate")
     _warn_unknown_categories(results, set(gt.getCatIds()), source)
-    stats = _run_pycocotools(gt, results, eval_ids)
-    return {name: float(value) for name, value in zip(STAT_NAMES, stats)}
+    return _run_pycocotools(gt, results, eval_ids)
 
 
 def format_stats(stats: Mapping[str, float]) -> str:
@@ -149,6 +164,7 @@ class CocoEvaluator:
     def __init__(self, max_dets: int | None = None) -> None:
         self.max_dets = max_dets
         self._dets: dict[int, dict[str, np.ndarray]] = {}
+        self.coco_eval: Any = None  # the last summarize()'s pycocotools COCOeval
 
     def __len__(self) -> int:
         return len(self._dets)
@@ -187,7 +203,8 @@ class CocoEvaluator:
         """Score the collected images (call on rank 0 after ``gather``); see ``evaluate_coco``."""
         if not self._dets:
             raise RuntimeError("CocoEvaluator.summarize: no images were added with update()")
-        stats = evaluate_coco(gt, self._dets, image_ids=self.image_ids)
+        self.coco_eval = run_coco_eval(gt, self._dets, image_ids=self.image_ids)
+        stats = {name: float(value) for name, value in zip(STAT_NAMES, self.coco_eval.stats)}
         logger.info("COCO evaluation on %d images:\n%s", len(self._dets), format_stats(stats))
         return stats
 
@@ -323,7 +340,7 @@ def _warn_unknown_categories(results: list[dict], cat_ids: set, source: Path | N
         )
 
 
-def _run_pycocotools(gt: Any, results: list[dict], image_ids: list[int]) -> np.ndarray:
+def _run_pycocotools(gt: Any, results: list[dict], image_ids: list[int]) -> Any:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -341,7 +358,7 @@ def _run_pycocotools(gt: Any, results: list[dict], image_ids: list[int]) -> np.n
         ev.accumulate()
         ev.summarize()
     logger.debug("pycocotools:\n%s", chatter.getvalue())
-    return ev.stats
+    return ev
 
 
 def _det_arrays(det: Mapping[str, Any], image_id: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -87,6 +87,9 @@ class TrainConfig:
     # bookkeeping
     eval_every: int = 1  # evaluate every N epochs (and always after the last one); 0: only at the end
     eval_subset: int = 0  # >0: between epochs, evaluate on the first N val images only (a cheap curve)
+    patience: int | None = None  # stop after this many evaluations without a better AP; None: never
+    plots: bool = True  # per-class table, PR curves, confusion matrix, worst images after training
+    tensorboard: bool = False  # TensorBoard event files in the run folder (needs the tensorboard package)
     project: str = "runs"
     name: str | None = None  # run folder project/name; None: the model name
     exist_ok: bool = False  # reuse project/name instead of picking name-2, name-3, ...
@@ -154,6 +157,7 @@ class TrainConfig:
             (self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}"),
             (self.eval_subset >= 0, f"eval_subset must be >= 0, got {self.eval_subset}"),
             (not self.fit_schedule or self.time_budget_min is not None, "fit_schedule needs time_budget_min"),
+            (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
             (self.imgsz is None or self.imgsz >= 32, f"imgsz must be >= 32, got {self.imgsz}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (isinstance(self.model_overrides, dict), "model_overrides must be a mapping"),
@@ -355,6 +359,9 @@ _HELP = {
     "lr_drop_epoch": "step schedule's drop epoch (none: 2/3 of the epochs)",
     "max_steps": "stop after this many optimizer steps in total, then evaluate and save",
     "eval_every": "evaluate every N epochs (0: only at the end)",
+    "patience": "early stopping: stop after N evaluations without a better AP (best weights kept)",
+    "plots": "write per-class AP, PR curves, confusion matrix and worst images after training",
+    "tensorboard": "write TensorBoard event files (losses, learning rates, mAP, val images) to the run folder",
     "zoom": "light recipe: random zoom in 1 +- ZOOM while training (0: none)",
 }
 

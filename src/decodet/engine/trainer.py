@@ -48,10 +48,12 @@ from decodet.data.coco import CocoDetection
 from decodet.data.spec import resolve_data
 from decodet.data.transforms import MultiScaleCollate, build_transforms, collate, multiscale_sizes
 from decodet.engine import distributed as D
+from decodet.engine.early_stopping import EarlyStopping
 from decodet.engine.ema import ModelEMA
 from decodet.engine.evaluator import CocoEvaluator, detections_to_coco, merge_detections
 from decodet.engine.logging import MetricsLogger, plot_curves, progress
 from decodet.engine.optim import build_optimizer, build_scheduler, fit_total_steps
+from decodet.engine.tensorboard import TensorBoardLogger, require_tensorboard
 from decodet.engine.train_config import TrainConfig, data_recipe, parse_train_args, resolve
 from decodet.errors import DecodetError
 from decodet.io.atomic import atomic_path, atomic_write_text
@@ -66,6 +68,7 @@ STATE_FILE = "last_state.pt"
 LAST_WEIGHTS = "last.safetensors"
 BEST_WEIGHTS = "best.safetensors"
 BEST_METRIC = "AP"
+PLOTS_DIR = "eval"  # per-class table, PR curves, confusion matrix, worst images (decodet.engine.analysis)
 STATE_VERSION = 1
 
 
@@ -125,6 +128,8 @@ def evaluate(
     channels_last: bool = False,
     show_progress: bool = True,
     detections_out: str | os.PathLike | None = None,
+    plots_out: str | os.PathLike | None = None,
+    plot_threshold: float = 0.3,
 ) -> dict[str, float]:
     """COCO box AP of ``model`` on ``data``; every process evaluates its shard.
 
@@ -138,6 +143,8 @@ def evaluate(
         category_ids: logit index -> category id; default: the model config's ``category_ids``
             (``None`` there means the logit index is the id).
         detections_out: also write the COCO results JSON here (rank 0).
+        plots_out: also write the per-class table, PR curves, confusion matrix (at score
+            ``plot_threshold``) and worst images into this folder (rank 0; decodet.engine.analysis).
 
     Returns:
         The 12 COCO stats (``AP``, ``AP50``, ...) on every process.
@@ -185,6 +192,11 @@ def evaluate(
     stats = None
     if D.is_main():
         stats = evaluator.summarize(gt)
+        if plots_out is not None:
+            from decodet.engine.analysis import write_analysis
+
+            images_dir = getattr(loader.dataset, "images_dir", None)
+            write_analysis(plots_out, evaluator.coco_eval, images_dir, score_threshold=plot_threshold)
     if detections_out is not None:
         merged = merge_detections(D.all_gather_object(kept))
         if D.is_main():
@@ -201,20 +213,24 @@ def evaluate_checkpoint(
     device: str = "auto",
     out: str | os.PathLike | None = None,
     workers: int = 0,
+    plots: bool = False,
+    plot_threshold: float = 0.3,
 ) -> dict[str, float]:
     """COCO stats of a checkpoint (ours or the authors') on a dataset split.
 
     The eval transform and size follow the model's training recipe
     (:func:`~decodet.engine.train_config.data_recipe`) unless ``imgsz`` is given; the
     keep-aspect ``detr`` resize evaluates one image per batch whatever ``batch_size`` says.
-    With ``out``, writes ``detections.json`` and ``stats.json`` into that folder (rank 0).
+    With ``out``, writes ``detections.json`` and ``stats.json`` into that folder (rank 0), and
+    with ``plots`` the per-class table, curves, confusion matrix and worst images too.
     Under ``torchrun`` every process scores its shard of the images; all return the stats.
     """
     created_group = not D.is_dist()
     try:
         # under torchrun every process scores its shard of the images (joins the group here)
         dev = D.init_distributed(device).device
-        return _evaluate_checkpoint(weights, data, split, imgsz, batch_size, dev, out, workers)
+        plot_kw = {"plots": plots, "plot_threshold": plot_threshold}
+        return _evaluate_checkpoint(weights, data, split, imgsz, batch_size, dev, out, workers, **plot_kw)
     finally:
         if created_group:
             D.cleanup()
@@ -229,6 +245,8 @@ def _evaluate_checkpoint(
     dev: torch.device,
     out: str | os.PathLike | None,
     workers: int,
+    plots: bool = False,
+    plot_threshold: float = 0.3,
 ) -> dict[str, float]:
     from decodet.io.checkpoint import load_model
 
@@ -249,6 +267,8 @@ def _evaluate_checkpoint(
         batch_size=_eval_batch_size(recipe["transforms"], batch_size),
         workers=workers,
         detections_out=out_dir / "detections.json" if out_dir else None,
+        plots_out=out_dir if out_dir is not None and plots else None,
+        plot_threshold=plot_threshold,
     )
     if out_dir is not None and D.is_main():
         atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
@@ -263,6 +283,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         cfg.validate()
+        if cfg.tensorboard:
+            require_tensorboard()  # every rank, before any work: a clear error when it is not installed
         self.info = D.init_distributed(cfg.device)
         self.device = self.info.device
         if cfg.threads:
@@ -367,6 +389,8 @@ class Trainer:
         self.batches_done = 0  # batches of ``self.epoch`` already trained (mid-epoch resume)
         self.global_step = 0  # optimizer steps so far
         self.best = -math.inf
+        self.early_stopping = EarlyStopping(cfg.patience, BEST_METRIC)
+        self.stop_reason = "epochs done"
         self.resume_rng: dict[str, Any] | None = None
         self.stop_rng: dict[str, Any] | None = None
         if state is not None:
@@ -387,6 +411,7 @@ class Trainer:
             dropped = self.metrics.drop_after("step", self.global_step if state is not None else -1)
             if dropped and state is None:
                 log.info("%s: starting afresh, %d metric records of an earlier run dropped", self.run_dir, dropped)
+        self.tb = TensorBoardLogger(self.run_dir) if cfg.tensorboard and self.is_main else None
         self._log_setup()
 
     # ------------------------------------------------------------------ loop
@@ -408,7 +433,7 @@ class Trainer:
             eval_stats = {}
             t_pause = time.monotonic()
             if self.val_set is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-                eval_stats = self._evaluate(subset=0 if last else cfg.eval_subset)
+                eval_stats = self._evaluate(plots=last and cfg.plots, subset=0 if last else cfg.eval_subset)
             record = {
                 "epoch": epoch + 1,
                 "step": self.global_step,
@@ -420,12 +445,22 @@ class Trainer:
             improved = BEST_METRIC in eval_stats and "subset" not in eval_stats and eval_stats[BEST_METRIC] > self.best
             if improved:
                 self.best = eval_stats[BEST_METRIC]
+            full_eval = bool(eval_stats) and "subset" not in eval_stats
+            reason = self.early_stopping.update(improved, self.best) if full_eval and not last else None
+            if reason:  # the same on every rank: evaluation results are broadcast
+                stop, self.stop_reason = True, reason
+                record["stop_reason"] = reason
+                if self.is_main:
+                    log.info("%s; stopped after epoch %d, the best weights are in %s", reason, epoch + 1, BEST_WEIGHTS)
             self._save(improved)
             self.paused += time.monotonic() - t_pause
             if self.is_main:
                 self._log_epoch(record)
             final = {**train_stats, **eval_stats, "epoch": epoch + 1, "step": self.global_step}
+        if self.stop_reason.startswith("early stopping") and cfg.plots:
+            self._evaluate_best_with_plots()
         final.update({"best_" + BEST_METRIC: self.best if self.best > -math.inf else None})
+        final["stop_reason"] = self.stop_reason
         final["run_dir"] = str(self.run_dir)
         return final
 
@@ -467,6 +502,8 @@ class Trainer:
                 images_seen += images.shape[0]
                 if step_now:
                     self._optimizer_step(model)
+                    if self.tb is not None:
+                        self.tb.log_step(self.global_step, loss_value)
                     stop = self._should_stop()
                     if stop:  # the RNG states a mid-epoch resume continues from
                         self.stop_rng = _get_rng_state()
@@ -539,9 +576,11 @@ class Trainer:
             over = self._training_seconds() >= cfg.time_budget_min * 60
             if D.any_flag(over, self.device) and not why:
                 why = "time budget reached"
-        if why and self.is_main:
-            lr = self.optimizer.param_groups[-1]["lr"]
-            log.info("stopping after step %d (%s; lr %.3g)", self.global_step, why, lr)
+        if why:
+            self.stop_reason = why
+            if self.is_main:
+                lr = self.optimizer.param_groups[-1]["lr"]
+                log.info("stopping after step %d (%s; lr %.3g)", self.global_step, why, lr)
         return bool(why)
 
     def _training_seconds(self) -> float:
@@ -582,15 +621,17 @@ class Trainer:
             f"training stopped and {kept} — try a lower --lr or --amp none"
         )
 
-    def _evaluate(self, subset: int = 0) -> dict[str, float]:
-        """COCO stats of the (EMA) model on the validation set, or on its first ``subset`` images
-        (then the stats carry ``subset``: the number of images)."""
-        model = self.ema.module if self.ema is not None else self.raw_model
+    def _eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.raw_model
+
+    def _evaluate(self, model: nn.Module | None = None, plots: bool = False, subset: int = 0) -> dict[str, float]:
+        """COCO stats of ``model`` (default: the EMA or raw model) on the validation set, or on its
+        first ``subset`` images (then the stats carry ``subset``: the number of images)."""
         data: Dataset = self.val_set
         if 0 < subset < len(self.val_set):
             data = torch.utils.data.Subset(self.val_set, range(subset))
         stats = evaluate(
-            model,
+            model or self._eval_model(),
             data,
             gt=self.val_set.ann_file,
             device=self.device,
@@ -599,8 +640,22 @@ class Trainer:
             amp=self.cfg.amp,
             num_top=100,
             channels_last=self.cfg.channels_last,
+            plots_out=self.run_dir / PLOTS_DIR if plots else None,
         )
         return {**stats, "subset": len(data)} if data is not self.val_set else stats
+
+    def _evaluate_best_with_plots(self) -> None:
+        """After early stopping, the end-of-training plots describe the kept (best) weights."""
+        from decodet.io.checkpoint import load_model
+
+        D.barrier()  # rank 0 wrote the file
+        best = self.run_dir / BEST_WEIGHTS
+        if best.is_file():
+            self._evaluate(load_model(best, map_location=self.device), plots=True)
+
+    def _draw_size(self) -> int | None:
+        """Square size for TensorBoard's drawn images: the training size, except DECO's keep-aspect resize."""
+        return None if self.cfg.transforms == "detr" else self.cfg.imgsz
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -623,6 +678,7 @@ class Trainer:
             "batches_done": self.batches_done,
             "global_step": self.global_step,
             "best": self.best,
+            "early_stopping": self.early_stopping.state_dict(),
             "seed": self.cfg.seed,
             "world_size": self.info.world_size,
             "train_config": self.cfg.to_dict(),
@@ -668,6 +724,7 @@ class Trainer:
         self.batches_done = int(state["batches_done"])
         self.global_step = int(state["global_step"])
         self.best = float(state["best"])
+        self.early_stopping.load_state_dict(state.get("early_stopping"))
         rng = state.get("rng") or []
         if self.batches_done and len(rng) == self.info.world_size:
             self.resume_rng = rng[self.info.rank]
@@ -746,6 +803,10 @@ class Trainer:
 
     def _log_epoch(self, record: dict[str, Any]) -> None:
         self.metrics.log(record)
+        if self.tb is not None:
+            self.tb.log_record(record)
+            if f"val/{BEST_METRIC}" in record:  # a few validation images with the model's boxes
+                self.tb.log_images(self._eval_model(), self.val_set, record["step"], self.device, self._draw_size())
         plot_curves(self.run_dir)
         summary = ", ".join(
             f"{k.split('/')[-1]} {v:.4g}" for k, v in record.items() if k in ("train/loss", "val/AP", "val/AP50")
@@ -753,8 +814,11 @@ class Trainer:
         log.info("epoch %d (step %d, %.0f s): %s", record["epoch"], record["step"], record["epoch_time"], summary)
 
     def close(self) -> None:
-        """Release loader workers."""
+        """Release loader workers and the TensorBoard writer."""
         self.train_loader = None  # type: ignore[assignment]
+        if getattr(self, "tb", None) is not None:
+            self.tb.close()
+            self.tb = None
 
 
 # ----------------------------------------------------------------------------- helpers
