@@ -77,6 +77,7 @@ def web_fp32(weights, ort_web, tmp_path_factory) -> Path:
     return export_web(weights, tmp_path_factory.mktemp("web") / "site", imgsz=SIZE, ort_web=ort_web)
 
 
+@pytest.mark.slow
 def test_web_folder_has_page_model_and_runtime(web_fp32, weights):
     for name in ("index.html", "app.js", "preprocess.js", "model.onnx", "model.json"):
         assert (web_fp32 / name).stat().st_size > 0, name
@@ -94,14 +95,26 @@ def test_web_folder_has_page_model_and_runtime(web_fp32, weights):
     assert meta["num_top"] == det.max_det
 
 
-@pytest.mark.slow
-def test_int8_variant_and_cli(weights, ort_web, tmp_path):
+@pytest.fixture(scope="module")
+def web_int8(weights, ort_web, tmp_path_factory) -> Path:
+    """The int8 variant, written by the CLI over an earlier (stale) web export."""
+    tmp_path = tmp_path_factory.mktemp("web8")
     out = tmp_path / "site8"
     out.mkdir()  # an earlier web export (model.json marks one) is replaced whole
     (out / "model.json").write_text("{}")
     (out / "stale.txt").write_text("old")
-    assert main(["export", "--weights", str(weights), "--format", "web", str(out), "--precision", "int8",
-                 "--imgsz", str(SIZE), str(SIZE), "--ort-web", str(ort_web)]) == 0  # fmt: skip
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(4):  # a few calibration images keep the test short
+        Image.fromarray(scene(96 + 16 * i, 128)).save(calib / f"{i}.png")
+    argv = ["export", "--weights", str(weights), "--format", "web", str(out), "--precision", "int8"]
+    assert main([*argv, "--imgsz", str(SIZE), str(SIZE), "--calib", str(calib), "--ort-web", str(ort_web)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_int8_variant_and_cli(web_int8):
+    out = web_int8
     meta = json.loads((out / "model.json").read_text())
     assert meta["precision"] == "int8"
     proto = onnx.load(str(out / "model.onnx"))
@@ -168,14 +181,16 @@ def test_js_preprocessing_equals_detector(tmp_path):
 
 
 @pytest.fixture
-def static_server(web_fp32) -> Iterator[str]:
-    """``python -m http.server`` for the exported folder, on a free port on 127.0.0.1."""
+def static_server(request) -> Iterator[str]:
+    """``python -m http.server`` for the exported folder (the fixture named by the test's
+    ``site`` parameter), on a free port on 127.0.0.1."""
+    site = request.getfixturevalue(request.node.callspec.params["site"])
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(web_fp32)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -220,10 +235,12 @@ def wait_for(page, expression: str) -> None:
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_browser_detections_equal_onnxruntime(web_fp32, static_server, browser_page, tmp_path):
+@pytest.mark.parametrize("site", ["web_fp32", "web_int8"])
+def test_browser_detections_equal_onnxruntime(site, static_server, browser_page, request, tmp_path):
+    folder = request.getfixturevalue(site)
     image_path = tmp_path / "scene.png"
     Image.fromarray(scene(190, 290)).save(image_path)  # not the model's 128x128: the resize is exercised
-    det = Detector(web_fp32 / "model.onnx", backend="onnxruntime", score_threshold=0.0)
+    det = Detector(folder / "model.onnx", backend="onnxruntime", score_threshold=0.0)
     ref = det(image_path)[0]
 
     page = browser_page
@@ -262,10 +279,10 @@ def test_browser_detections_equal_onnxruntime(web_fp32, static_server, browser_p
 
     artifacts = Path(os.environ.get("DECODET_TEST_ARTIFACTS", REPO / "build" / "test-artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
-    shot = artifacts / "web_export_page.png"
+    shot = artifacts / f"web_export_page_{site.removeprefix('web_')}.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 0
     print(
-        f"browser vs Python ONNX Runtime: max score gap {score_gap:.2e}; screenshot of the exported page "
+        f"{site}: browser vs Python ONNX Runtime: max score gap {score_gap:.2e}; screenshot of the exported page "
         f"({len(kept['scores'])} boxes at score >= {cut}): {shot}"
     )
