@@ -126,7 +126,7 @@ def test_int8_variant_and_cli(web_int8):
     assert not (out / "stale.txt").exists()
 
 
-def test_bad_requests_are_one_line_errors(weights, ort_web, tmp_path):
+def test_bad_requests_are_one_line_errors(weights, ort_web, tmp_path, monkeypatch):
     with pytest.raises(DecodetError, match="precision"):
         export_web(weights, tmp_path / "a", precision="fp16", ort_web=ort_web)
     other = tmp_path / "taken"
@@ -144,6 +144,10 @@ def test_bad_requests_are_one_line_errors(weights, ort_web, tmp_path):
         export_web(weights, tmp_path / "c", ort_web=bad_tgz)
     assert not (tmp_path / "c").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder left
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # a machine without npm, nothing cached
+    monkeypatch.delenv("DECODET_ORT_WEB", raising=False)
+    with pytest.raises(DecodetError, match="npm was not found.*--ort-web"):
+        ort_web_files(cache=tmp_path / "cache")
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node (Node.js) not installed")
