@@ -103,7 +103,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.precision == "int8" and calib is None and Path("data/synth/val").is_dir():
         calib = "data/synth/val"  # the bundled dataset (decodet demo writes it there)
         log.info("calibrating int8 on the bundled validation images in %s", calib)
-    out_path = args.out
+    out_path = args.out or args.dest
+    if args.format == "web":
+        from decodet.deploy.web import export_web
+
+        w = Path(args.weights)
+        out_dir = out_path or (w if w.is_dir() else w.parent) / f"{w.name if w.is_dir() else w.stem}_web"
+        imgsz = tuple(args.imgsz) if args.imgsz else None
+        out = export_web(args.weights, out_dir, args.precision, imgsz, calib, ort_web=args.ort_web)
+        print(f"exported {out}/ (serve it: python -m http.server -d {out})")
+        return 0
     if out_path is None:
         w = Path(args.weights)
         stem = w.name if w.is_dir() else w.stem
@@ -197,8 +206,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     ex = sub.add_parser("export", help="export to ONNX with post-processing inside the graph")
     ex.add_argument("--weights", required=True)
-    ex.add_argument("--format", choices=("onnx",), default="onnx")
-    ex.add_argument("--out", type=Path, default=None, help="output .onnx (default: beside the weights)")
+    ex.add_argument("--format", choices=("onnx", "web"), default="onnx", help="web: a static in-browser page")
+    ex.add_argument("dest", nargs="?", type=Path, default=None, help="same as --out")
+    ex.add_argument("--out", type=Path, default=None, help="output .onnx or web folder (default: beside the weights)")
+    ex.add_argument("--ort-web", default=None, help="web: onnxruntime-web package folder or .tgz (default: npm)")
     ex.add_argument("--opset", type=int, default=None)
     ex.add_argument("--dynamic-batch", action="store_true")
     ex.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
