@@ -266,7 +266,10 @@ def test_ema_math() -> None:
 
 def test_training_overfits_two_images(tmp_path: Path) -> None:
     data = make_tiny_coco(tmp_path / "data", n_train=2, n_val=1, repeat=6)  # 2 images, 6 times each
-    trainer = Trainer(tiny_config(tmp_path, data, epochs=4, batch_size=2, lr=2e-3, ema=False))
+    # 8 epochs of 6 steps.  Measured spread of after/before (seeds 0-4, 1 and 2 threads): 0.35-0.58
+    # after 24 steps on one CPU (0.61 on another), 0.20-0.25 after 48 steps; the bound below keeps a
+    # margin of more than 2x for other CPUs' rounding.
+    trainer = Trainer(tiny_config(tmp_path, data, epochs=8, batch_size=2, lr=2e-3, ema=False))
     no_augmentation = build_transforms("light", train=False, imgsz=64)
     trainer.train_set.transforms = no_augmentation
     images, targets = collate([trainer.train_set[0], trainer.train_set[1]])
@@ -278,10 +281,10 @@ def test_training_overfits_two_images(tmp_path: Path) -> None:
     before = loss_on_the_two_images()
     final = trainer.fit()
     after = loss_on_the_two_images()
-    assert final["step"] == 24
-    assert after < 0.5 * before, (before, after)
+    assert final["step"] == 48
+    assert after < 0.6 * before, (before, after)
     records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 4 and records[-1]["train/loss"] < records[0]["train/loss"]
+    assert len(records) == 8 and records[-1]["train/loss"] < records[0]["train/loss"]
     assert {"train/loss_vfl", "train/loss_bbox", "train/loss_giou", "lr/rest", "epoch_time"} <= set(records[0])
     assert "val/AP" in records[-1]  # the last epoch is always evaluated
     assert (trainer.run_dir / "loss.png").exists()
