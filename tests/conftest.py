@@ -31,3 +31,8 @@ def read_reference(name: str) -> dict[str, tuple[int, ...]]:
         key, shape = line.split("\t")
         out[key] = () if shape == "scalar" else tuple(int(s) for s in shape.split("x"))
     return out
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Browser tests (headless Chromium via Playwright); `-m "not browser"` skips them.
+    config.addinivalue_line("markers", "browser: drives a headless Chromium (skips when it is missing)")
