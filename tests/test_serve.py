@@ -138,7 +138,8 @@ def test_metrics_count_requests_batches_and_queue(server):
     assert detect(server, b"not an image").status_code == 415
     after = metrics(server)
     assert after[key] - before.get(key, 0) == 3 and after[bad] - before.get(bad, 0) == 1
-    assert after[("decodet_batch_size_count", ())] - before.get(("decodet_batch_size_count", ()), 0) == 3
+    for name in ("decodet_batch_size_count", "decodet_inference_seconds_count"):  # one forward each
+        assert after[(name, ())] - before.get((name, ()), 0) == 3
     assert after[("decodet_queue_depth", ())] == 0
     lat = ("decodet_request_latency_seconds_count", (("endpoint", "/v1/detect"),))
     assert after[lat] - before.get(lat, 0) == 4
@@ -282,6 +283,29 @@ def test_batched_answers_equal_single_answers_exactly(ckpt, backend):
         assert max(r["batch_size"] for r in batched) > 1, "16 concurrent requests never shared a forward pass"
         for i, r in enumerate(batched):
             assert {k: r[k] for k in fields} == single[i % 8], f"request {i} differs from its single answer"
+    finally:
+        srv.stop()
+
+
+def test_app_mounted_in_a_users_server(ckpt):
+    """``create_app`` inside another ASGI app (whose lifespan does not start ours)."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    outer = Starlette(
+        routes=[
+            Route("/healthz", lambda request: PlainTextResponse("ok")),
+            Mount("/detector", app=create_app(ckpt, threshold=0.0, max_det=3)),
+        ]
+    )
+    srv = ServerThread(outer).start()
+    try:
+        r = httpx.post(f"{srv.url}/detector/v1/detect", content=png_bytes(50, 70), timeout=60)
+        assert r.status_code == 200 and len(r.json()["boxes"]) == 3
+        assert httpx.get(f"{srv.url}/detector/v1/model").json()["max_det"] == 3
+        m = metrics(f"{srv.url}/detector")
+        assert m[("decodet_requests_total", (("endpoint", "/v1/detect"), ("status", "200")))] == 1
     finally:
         srv.stop()
 

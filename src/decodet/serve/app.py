@@ -75,7 +75,7 @@ class DetectionService:
             max_wait_ms=config.max_wait_ms,
             max_queue=config.max_queue,
             pad_to=config.max_batch if pad else None,
-            on_batch=self.metrics.batch_size.observe,
+            on_batch=self.metrics.observe_batch,
             on_depth=self.metrics.queue_depth.set,
         )
 
@@ -126,7 +126,6 @@ class DetectionService:
         keep = (answer.scores[:k].double() >= thr).nonzero().flatten()
         labels = [int(v) for v in answer.labels[keep]]
         names = self.detector.class_names
-        self.metrics.inference.observe(answer.infer_ms / 1000.0)
         return {
             "boxes": answer.boxes[keep].tolist(),
             "scores": answer.scores[keep].tolist(),
@@ -217,7 +216,7 @@ def create_app(
         threshold: float | None = Query(None, ge=0.0, le=1.0, description="score threshold (default: the server's)"),
         max_det: int | None = Query(None, ge=1, description="at most this many detections"),
     ) -> dict[str, Any]:
-        if service.batcher._task is None:  # mounted in another app: its lifespan did not run ours
+        if not service.batcher.running:  # mounted in another app: its lifespan did not run ours
             service.batcher.start()
         return await service.detect(request, threshold, max_det)
 
@@ -269,7 +268,8 @@ def _install_handlers(app: FastAPI, service: DetectionService) -> None:
     @app.middleware("http")
     async def count(request: Request, call_next):
         start = time.perf_counter()
-        path = request.url.path
+        path, root = request.scope["path"], request.scope.get("root_path", "")
+        path = path[len(root) :] if root and path.startswith(root) else path  # mounted under a prefix
         endpoint = path if path in ENDPOINTS else "other"  # bounded label values
         try:
             response = await call_next(request)

@@ -71,7 +71,7 @@ class Batcher:
             :class:`QueueFull` beyond that.
         pad_to: when set, every forward gets exactly this many rows (copies of the last
             image fill the batch; their outputs are dropped).
-        on_batch: called with the batch size of every forward (metrics).
+        on_batch: called with the batch size and the seconds of every forward (metrics).
         on_depth: called with the new number of admitted, unanswered requests (metrics).
     """
 
@@ -82,7 +82,7 @@ class Batcher:
         max_wait_ms: float = 5.0,
         max_queue: int = 64,
         pad_to: int | None = None,
-        on_batch: Callable[[int], None] | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
     ) -> None:
         self.forward = forward
@@ -90,12 +90,18 @@ class Batcher:
         self.max_wait = float(max_wait_ms) / 1000.0
         self.max_queue = int(max_queue)
         self.pad_to = pad_to
-        self._on_batch = on_batch or (lambda n: None)
+        self._on_batch = on_batch or (lambda n, seconds: None)
         self._on_depth = on_depth or (lambda n: None)
         self.depth = 0
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._taken: list[_Item] = []  # out of the queue, not yet answered (the batch being formed or run)
+
+    @property
+    def running(self) -> bool:
+        """Whether the batching loop is started."""
+        return self._task is not None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -114,8 +120,10 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        left = list(self._taken)
         while self._queue is not None and not self._queue.empty():
-            item = self._queue.get_nowait()
+            left.append(self._queue.get_nowait())
+        for item in left:
             if not item.future.done():
                 item.future.set_exception(Stopped("the service is shutting down"))
         if self._pool is not None:
@@ -153,7 +161,7 @@ class Batcher:
 
     async def _collect(self) -> list[_Item]:
         assert self._queue is not None
-        batch = [await self._queue.get()]
+        batch = self._taken = [await self._queue.get()]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait
         while len(batch) < self.max_batch:
@@ -182,7 +190,9 @@ class Batcher:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
+                self._taken = []
                 continue
+            self._taken = []
             for item, answer in zip(batch, answers):
                 if not item.future.done():  # a caller that timed out meanwhile
                     item.future.set_result(answer)
@@ -199,7 +209,7 @@ class Batcher:
             sizes = torch.cat([sizes, sizes[-1:].expand(extra, -1)])
         boxes, scores, labels = self.forward(images, sizes)
         infer_ms = (time.perf_counter() - start) * 1000.0
-        self._on_batch(n)
+        self._on_batch(n, infer_ms / 1000.0)
         return [
             Answer(
                 boxes[i].clone(),

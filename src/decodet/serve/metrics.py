@@ -53,5 +53,9 @@ class ServeMetrics:
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
         self.latency.labels(endpoint=endpoint).observe(seconds)
 
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.inference.observe(seconds)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,7 +18,7 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from decodet.data.images import to_rgb
 
@@ -44,11 +44,14 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise ApiError(413, _too_large(size, limit))
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, _too_large(total, limit, at_least=True))
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise ApiError(413, _too_large(total, limit, at_least=True))
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(400, "the client disconnected before sending the whole body") from None
     return b"".join(chunks)
 
 
