@@ -31,7 +31,3 @@ def read_reference(name: str) -> dict[str, tuple[int, ...]]:
         key, shape = line.split("\t")
         out[key] = () if shape == "scalar" else tuple(int(s) for s in shape.split("x"))
     return out
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "browser: drives headless Chromium (skip with -m 'not browser')")

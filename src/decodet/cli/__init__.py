@@ -11,6 +11,7 @@
     decodet benchmark --model NAME         latency table against DETR and RT-DETR
     decodet convert IN.pth OUT             the authors' checkpoint -> ours
     decodet demo                           the whole job on the bundled data
+    decodet serve --weights W              HTTP detection service with a web page
 
 User mistakes (:class:`DecodetError`) print one line and exit with status 2.
 """
@@ -30,7 +31,7 @@ log = logging.getLogger("decodet")
 
 # Each module registers its subcommands (``register(subparsers)``): a new command group is a
 # new module here plus one entry in this list.
-COMMAND_MODULES = ["core", "data"]
+COMMAND_MODULES = ["core", "data", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

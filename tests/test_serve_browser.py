@@ -1,0 +1,129 @@
+"""The served web page in a real headless Chromium: what it draws equals the API's answer.
+
+Needs Playwright for Python and a Chromium binary (Debian's ``chromium`` package; another
+one via ``DECODET_CHROMIUM``).  Skips with the reason when either is missing.  The
+screenshot is saved as ``tests/artifacts/serve_page.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from decodet.serve import create_app
+from serve_support import NAMES, ServerThread, png_bytes, tiny_checkpoint
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def chromium_path() -> str:
+    path = os.environ.get("DECODET_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path or not Path(path).exists():
+        pytest.skip("Chromium not found (apt-get install chromium, or set DECODET_CHROMIUM)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser_context(tmp_path_factory):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
+    executable = chromium_path()
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),  # a fresh profile
+            executable_path=executable,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1200, "height": 800},
+        )
+        yield context
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("serve-browser"))
+    srv = ServerThread(create_app(ckpt, threshold=0.0, max_det=10, max_batch=2, max_wait_ms=5)).start()
+    yield srv.url
+    srv.stop()
+
+
+def drawn(page) -> list[dict]:
+    """The boxes the page drew, from its DOM: one ``li`` per box in ``#detections``."""
+    items = page.locator("#detections li")
+    out = [
+        {
+            "label": int(items.nth(i).get_attribute("data-label")),
+            "name": items.nth(i).get_attribute("data-name"),
+            "box": json.loads(items.nth(i).get_attribute("data-box")),
+            "score": float(items.nth(i).get_attribute("data-score")),
+        }
+        for i in range(items.count())
+    ]
+    assert int(page.locator("#canvas").get_attribute("data-drawn")) == len(out)
+    return out
+
+
+def as_list(answer: dict) -> list[dict]:
+    return [
+        {"label": lab, "name": n, "box": b, "score": s}
+        for lab, n, b, s in zip(answer["labels"], answer["names"], answer["boxes"], answer["scores"])
+    ]
+
+
+def test_page_draws_the_api_answer(browser_context, server, tmp_path):
+    data = png_bytes(240, 320, seed=4)
+    image = tmp_path / "street.png"
+    image.write_bytes(data)
+    page = browser_context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    outside: list[str] = []
+    page.on("request", lambda req: None if req.url.startswith(server) else outside.append(req.url))
+
+    page.goto(f"{server}/")
+    page.wait_for_function("document.getElementById('model-info').textContent.includes('deco_tiny')")
+    page.set_input_files("#file", str(image))
+    page.wait_for_selector("#status[data-state='done']", timeout=60_000)
+
+    # at the server's default threshold (the slider's start): everything the API answers
+    api = httpx.post(f"{server}/v1/detect", content=data, timeout=60).json()
+    assert len(api["boxes"]) == 10
+    assert drawn(page) == as_list(api)
+    classes = page.locator("#classes li").all()
+    counts = {li.get_attribute("data-name"): int(li.get_attribute("data-count")) for li in classes}
+    assert counts == {n: api["names"].count(n) for n in set(api["names"])} and set(counts) <= set(NAMES)
+    assert "ms" in page.locator("#latency").text_content()
+
+    # the slider filters on the page, without a new request, exactly as the API's threshold does
+    t = api["scores"][3]
+    sent: list[str] = []
+    page.on("request", lambda req: sent.append(req.url))
+    page.eval_on_selector("#threshold", "(el, t) => { el.value = String(t); el.dispatchEvent(new Event('input')); }", t)
+    cut = httpx.post(f"{server}/v1/detect", content=data, params={"threshold": t}, timeout=60).json()
+    assert 4 <= len(cut["boxes"]) < 10
+    assert drawn(page) == as_list(cut)
+    assert sent == [], "moving the slider must not send a request"
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "serve_page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot of the served page: {shot}")
+    assert shot.stat().st_size > 10_000
+    assert errors == [] and outside == []
+    page.close()
