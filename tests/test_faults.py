@@ -40,8 +40,6 @@ SRC = TESTS.parent / "src"
 TIMEOUT = 240  # seconds for any one process tree; the tests take a few seconds each
 EPOCH_LINE = re.compile(r"decodet\.engine\.trainer: epoch 1 \(step")  # rank 0 logs it after the epoch's save
 
-pytestmark = pytest.mark.slow
-
 
 def _env(**extra: str) -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)
@@ -102,6 +100,7 @@ def _needs_proc() -> None:
 # ----------------------------------------------------------------------------- multi-node
 
 
+@pytest.mark.slow
 def test_two_node_agents_equal_one_process_with_the_global_batch(tmp_path: Path) -> None:
     """``torchrun --nnodes 2 --nproc-per-node 1`` twice (two node agents, c10d rendezvous on
     127.0.0.1) x batch 2 reaches the weights of one process x batch 4 (frozen batch norms and
@@ -155,6 +154,7 @@ def _read_until(stream, pattern: re.Pattern, seen: threading.Event, lines: list[
             seen.set()
 
 
+@pytest.mark.slow
 def test_a_worker_killed_under_torchrun_restarts_and_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
     """Two workers, 3 epochs of 2 steps; rank 1 gets SIGKILL once epoch 1 is saved.  torchrun
     restarts both workers, which continue the run folder from its last checkpoint."""
@@ -200,6 +200,29 @@ def test_a_worker_killed_under_torchrun_restarts_and_resumes_from_the_last_check
     assert [r["step"] for r in read_metrics(runs / "elastic")] == [2, 4, 6]  # the lost epoch was replayed
 
 
+def test_a_restarted_worker_finds_the_folder_of_its_job(tmp_path: Path, monkeypatch) -> None:
+    from decodet.engine.faults import continue_elastic_run, mark_run
+
+    runs = tmp_path / "runs"
+    for name, job in (("x", "other-job"), ("x-2", "job"), ("x-3", None)):
+        (runs / name).mkdir(parents=True)
+        if job:
+            monkeypatch.setenv("TORCHELASTIC_RUN_ID", job)
+            mark_run(runs / name)
+    cfg = tiny_config(tmp_path, tmp_path / "data", name="x")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert continue_elastic_run(cfg) == cfg  # the first attempt starts as usual
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    restarted = continue_elastic_run(cfg)  # no checkpoint yet: start afresh, in the job's folder
+    assert (restarted.name, restarted.exist_ok, restarted.resume) == ("x-2", True, None)
+    (runs / "x-2" / "last_state.pt").write_bytes(b"")
+    assert continue_elastic_run(cfg).resume == str(runs / "x-2")
+    assert continue_elastic_run(cfg.replace(resume="elsewhere")).resume == "elsewhere"  # an explicit --resume wins
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "a-new-job")
+    assert continue_elastic_run(cfg) == cfg
+
+
 # ----------------------------------------------------------------------------- disk full
 
 # Runs `decodet train` with the checkpoint writes of one file failing: "enospc" makes the atomic
@@ -228,6 +251,7 @@ sys.exit(main(sys.argv[4:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "how, target, reason",
     [("enospc", "last_state.pt", os.strerror(errno.ENOSPC)), ("fsize", "last.safetensors", os.strerror(errno.EFBIG))],
@@ -260,6 +284,7 @@ def test_a_failing_checkpoint_write_keeps_the_previous_checkpoint(
 # ----------------------------------------------------------------------------- loader worker killed
 
 
+@pytest.mark.slow
 def test_a_killed_data_loader_worker_stops_training_with_one_line(tmp_path: Path) -> None:
     """SIGKILL to the DataLoader worker of `decodet train --workers 1`: exit 2 within the timeout,
     with one line naming the worker's pid (PyTorch notices the death through SIGCHLD)."""

@@ -73,11 +73,11 @@ def continue_elastic_run(cfg: TrainConfig) -> TrainConfig:
     folder = _marked_run(cfg.project, str(cfg.name or cfg.model))
     if folder is None:
         return cfg
-    if (folder / STATE_FILE).is_file():
-        log.warning("restarted by torchrun (restart %d): resuming %s from its last checkpoint", restart_count(), folder)
-        return cfg.replace(resume=str(folder))
-    log.warning("restarted by torchrun (restart %d) before any checkpoint: starting %s afresh", restart_count(), folder)
-    return cfg.replace(name=folder.name, exist_ok=True)
+    resume = (folder / STATE_FILE).is_file()
+    if os.environ.get("RANK", "0") == "0":
+        how = "resuming %s from its last checkpoint" if resume else "no checkpoint yet: starting %s afresh"
+        log.warning("restarted by torchrun (restart %d): " + how, restart_count(), folder)
+    return cfg.replace(resume=str(folder)) if resume else cfg.replace(name=folder.name, exist_ok=True)
 
 
 def loader_worker_error(exc: BaseException, run_dir: Path | None) -> DecodetError | None:
