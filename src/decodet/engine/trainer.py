@@ -48,6 +48,7 @@ from decodet.data.coco import CocoDetection
 from decodet.data.spec import resolve_data
 from decodet.data.transforms import MultiScaleCollate, build_transforms, collate, multiscale_sizes
 from decodet.engine import distributed as D
+from decodet.engine import faults
 from decodet.engine.early_stopping import EarlyStopping
 from decodet.engine.ema import ModelEMA
 from decodet.engine.evaluator import CocoEvaluator, detections_to_coco, merge_detections
@@ -56,7 +57,7 @@ from decodet.engine.optim import build_optimizer, build_scheduler, fit_total_ste
 from decodet.engine.tensorboard import TensorBoardLogger, require_tensorboard
 from decodet.engine.train_config import TrainConfig, data_recipe, parse_train_args, resolve
 from decodet.errors import DecodetError
-from decodet.io.atomic import atomic_path, atomic_write_text
+from decodet.io.atomic import atomic_open, atomic_write_text
 from decodet.losses import build_criterion
 from decodet.models.postprocess import postprocess
 from decodet.registry import build_from_config, get_config
@@ -90,6 +91,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         trainer = Trainer(cfg)
         try:
             return trainer.fit()
+        except RuntimeError as exc:  # a data loader worker died: one line that says so
+            error = faults.loader_worker_error(exc, trainer.run_dir)
+            if error is None:
+                raise
+            raise error from None
         finally:
             trainer.close()
     finally:
@@ -293,6 +299,7 @@ class Trainer:
             raise DecodetError("amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
         _set_determinism(cfg.deterministic, self.device)
 
+        cfg = faults.continue_elastic_run(cfg)  # restarted by torchrun: resume the job's run folder
         state = self._load_state(cfg.resume) if cfg.resume else None
         self.cfg = cfg = resolve(cfg)
         self.is_main = self.info.is_main
@@ -690,8 +697,8 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": rng,
         }
-        with atomic_path(self.run_dir / STATE_FILE) as tmp:
-            torch.save(state, tmp)
+        with atomic_open(self.run_dir / STATE_FILE) as f:  # a failing write (disk full) says why
+            torch.save(state, f)
 
     @staticmethod
     def _load_state(resume: str) -> dict[str, Any]:
@@ -763,6 +770,7 @@ class Trainer:
                 path = base.with_name(f"{base.name}-{n}")
                 n += 1
             path.mkdir(parents=True, exist_ok=True)
+            faults.mark_run(path)
             path = str(path)
         return Path(D.broadcast_object(path))
 

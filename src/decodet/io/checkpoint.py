@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from decodet.config import DecoConfig, DecoPlusConfig, ModelConfig, config_from_dict, config_to_dict, replace
 from decodet.errors import DecodetError
-from decodet.io.atomic import atomic_path
+from decodet.io.atomic import atomic_write_bytes
 from decodet.registry import build_from_config, get_config, list_models
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,9 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict[str, str] 
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, _META_CONFIG: json.dumps(config_to_dict(model.config))}
     meta.update(extra or {})
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    # serialised in memory, then written by Python: a failing write (disk full) raises an OSError
+    # with its reason, where safetensors' own file writer would raise an opaque error
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=meta))
     return path
 
 
