@@ -18,9 +18,9 @@ from typing import Any
 from decodet.data.images import load_image
 from decodet.deploy.detector import Detector
 from decodet.deploy.draw import draw_detections, save_image_atomic
-from decodet.engine.logging import progress
 from decodet.errors import DecodetError
 from decodet.io.atomic import atomic_write_text
+from decodet.utils.console import progress
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ from decodet.data.transforms import MultiScaleCollate, build_transforms, collate
 from decodet.engine import distributed as D
 from decodet.engine.ema import ModelEMA
 from decodet.engine.evaluator import CocoEvaluator, detections_to_coco, merge_detections
-from decodet.engine.logging import MetricsLogger, plot_curves, progress
+from decodet.engine.logging import MetricsLogger, plot_curves
 from decodet.engine.optim import build_optimizer, build_scheduler
 from decodet.engine.train_config import TrainConfig, data_recipe, parse_train_args, resolve
 from decodet.errors import DecodetError
@@ -58,6 +58,7 @@ from decodet.io.atomic import atomic_path, atomic_write_text
 from decodet.losses import build_criterion
 from decodet.models.postprocess import postprocess
 from decodet.registry import build_from_config, get_config
+from decodet.utils.console import progress
 
 log = logging.getLogger(__name__)
 
