@@ -212,9 +212,9 @@ def test_bad_inputs_raise_decodet_error(gt, results, tmp_path):
         evaluate_coco(tmp_path / "missing.json", results)
     broken = tmp_path / "broken.json"
     broken.write_text('{"images": [')
-    with pytest.raises(DecodetError, match="broken.json: not valid JSON"):
+    with pytest.raises(DecodetError, match="broken.json: malformed JSON"):
         evaluate_coco(broken, results)
-    with pytest.raises(DecodetError, match="broken.json: not valid JSON"):
+    with pytest.raises(DecodetError, match="broken.json: malformed JSON"):
         evaluate_coco(gt, broken)
     not_coco = tmp_path / "not_coco.json"
     not_coco.write_text(json.dumps({"images": []}))

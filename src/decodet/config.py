@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from decodet.errors import DecodetError
+from decodet.errors import DecodetError, reject_unknown
 
 
 @dataclass
@@ -103,9 +103,7 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
         raise DecodetError(f"unknown model architecture {arch!r} in config (expected one of {sorted(_ARCHS)})")
     cls = _ARCHS[arch]
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise DecodetError(f"unknown config keys for {arch}: {unknown}")
+    reject_unknown(data, known, f"config key(s) for {arch}")
     kwargs = {}
     for key, value in data.items():
         if isinstance(value, list) and str(known[key].type).startswith("tuple"):
@@ -116,8 +114,5 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
 
 def replace(cfg: ModelConfig, **overrides: Any) -> ModelConfig:
     """A copy of ``cfg`` with ``overrides``; unknown names are a :class:`DecodetError`."""
-    known = {f.name for f in dataclasses.fields(cfg)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise DecodetError(f"unknown option(s) for {cfg.name}: {unknown}; known: {sorted(known)}")
+    reject_unknown(overrides, (f.name for f in dataclasses.fields(cfg)), f"option(s) for {cfg.name}")
     return dataclasses.replace(cfg, **overrides)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from decodet.errors import DecodetError
+from decodet.io.files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def load_coco_gt(gt: GroundTruth) -> Any:
     path = None
     if isinstance(gt, (str, os.PathLike)):
         path = Path(gt)
-        gt = _read_json(path)
+        gt = read_json(path)
     if not isinstance(gt, Mapping):
         if path is None:
             raise TypeError(f"ground truth must be a path, dict or COCO, got {type(gt).__name__}")
@@ -261,7 +261,7 @@ def _load_results(detections: Detections) -> tuple[list[dict], Path | None, set[
     """-> (fresh results list safe for ``loadRes`` to mutate, source file or None, image ids named)."""
     if isinstance(detections, (str, os.PathLike)):
         path = Path(detections)
-        data = _read_json(path)
+        data = read_json(path)
         if not isinstance(data, list):
             raise DecodetError("a COCO results file must hold a JSON list of detections", path)
         return _validated_results(data, path), path, set()
@@ -288,18 +288,6 @@ def _validated_results(data: Sequence[Any], path: Path | None) -> list[dict]:
             )
         results.append({**r, "bbox": list(r["bbox"])})
     return results
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DecodetError("file not found", path) from None
-    except json.JSONDecodeError as e:
-        raise DecodetError(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})", path) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DecodetError(f"cannot read ({e})", path) from None
 
 
 def _check_image_ids(ids: set, gt_ids: set, source: Path | None, what: str) -> None:

@@ -28,8 +28,9 @@ from typing import Any
 
 import yaml
 
-from decodet.errors import DecodetError
+from decodet.errors import DecodetError, reject_unknown
 from decodet.io.atomic import atomic_write_text
+from decodet.io.files import read_mapping
 
 SCHEDULES = ("step", "cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -104,10 +105,7 @@ class TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys are a :class:`DecodetError`."""
         if not isinstance(data, dict):
             raise DecodetError(f"a training config must be a mapping of option names to values, got {data!r}", source)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise DecodetError(f"unknown training option(s) {unknown}; known: {sorted(names)}", source)
+        reject_unknown(data, (f.name for f in dataclasses.fields(cls)), "training option(s)", source)
         cfg = cls(**{k: _coerce(v, _field_types()[k]) for k, v in data.items()})
         cfg.validate(source)
         return cfg
@@ -125,7 +123,7 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         """Read a YAML or JSON training config."""
-        return cls.from_dict(read_mapping(path), source=path)
+        return cls.from_dict(_read_config(path), source=path)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes``; unknown names are a :class:`DecodetError`."""
@@ -156,22 +154,6 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise DecodetError(message, source)
-
-
-def read_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML / JSON file's top-level mapping; DecodetError naming the file otherwise."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise DecodetError(f"cannot read training config: {e.strerror or e}", path) from None
-    try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise DecodetError(f"malformed config: {str(e).splitlines()[0]}", path) from None
-    if not isinstance(data, dict):
-        raise DecodetError("a training config must be a mapping of option names to values", path)
-    return data
 
 
 # ---------------------------------------------------------------------- recipes
@@ -268,6 +250,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------- command line
+
+
+def _read_config(path: str | Path) -> dict[str, Any]:
+    return read_mapping(path, "training config", "a training config must be a mapping of option names to values")
 
 
 def _field_types() -> dict[str, Any]:
@@ -395,7 +381,7 @@ def config_from_namespace(ns: argparse.Namespace) -> TrainConfig:
             given[key] = dict(given[key])
     config_file = getattr(ns, "config", None)
     if config_file:
-        base = read_mapping(config_file)
+        base = _read_config(config_file)
     elif given.get("resume"):
         base = TrainConfig.load(run_config_path(given["resume"])).to_dict()
     else:
