@@ -18,12 +18,12 @@ from torch.utils.data import DistributedSampler
 from decodet.engine.evaluator import (
     STAT_NAMES,
     CocoEvaluator,
-    detections_to_coco,
     evaluate_coco,
     format_stats,
     merge_detections,
 )
 from decodet.errors import DecodetError
+from decodet.io.coco_results import detections_to_coco
 
 CATEGORY_IDS = [1, 3, 7, 18]  # non-contiguous on purpose
 

@@ -14,7 +14,7 @@ landscape images to get close to that).
 
 Results, one dict per image, in input order (torchvision-style, CPU tensors)::
 
-    boxes   [N, 4] float32  xyxy in original-image pixels (not clipped, as ``postprocess``)
+    boxes   [N, 4] float32  xyxy in original-image pixels, clipped to the image (as ``postprocess``)
     scores  [N]    float32  sorted high to low, all >= score_threshold
     labels  [N]    int64    dataset category ids (``config.category_ids``)
     names   list[str]       class names (the label number when the model has no names)
@@ -34,15 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from decodet.deploy.export import (
-    DeployModel,
-    as_size,
-    export_onnx,
-    normalization,
-    parse_metadata,
-    prepare_model,
-)
+from decodet.deploy.export import export_onnx, parse_metadata
 from decodet.deploy.inputs import IMAGE_SUFFIXES, ImageItem, iter_images, preprocess, to_uint8_chw  # noqa: F401
+from decodet.deploy.runtime import DeployModel, as_size, normalization, prepare_model
 from decodet.errors import DecodetError
 
 log = logging.getLogger(__name__)
