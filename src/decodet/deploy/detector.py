@@ -8,7 +8,8 @@ Every image is resized to one fixed ``imgsz`` (aspect ratio not kept), the evalu
 transform of the ``light``/``rtdetr`` recipes.  DECO's outputs depend on padding, and a
 fixed size means no padding is ever needed: results do not depend on the batch an image
 was in, batches need no size grouping, and the same size exports to ONNX.  The default
-size is DECO+'s ``eval_size``; DECO has none and gets 640x640 (the authors evaluate DECO
+size is the preset's deploy default (:func:`decodet.registry.deploy_imgsz`): DECO+'s
+``eval_size`` (the size it was trained at); DECO has none and gets 640x640 (the authors evaluate DECO
 at short side 800 keeping the aspect ratio: pass e.g. ``imgsz=(800, 1216)`` for 2:3
 landscape images to get close to that).
 
