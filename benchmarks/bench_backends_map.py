@@ -20,6 +20,7 @@ from decodet.data.spec import resolve_data
 from decodet.deploy.detector import Detector
 from decodet.deploy.export import export_onnx
 from decodet.engine.evaluator import evaluate_coco
+from decodet.io.coco_results import detections_to_coco
 
 
 def detections(det: Detector, images_dir: Path, ann_file: Path) -> tuple[list[dict], float]:
@@ -27,8 +28,7 @@ def detections(det: Detector, images_dir: Path, ann_file: Path) -> tuple[list[di
     results, t0 = [], time.perf_counter()
     for r in det.stream(images_dir, batch_size=8):
         image_id = ids[Path(r["path"]).name]
-        for (x0, y0, x1, y1), s, lab in zip(r["boxes"].tolist(), r["scores"].tolist(), r["labels"].tolist()):
-            results.append({"image_id": image_id, "category_id": lab, "bbox": [x0, y0, x1 - x0, y1 - y0], "score": s})
+        results.extend(detections_to_coco({image_id: r}, max_dets=None))
     return results, time.perf_counter() - t0
 
 

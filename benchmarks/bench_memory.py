@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from decodet.data.synthetic import generate_synthetic
-from decodet.engine.logging import rss_mb
 from decodet.engine.train_config import TrainConfig
 from decodet.engine.trainer import Trainer
+from decodet.utils.console import rss_mb
 
 
 class _RecordingTrainer(Trainer):

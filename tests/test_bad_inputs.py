@@ -26,10 +26,10 @@ from safetensors.torch import load_file
 import decodet
 from decodet.cli import main
 from decodet.data import load_image
-from decodet.engine.logging import rss_mb
 from decodet.errors import DecodetError
 from decodet.io.checkpoint import save_model
 from decodet.registry import build_model
+from decodet.utils.console import rss_mb
 from test_trainer import TINY, make_tiny_coco
 
 # deco_tiny shrunk (test_trainer.TINY) as command-line overrides

@@ -12,7 +12,7 @@ from PIL import Image
 
 from decodet.deploy import inputs as detector_module
 from decodet.deploy.detector import Detector, iter_images, preprocess
-from decodet.deploy.export import DeployModel, normalization, prepare_model
+from decodet.deploy.runtime import DeployModel, normalization, prepare_model
 from decodet.errors import DecodetError
 from decodet.io.checkpoint import save_model
 from decodet.registry import build_model

@@ -22,6 +22,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from decodet.data.transforms import build_transforms
 from decodet.engine import trainer as trainer_mod
 from decodet.engine.distributed import EpochSampler, ShardSampler
+from decodet.engine.evaluate import evaluate_checkpoint
 from test_trainer import TINY, make_tiny_coco, tiny_config
 
 TESTS = Path(__file__).resolve().parent
@@ -215,7 +216,7 @@ def test_two_processes_equal_one_process_and_gather_every_image(tmp_path: Path) 
     eval_argv = ["eval", "--weights", str(weights), "--data", str(data), "--imgsz", "64", "--batch-size", "2"]
     _torchrun(tmp_path, "-m", "decodet", *eval_argv, "--device", "cpu", "--out", str(tmp_path / "eval_two"))
     ref_dir = tmp_path / "eval_one"
-    ref = trainer_mod.evaluate_checkpoint(weights, data, imgsz=64, batch_size=2, out=ref_dir)
+    ref = evaluate_checkpoint(weights, data, imgsz=64, batch_size=2, out=ref_dir)
     dets_two = json.loads((tmp_path / "eval_two" / "detections.json").read_text())
     dets_one = json.loads((ref_dir / "detections.json").read_text())
     per_image = Counter(d["image_id"] for d in dets_two)

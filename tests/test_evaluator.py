@@ -18,12 +18,12 @@ from torch.utils.data import DistributedSampler
 from decodet.engine.evaluator import (
     STAT_NAMES,
     CocoEvaluator,
-    detections_to_coco,
     evaluate_coco,
     format_stats,
     merge_detections,
 )
 from decodet.errors import DecodetError
+from decodet.io.coco_results import detections_to_coco
 
 CATEGORY_IDS = [1, 3, 7, 18]  # non-contiguous on purpose
 
@@ -212,9 +212,9 @@ def test_bad_inputs_raise_decodet_error(gt, results, tmp_path):
         evaluate_coco(tmp_path / "missing.json", results)
     broken = tmp_path / "broken.json"
     broken.write_text('{"images": [')
-    with pytest.raises(DecodetError, match="broken.json: not valid JSON"):
+    with pytest.raises(DecodetError, match="broken.json: malformed JSON"):
         evaluate_coco(broken, results)
-    with pytest.raises(DecodetError, match="broken.json: not valid JSON"):
+    with pytest.raises(DecodetError, match="broken.json: malformed JSON"):
         evaluate_coco(gt, broken)
     not_coco = tmp_path / "not_coco.json"
     not_coco.write_text(json.dumps({"images": []}))

@@ -17,8 +17,9 @@ import onnx  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
 from decodet.deploy.detector import Detector  # noqa: E402
-from decodet.deploy.export import DeployModel, export_onnx, parse_metadata, prepare_model  # noqa: E402
+from decodet.deploy.export import export_onnx, parse_metadata  # noqa: E402
 from decodet.deploy.ort import OrtModel  # noqa: E402
+from decodet.deploy.runtime import DeployModel, prepare_model  # noqa: E402
 from decodet.errors import DecodetError  # noqa: E402
 from decodet.registry import build_model  # noqa: E402
 

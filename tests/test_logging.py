@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from decodet.engine.logging import MetricsLogger, plot_curves, progress, read_metrics, setup_logging
+from decodet.engine.logging import MetricsLogger, plot_curves, read_metrics
 from decodet.errors import DecodetError
+from decodet.utils.console import progress, setup_logging
 
 
 def read_csv(path):
@@ -92,7 +93,7 @@ def test_progress_logs_lines_without_tty(caplog):
         seen.append(i)
         bar.set_postfix(loss=1.0 / (i + 1))
     assert seen == list(range(10))
-    lines = [r.getMessage() for r in caplog.records if r.name == "decodet.engine.logging"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "decodet.utils.console"]
     assert len(lines) == 3  # steps 4, 8 and the last one
     assert lines[0].startswith("epoch 1: 4/10 loss=0.25 ") and "eta 0:00:00" in lines[0]
     assert lines[-1].startswith("epoch 1: 10/10 loss=0.1 ")

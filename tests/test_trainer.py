@@ -19,10 +19,12 @@ from decodet.data.coco import CocoDetection
 from decodet.data.transforms import build_transforms, collate
 from decodet.engine import trainer as trainer_mod
 from decodet.engine.ema import ModelEMA
+from decodet.engine.evaluate import evaluate
 from decodet.engine.optim import LRFactor, build_scheduler, param_groups
-from decodet.engine.train_config import TrainConfig, parse_train_args, recipe_for, resolve
-from decodet.engine.trainer import Trainer, evaluate, train
+from decodet.engine.train_config import TrainConfig, parse_train_args, resolve
+from decodet.engine.trainer import Trainer, train
 from decodet.errors import DecodetError
+from decodet.registry import train_recipe
 
 # deco_tiny shrunk further so a training step takes milliseconds at 64 px
 TINY = {"backbone_width": 16, "hidden_dim": 64, "query_grid": [4, 4], "num_top_queries": 16}
@@ -130,12 +132,12 @@ def test_cli_flags_override_config_file(tmp_path: Path) -> None:
 
 
 def test_recipe_depends_on_pretrained_backbone() -> None:
-    deco = recipe_for("deco_r50", pretrained=True)
+    deco = train_recipe("deco_r50", pretrained=True)
     assert (deco["lr"], deco["lr_backbone"], deco["lr_encoder"], deco["schedule"]) == (1e-4, 1e-5, 1e-5, "step")
     assert deco["model_overrides"] == {"freeze_backbone_bn": True, "freeze_stem_layer1": True}
-    plus = recipe_for("decoplus_r18", pretrained=True)
+    plus = train_recipe("decoplus_r18", pretrained=True)
     assert (plus["lr"], plus["lr_backbone"], plus["ema"], plus["norm_bias_decay"]) == (1.5e-4, 1.5e-5, True, False)
-    scratch = recipe_for("deco_r50", pretrained=False)
+    scratch = train_recipe("deco_r50", pretrained=False)
     assert scratch["lr_backbone"] == scratch["lr"] > deco["lr"] and scratch["warmup_steps"] > 0
     assert scratch["model_overrides"] == {"freeze_backbone_bn": False, "freeze_stem_layer1": False}
     # resolve: None fields come from the recipe, explicit values and overrides win
@@ -147,7 +149,7 @@ def test_recipe_depends_on_pretrained_backbone() -> None:
 
     for name in ("deco_tiny", "deco_r50", "decoplus_r50"):  # every recipe fills the same fields
         for pretrained in (True, False):
-            assert set(recipe_for(name, pretrained)) - {"model_overrides"} == _RECIPE_FIELDS
+            assert set(train_recipe(name, pretrained)) - {"model_overrides"} == _RECIPE_FIELDS
 
 
 # ----------------------------------------------------------------------------- optimizer, schedules, EMA
@@ -403,7 +405,7 @@ def test_evaluate_maps_padded_canvas_boxes_to_original_pixels(tmp_path: Path) ->
 
 
 def test_evaluate_checkpoint_writes_detections(tmp_path: Path, data: Path) -> None:
-    from decodet.engine.trainer import evaluate_checkpoint
+    from decodet.engine.evaluate import evaluate_checkpoint
 
     final = train(tiny_config(tmp_path, data, epochs=1))
     out = tmp_path / "eval"

@@ -12,7 +12,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from decodet.errors import DecodetError
+from decodet.errors import DecodetError, reject_unknown
+
+# ImageNet's per-channel mean and std of RGB pixels in [0, 1]: DETR's and DECO's input convention.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -103,9 +107,7 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
         raise DecodetError(f"unknown model architecture {arch!r} in config (expected one of {sorted(_ARCHS)})")
     cls = _ARCHS[arch]
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise DecodetError(f"unknown config keys for {arch}: {unknown}")
+    reject_unknown(data, known, f"config key(s) for {arch}")
     kwargs = {}
     for key, value in data.items():
         if isinstance(value, list) and str(known[key].type).startswith("tuple"):
@@ -116,8 +118,21 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
 
 def replace(cfg: ModelConfig, **overrides: Any) -> ModelConfig:
     """A copy of ``cfg`` with ``overrides``; unknown names are a :class:`DecodetError`."""
-    known = {f.name for f in dataclasses.fields(cfg)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise DecodetError(f"unknown option(s) for {cfg.name}: {unknown}; known: {sorted(known)}")
+    reject_unknown(overrides, (f.name for f in dataclasses.fields(cfg)), f"option(s) for {cfg.name}")
     return dataclasses.replace(cfg, **overrides)
+
+
+def input_normalized(cfg: ModelConfig) -> bool:
+    """Whether the model takes ImageNet-normalised input: yes unless its config turns
+    ``normalize`` off (a field, or in ``extra``): RT-DETR's plain [0, 1] convention.
+    Training, evaluation, export and inference all ask this one rule."""
+    flag = getattr(cfg, "normalize", None)
+    if flag is None:
+        flag = (getattr(cfg, "extra", None) or {}).get("normalize", True)
+    return bool(flag)
+
+
+def normalization(cfg: ModelConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Input ``(mean, std)`` the model expects: ImageNet's, or ``(0, 0, 0), (1, 1, 1)`` when
+    :func:`input_normalized` says no."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if input_normalized(cfg) else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))

@@ -1,8 +1,23 @@
-"""Model presets by name (timm-like): ``list_models()``, ``build_model(name, ...)``."""
+"""Model presets by name (timm-like): ``list_models()``, ``build_model(name, ...)``.
+
+A preset is one :class:`Preset` record that keeps together everything chosen per model:
+
+- how to build its model config;
+- its **data recipe** (:class:`DataRecipe`: augmentation, image size, multi-scale), for
+  training and evaluation;
+- its **training recipes** (:class:`TrainRecipe`) from a pretrained backbone (or ``--weights``)
+  and from scratch: the defaults of ``TrainConfig``'s ``None`` fields and what is frozen;
+- its **deploy defaults**: the inference size and the detections kept per image.
+
+Training (``decodet.engine.train_config.resolve``), evaluation, ``Detector`` and export read
+them from here, so adding a preset is one ``register(Preset(...))`` in this file.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,71 +25,178 @@ import torch
 from decodet.config import DecoConfig, DecoPlusConfig, ModelConfig, replace
 from decodet.errors import DecodetError
 
-_PRESETS: dict[str, Callable[[], ModelConfig]] = {}
+
+@dataclass(frozen=True)
+class DataRecipe:
+    """Augmentation of :mod:`decodet.data.transforms` and its size (training and evaluation)."""
+
+    transforms: str  # detr | light | rtdetr
+    imgsz: int | None = None  # detr: short side; light / rtdetr: square side; None: the config's eval_size
+    multiscale: bool = False  # RT-DETR's per-batch random square size around imgsz
 
 
-def register_preset(name: str) -> Callable[[Callable[[], ModelConfig]], Callable[[], ModelConfig]]:
-    def wrap(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
-        _PRESETS[name] = fn
-        return fn
+@dataclass(frozen=True)
+class TrainRecipe:
+    """Defaults of ``TrainConfig``'s recipe fields, and the model config overrides that say
+    what is frozen (``freeze_backbone_bn``, ``freeze_stem_layer1`` / ``freeze_at``)."""
 
-    return wrap
+    lr: float
+    lr_backbone: float
+    lr_encoder: float | None  # DECO's encoder group; None: same as lr
+    weight_decay: float
+    norm_bias_decay: bool  # weight decay on norm weights and biases too
+    schedule: str  # step | cosine | constant
+    warmup_steps: int
+    ema: bool
+    freeze: Mapping[str, Any]
 
-
-@register_preset("deco_r18")
-def _deco_r18() -> ModelConfig:
-    return DecoConfig(name="deco_r18", backbone="resnet18")
-
-
-@register_preset("deco_r50")
-def _deco_r50() -> ModelConfig:
-    return DecoConfig(name="deco_r50", backbone="resnet50")
-
-
-@register_preset("deco_convnext_tiny")
-def _deco_convnext_tiny() -> ModelConfig:
-    return DecoConfig(name="deco_convnext_tiny", backbone="convnext_tiny")
+    def fields(self) -> dict[str, Any]:
+        """``TrainConfig`` field values; the freezing settings under ``model_overrides``."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "freeze"}
+        return {**values, "model_overrides": dict(self.freeze)}
 
 
-@register_preset("decoplus_r18")
-def _decoplus_r18() -> ModelConfig:
-    return DecoPlusConfig(name="decoplus_r18", backbone="presnet18", expansion=0.5, num_decoder_layers=3)
+@dataclass(frozen=True)
+class Preset:
+    """A named model with its recipes (module docstring)."""
+
+    name: str
+    config: Callable[[], ModelConfig]
+    data: DataRecipe
+    pretrained: TrainRecipe  # a pretrained backbone, or --weights
+    scratch: TrainRecipe  # random weights
+    # Deploy defaults.  None: the model config carries the value (DECO+'s ``eval_size`` and
+    # ``num_top_queries``; training records the size it trained at in ``eval_size``).
+    imgsz: tuple[int, int] | None = None
+    num_top: int | None = None
 
 
-@register_preset("decoplus_r50")
-def _decoplus_r50() -> ModelConfig:
-    return DecoPlusConfig(
-        name="decoplus_r50",
-        backbone="presnet50",
-        expansion=1.0,
-        num_decoder_layers=6,
-        freeze_backbone_bn=True,  # the authors' R50 setting: frozen batch norm, frozen stem
-        freeze_at=0,
+_PRESETS: dict[str, Preset] = {}
+
+
+def register(preset: Preset) -> Preset:
+    """Add ``preset`` to :func:`list_models`."""
+    _PRESETS[preset.name] = preset
+    return preset
+
+
+# ----------------------------------------------------------------------------- recipes
+
+# DECO, the authors' recipe: AdamW lr 1e-4, backbone and encoder 1e-5, weight decay 1e-4 on
+# every parameter, lr / 10 at 2/3 of the epochs (100 of 150), frozen BN, stem and layer1.
+DECO_PRETRAINED = TrainRecipe(
+    lr=1e-4, lr_backbone=1e-5, lr_encoder=1e-5, weight_decay=1e-4, norm_bias_decay=True, schedule="step",
+    warmup_steps=0, ema=False, freeze={"freeze_backbone_bn": True, "freeze_stem_layer1": True},
+)  # fmt: skip
+
+
+def rtdetr_pretrained(freeze_stem_and_bn: bool) -> TrainRecipe:
+    """DECO+ on RT-DETR's recipe: lr 1.5e-4, backbone 1.5e-5, no weight decay on norms and
+    biases, constant lr, EMA.  ResNet-D-50 and up freeze the stem and batch norm."""
+    freeze = {"freeze_backbone_bn": freeze_stem_and_bn, "freeze_at": 0 if freeze_stem_and_bn else -1}
+    return TrainRecipe(
+        lr=1.5e-4, lr_backbone=1.5e-5, lr_encoder=None, weight_decay=1e-4, norm_bias_decay=False,
+        schedule="constant", warmup_steps=0, ema=True, freeze=freeze,
+    )  # fmt: skip
+
+
+def from_scratch(ema: bool, freeze: Mapping[str, Any]) -> TrainRecipe:
+    """From random weights: everything trains (batch norm included) at one, higher learning
+    rate, with a linear warm-up and a cosine decay."""
+    return TrainRecipe(
+        lr=4e-4, lr_backbone=4e-4, lr_encoder=None, weight_decay=1e-4, norm_bias_decay=False, schedule="cosine",
+        warmup_steps=200, ema=ema, freeze=freeze,
+    )  # fmt: skip
+
+
+DECO_SCRATCH = from_scratch(ema=False, freeze={"freeze_backbone_bn": False, "freeze_stem_layer1": False})
+DECOPLUS_SCRATCH = from_scratch(ema=True, freeze={"freeze_backbone_bn": False, "freeze_at": -1})
+# DETR's augmentation at short side 800, one image per evaluation batch (no padding).
+DETR_DATA = DataRecipe("detr", 800)
+# RT-DETR's augmentation at the eval square (640), multi-scale batches.
+RTDETR_DATA = DataRecipe("rtdetr", multiscale=True)
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def deco_preset(name: str, backbone: str) -> Preset:
+    """A single-scale DECO preset on the authors' recipes.  Deploy defaults: 640x640 (the
+    authors evaluate at short side 800 keeping the aspect ratio; inference and export take
+    one fixed size, and DECO's config has none) and the authors' 100 detections."""
+    return Preset(
+        name,
+        lambda: DecoConfig(name=name, backbone=backbone),
+        DETR_DATA,
+        DECO_PRETRAINED,
+        DECO_SCRATCH,
+        imgsz=(640, 640),
+        num_top=100,
     )
 
 
-@register_preset("deco_tiny")
-def _deco_tiny() -> ModelConfig:
-    # Our CPU-sized member of the family, on the DECO+ frame: query selection from dense
-    # encoder predictions converges far faster from random weights than DECO's learned
-    # queries (see README, "deco_tiny").  Everything trains, batch norm included.
-    return DecoPlusConfig(
-        name="deco_tiny",
-        num_classes=80,
-        backbone="presnet18",
-        backbone_width=32,
-        hidden_dim=128,
-        encoder_blocks=1,
-        expansion=0.5,
-        csp_blocks=1,
-        num_decoder_layers=3,
-        query_grid=(10, 10),
-        num_top_queries=100,
-        eval_size=(320, 320),
-        # Queries placed on the grid by box centre: on the bundled data, AP 0.384 vs 0.359
-        # in score order (the demo recipe with zoom 0.4, 1,500 steps).
-        query_layout="spatial",
+register(deco_preset("deco_r18", "resnet18"))
+register(deco_preset("deco_r50", "resnet50"))
+register(deco_preset("deco_convnext_tiny", "convnext_tiny"))
+
+register(
+    Preset(
+        "decoplus_r18",
+        lambda: DecoPlusConfig(name="decoplus_r18", backbone="presnet18", expansion=0.5, num_decoder_layers=3),
+        RTDETR_DATA,
+        rtdetr_pretrained(freeze_stem_and_bn=False),
+        DECOPLUS_SCRATCH,
     )
+)
+
+register(
+    Preset(
+        "decoplus_r50",
+        lambda: DecoPlusConfig(
+            name="decoplus_r50",
+            backbone="presnet50",
+            expansion=1.0,
+            num_decoder_layers=6,
+            freeze_backbone_bn=True,  # the authors' R50 setting: frozen batch norm, frozen stem
+            freeze_at=0,
+        ),
+        RTDETR_DATA,
+        rtdetr_pretrained(freeze_stem_and_bn=True),
+        DECOPLUS_SCRATCH,
+    )
+)
+
+# Our CPU-sized member of the family, on the DECO+ frame: query selection from dense encoder
+# predictions converges far faster from random weights than DECO's learned queries (see
+# README, "deco_tiny").  Everything trains, batch norm included; the light augmentation.
+register(
+    Preset(
+        "deco_tiny",
+        lambda: DecoPlusConfig(
+            name="deco_tiny",
+            num_classes=80,
+            backbone="presnet18",
+            backbone_width=32,
+            hidden_dim=128,
+            encoder_blocks=1,
+            expansion=0.5,
+            csp_blocks=1,
+            num_decoder_layers=3,
+            query_grid=(10, 10),
+            num_top_queries=100,
+            eval_size=(320, 320),
+            # Queries placed on the grid by box centre: on the bundled data, AP 0.384 vs 0.359
+            # in score order (the demo recipe with zoom 0.4, 1,500 steps).
+            query_layout="spatial",
+        ),
+        DataRecipe("light"),
+        rtdetr_pretrained(freeze_stem_and_bn=False),
+        DECOPLUS_SCRATCH,
+    )
+)
+
+
+# ----------------------------------------------------------------------------- lookups
 
 
 def list_models() -> list[str]:
@@ -82,11 +204,59 @@ def list_models() -> list[str]:
     return sorted(_PRESETS)
 
 
-def get_config(name: str, **overrides: Any) -> ModelConfig:
-    """The preset's config with ``overrides`` applied."""
+def get_preset(name: str) -> Preset:
+    """The :class:`Preset` called ``name``; :class:`DecodetError` if there is none."""
     if name not in _PRESETS:
         raise DecodetError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    return replace(_PRESETS[name](), **overrides)
+    return _PRESETS[name]
+
+
+def get_config(name: str, **overrides: Any) -> ModelConfig:
+    """The preset's config with ``overrides`` applied."""
+    return replace(get_preset(name).config(), **overrides)
+
+
+def data_recipe(cfg: ModelConfig) -> dict[str, Any]:
+    """``transforms``, ``imgsz`` and ``multiscale`` for a model config (its preset's data recipe;
+    a square recipe without a size of its own takes the config's ``eval_size``)."""
+    recipe = get_preset(cfg.name).data
+    imgsz = recipe.imgsz if recipe.imgsz is not None else int(cfg.eval_size[0])
+    return {"transforms": recipe.transforms, "imgsz": imgsz, "multiscale": recipe.multiscale}
+
+
+def train_recipe(name: str, pretrained: bool) -> dict[str, Any]:
+    """Default training settings of preset ``name`` by whether its backbone starts pretrained.
+
+    A dict of ``TrainConfig`` field values (data recipe included); its ``model_overrides``
+    entry holds the freezing settings for the model config.
+    """
+    preset = get_preset(name)
+    recipe = preset.pretrained if pretrained else preset.scratch
+    return {**data_recipe(preset.config()), **recipe.fields()}
+
+
+def trained_size_fields(name: str, transforms: str, imgsz: int) -> dict[str, Any]:
+    """Model config fields recording the size a model trains at: a preset whose config carries
+    its inference size (``eval_size``) gets the training square when the augmentation resizes
+    to one (``light``, ``rtdetr``), so evaluation, ``Detector`` and export run it at that size."""
+    if get_preset(name).imgsz is None and transforms in ("light", "rtdetr"):
+        return {"eval_size": (imgsz, imgsz)}
+    return {}
+
+
+def deploy_imgsz(cfg: ModelConfig) -> tuple[int, int]:
+    """The fixed inference ``(height, width)`` of a model: its preset's, else its config's ``eval_size``."""
+    size = get_preset(cfg.name).imgsz or cfg.eval_size
+    return int(size[0]), int(size[1])
+
+
+def deploy_num_top(cfg: ModelConfig) -> int:
+    """Detections kept per image: its preset's, else its config's ``num_top_queries``."""
+    num_top = get_preset(cfg.name).num_top
+    return int(num_top if num_top is not None else cfg.num_top_queries)
+
+
+# ----------------------------------------------------------------------------- building
 
 
 def build_from_config(cfg: ModelConfig) -> torch.nn.Module:

@@ -40,8 +40,8 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from decodet.engine.evaluate import evaluate_checkpoint
     from decodet.engine.evaluator import format_stats
-    from decodet.engine.trainer import evaluate_checkpoint
 
     if args.plots and args.out is None:
         args.out = Path("runs/eval")

@@ -17,7 +17,6 @@ are kept.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ from torchvision.transforms.v2 import functional as F
 
 from decodet.data.images import DEFAULT_MAX_PIXELS, load_image
 from decodet.errors import DecodetError
+from decodet.io.files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ def parse_coco(ann_file: str | os.PathLike) -> CocoAnnotations:
         counted problems (``issues``), which are also logged as one warning.
     """
     ann_file = Path(ann_file)
-    content = _read_json(ann_file)
+    content = read_json(ann_file, "annotation file")
+    if not isinstance(content, dict):
+        raise DecodetError("expected a JSON object with 'images', 'annotations' and 'categories'", ann_file)
     for key in ("images", "annotations", "categories"):
         if not isinstance(content.get(key), list):
             problem = "missing" if key not in content else "not a list"
@@ -275,24 +277,6 @@ class CocoDetection(Dataset):
             f"{type(self).__name__}({len(self)} images, {self.num_classes} classes, "
             f"images_dir={str(self.images_dir)!r}, ann_file={str(self.ann_file)!r})"
         )
-
-
-def _read_json(ann_file: Path) -> dict[str, Any]:
-    try:
-        text = ann_file.read_bytes()
-    except FileNotFoundError:
-        raise DecodetError("annotation file not found", ann_file) from None
-    except OSError as e:
-        raise DecodetError(f"cannot read annotation file: {e.strerror or e}", ann_file) from None
-    try:
-        content = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DecodetError(f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}", ann_file) from None
-    except UnicodeDecodeError as e:
-        raise DecodetError(f"not a UTF-8 JSON file ({e.reason})", ann_file) from None
-    if not isinstance(content, dict):
-        raise DecodetError("expected a JSON object with 'images', 'annotations' and 'categories'", ann_file)
-    return content
 
 
 def _parse_categories(entries: list[Any], ann_file: Path) -> dict[int, str]:

@@ -44,20 +44,18 @@ called exactly ``train`` (likewise ``val``/``test``).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from decodet.data.converted import ConvertedDataset, write_cached_annotations
 from decodet.data.problems import Problems
 from decodet.data.voc import find_voc_root, read_voc
 from decodet.data.yolo import is_yolo_file, read_yolo
 from decodet.errors import DecodetError
+from decodet.io.files import read_mapping
 
 DATASET_FILES = ("data.yaml", "data.yml", "data.json")
 _IMAGES_KEYS = ("images", "img_dir", "images_dir", "img_folder")
@@ -160,7 +158,9 @@ def _from_coco_layout(root: Path) -> DataSpec:
 
 
 def _from_file(file: Path) -> DataSpec:
-    content = _read_mapping(file)
+    content = read_mapping(
+        file, "dataset file", "dataset file must hold a mapping of split names to image folders and annotations"
+    )
     if is_yolo_file(content):
         return _from_converted(read_yolo(file, content))
     if "images" in content and "annotations" in content:
@@ -194,28 +194,6 @@ def _from_file(file: Path) -> DataSpec:
     if not splits:
         raise DecodetError("dataset file names no split (expected e.g. 'train: {images: ..., annotations: ...}')", file)
     return DataSpec(source=file, root=root, splits=splits)
-
-
-def _read_mapping(file: Path) -> dict[str, Any]:
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DecodetError(f"cannot read dataset file: {e}", file) from None
-    try:
-        if file.suffix.lower() == ".json":
-            content = json.loads(text)
-        else:
-            content = yaml.safe_load(text)
-    except json.JSONDecodeError as e:
-        raise DecodetError(f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}", file) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise DecodetError(f"malformed YAML{where}: {problem}", file) from None
-    if not isinstance(content, dict):
-        raise DecodetError("dataset file must hold a mapping of split names to image folders and annotations", file)
-    return content
 
 
 def _pick(mapping: dict[str, Any], keys: tuple[str, ...]) -> str | None:

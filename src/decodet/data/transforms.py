@@ -38,10 +38,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from decodet.config import IMAGENET_MEAN, IMAGENET_STD
 from decodet.errors import DecodetError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RECIPES = ("detr", "light", "rtdetr")
 
 Sample = tuple[torch.Tensor, dict[str, Any]]

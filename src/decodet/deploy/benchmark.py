@@ -38,8 +38,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from decodet.deploy.export import DeployModel, as_size, default_num_top, export_onnx, prepare_model
-from decodet.registry import build_model, list_models
+from decodet.deploy.export import export_onnx
+from decodet.deploy.runtime import DeployModel, as_size, prepare_model
+from decodet.registry import build_model, deploy_num_top, list_models
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def run_benchmark(
     model = prepare_model(source)
     name = model.config.name
     size = as_size(imgsz, model.config)
-    deploy = DeployModel(model, default_num_top(model.config)).eval()
+    deploy = DeployModel(model, deploy_num_top(model.config)).eval()
     x = torch.randn(batch, 3, *size)
     sizes = torch.tensor([[float(size[0]), float(size[1])]] * batch)
     gflops = count_gflops(model, x)
@@ -305,7 +306,7 @@ def survey_models(
         torch.manual_seed(0)
         model = prepare_model(build_model(name, num_classes=num_classes))
         size = as_size(imgsz, model.config)
-        deploy = DeployModel(model, default_num_top(model.config)).eval()
+        deploy = DeployModel(model, deploy_num_top(model.config)).eval()
         x = torch.randn(batch, 3, *size)
         sizes = torch.tensor([[float(size[0]), float(size[1])]] * batch)
         row = Row(name, "torch eager", "fp32", gflops=count_gflops(model, x))

@@ -8,13 +8,14 @@ Every image is resized to one fixed ``imgsz`` (aspect ratio not kept), the evalu
 transform of the ``light``/``rtdetr`` recipes.  DECO's outputs depend on padding, and a
 fixed size means no padding is ever needed: results do not depend on the batch an image
 was in, batches need no size grouping, and the same size exports to ONNX.  The default
-size is DECO+'s ``eval_size``; DECO has none and gets 640x640 (the authors evaluate DECO
+size is the preset's deploy default (:func:`decodet.registry.deploy_imgsz`): DECO+'s
+``eval_size`` (the size it was trained at); DECO has none and gets 640x640 (the authors evaluate DECO
 at short side 800 keeping the aspect ratio: pass e.g. ``imgsz=(800, 1216)`` for 2:3
 landscape images to get close to that).
 
 Results, one dict per image, in input order (torchvision-style, CPU tensors)::
 
-    boxes   [N, 4] float32  xyxy in original-image pixels (not clipped, as ``postprocess``)
+    boxes   [N, 4] float32  xyxy in original-image pixels, clipped to the image (as ``postprocess``)
     scores  [N]    float32  sorted high to low, all >= score_threshold
     labels  [N]    int64    dataset category ids (``config.category_ids``)
     names   list[str]       class names (the label number when the model has no names)
@@ -35,15 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from decodet.deploy.export import (
-    DeployModel,
-    as_size,
-    export_onnx,
-    normalization,
-    parse_metadata,
-    prepare_model,
-)
+from decodet.deploy.export import export_onnx, parse_metadata
 from decodet.deploy.inputs import IMAGE_SUFFIXES, ImageItem, iter_images, preprocess, to_uint8_chw  # noqa: F401
+from decodet.deploy.runtime import DeployModel, as_size, normalization, prepare_model
 from decodet.errors import DecodetError
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,8 @@
 """ONNX export of a detector *with* its post-processing, optionally fp16 or int8.
 
+What is exported is :class:`~decodet.deploy.runtime.DeployModel`, the graph the torch
+backend of ``Detector`` runs too; this module only writes it to ONNX.
+
 The exported graph::
 
     images      [B, 3, H, W] float32, resized to (H, W), scaled to [0, 1] and normalised
@@ -36,7 +39,6 @@ Precisions:
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import os
@@ -51,109 +53,21 @@ import torch
 from torch import Tensor, nn
 
 import decodet
-from decodet.config import ModelConfig, config_from_dict, config_to_dict
-from decodet.deploy.inputs import IMAGENET_MEAN, IMAGENET_STD
+from decodet.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, config_from_dict, config_to_dict, normalization
+from decodet.deploy.runtime import DeployModel, as_size, prepare_model
 from decodet.errors import DecodetError
 from decodet.io.atomic import atomic_path
+from decodet.registry import deploy_num_top
 
 log = logging.getLogger(__name__)
 
 FORMAT = "decodet-onnx"
 FORMAT_VERSION = 1  # bump when inputs/outputs/metadata change incompatibly
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-DECO_DEFAULT_SIZE = (640, 640)
-DECO_DEFAULT_TOP = 100
 _QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
 # The torch.export-based exporter writes opset 18+; converting DECO's graphs down fails
 # (ONNX's version converter cannot move Reduce* axes inputs back into attributes).
 MIN_OPSET = 18
-
-
-# ----------------------------------------------------------------------------- model
-
-
-class DeployModel(nn.Module):
-    """``model`` + export-friendly post-processing (the same maths as ``postprocess``).
-
-    ``forward(images [B, 3, H, W], orig_sizes [B, 2] (h, w) float)`` returns
-    ``boxes [B, K, 4]`` xyxy pixels, ``scores [B, K]`` sorted, ``labels [B, K]`` int64
-    category ids, with ``K = min(num_top, Q * C)``.  No data-dependent shapes, so it
-    exports to ONNX and runs batched; the torch backend of ``Detector`` uses it too.
-    """
-
-    def __init__(self, model: nn.Module, num_top: int) -> None:
-        super().__init__()
-        self.model = model
-        self.num_top = int(num_top)
-        cfg = model.config
-        ids = cfg.category_ids if cfg.category_ids is not None else list(range(cfg.num_classes))
-        self.register_buffer("category_ids", torch.as_tensor(ids, dtype=torch.int64), persistent=False)
-
-    def forward(self, images: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        out = self.model(images)
-        logits, boxes = out["pred_logits"].float(), out["pred_boxes"].float()
-        c = logits.shape[2]
-        k = min(self.num_top, logits.shape[1] * c)
-        scores, index = logits.sigmoid().flatten(1).topk(k, dim=1)
-        query = torch.div(index, c, rounding_mode="floor")
-        labels = self.category_ids[index % c]
-        cx, cy, w, h = boxes.unbind(-1)
-        xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-        xyxy = torch.gather(xyxy, 1, query.unsqueeze(-1).expand(-1, -1, 4))
-        sizes = orig_sizes.float()
-        scale = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=1).unsqueeze(1)
-        # clipped to the image, as the evaluation does (a box past the border only loses IoU)
-        return torch.minimum(torch.clamp(xyxy * scale, min=0.0), scale), scores, labels
-
-
-def default_imgsz(cfg: ModelConfig) -> tuple[int, int]:
-    """The fixed inference size: DECO+'s ``eval_size``; 640x640 for DECO (no such field)."""
-    size = getattr(cfg, "eval_size", None) or DECO_DEFAULT_SIZE
-    return int(size[0]), int(size[1])
-
-
-def default_num_top(cfg: ModelConfig) -> int:
-    """Detections kept per image: DECO+'s ``num_top_queries``; 100 for DECO (the authors')."""
-    return int(getattr(cfg, "num_top_queries", DECO_DEFAULT_TOP))
-
-
-def as_size(imgsz: int | Iterable[int] | None, cfg: ModelConfig) -> tuple[int, int]:
-    """``None`` -> :func:`default_imgsz`; ``n`` -> ``(n, n)``; ``(h, w)`` as is; checked."""
-    if imgsz is None:
-        return default_imgsz(cfg)
-    size = (int(imgsz), int(imgsz)) if isinstance(imgsz, int) else tuple(int(v) for v in imgsz)
-    if len(size) != 2 or min(size) < 32:
-        raise DecodetError(f"image size must be (height, width) of at least 32 pixels, got {imgsz!r}")
-    return size  # type: ignore[return-value]
-
-
-def normalization(cfg: ModelConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Input mean/std the model expects: ImageNet's, unless its config turns ``normalize``
-    off (as a field or in ``extra``): RT-DETR's convention of plain [0, 1] inputs."""
-    flag = getattr(cfg, "normalize", None)
-    if flag is None:
-        flag = (getattr(cfg, "extra", None) or {}).get("normalize", True)
-    return (IMAGENET_MEAN, IMAGENET_STD) if flag else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-
-
-def prepare_model(model_or_weights: nn.Module | str | os.PathLike) -> nn.Module:
-    """An inference copy: loaded from a checkpoint, or a deep copy of the module (the
-    caller's stays untouched); eval mode, fp32, CPU, re-parameterised by ``deploy()``
-    where the model has it (DECO+'s RepVGG/BN fusion)."""
-    if isinstance(model_or_weights, nn.Module):
-        model = copy.deepcopy(getattr(model_or_weights, "module", model_or_weights))
-    else:
-        from decodet.io.checkpoint import load_model
-
-        model = load_model(model_or_weights)
-    if not hasattr(model, "config"):
-        raise DecodetError(f"{type(model).__name__} is not a decodet model (it has no .config)")
-    model = model.float().cpu().eval()
-    if hasattr(model, "deploy"):
-        model = model.deploy() or model
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -246,14 +160,16 @@ def export_onnx(
         model_or_weights: a decodet model, or a checkpoint path (ours or the authors').
         out_path: the ``.onnx`` file to write (atomically).
         imgsz: fixed input ``(height, width)`` (or one int for a square); default: the
-            model's evaluation size (DECO+ ``eval_size``; 640x640 for DECO).
+            preset's deploy size (:func:`decodet.registry.deploy_imgsz`: DECO+ ``eval_size``,
+            640x640 for DECO).
         opset: ONNX opset, at least 18 (default: the exporter's).
         dynamic_batch: make the batch axis symbolic; otherwise it is fixed at ``batch``.
         precision: ``"fp32"``, ``"fp16"``, ``"int8"`` (``"bf16"`` is refused, see above).
         calib_images: for int8, the calibration images: a folder, a glob, a list of paths
             or in-memory images (anything ``Detector`` accepts).  ``None`` calibrates on
             synthetic noise images — enough for speed tests, not for accuracy.
-        num_top: K, detections per image (default: DECO+ ``num_top_queries``, DECO 100).
+        num_top: K, detections per image (default: the preset's, :func:`decodet.registry.deploy_num_top`:
+            DECO+ ``num_top_queries``, DECO 100).
         batch: the fixed batch size when not ``dynamic_batch``.
         calib_count: at most this many calibration images are used.
 
@@ -278,7 +194,7 @@ def export_onnx(
     model = prepare_model(model_or_weights)
     cfg = model.config
     size = as_size(imgsz, cfg)
-    k = int(num_top) if num_top is not None else default_num_top(cfg)
+    k = int(num_top) if num_top is not None else deploy_num_top(cfg)
     k = min(k, cfg.num_queries * cfg.num_classes)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

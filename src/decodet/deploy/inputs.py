@@ -20,14 +20,13 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
+from decodet.config import IMAGENET_MEAN, IMAGENET_STD
 from decodet.data.images import load_image, to_rgb
 from decodet.deploy.video import VIDEO_SUFFIXES, read_frames
 from decodet.errors import DecodetError
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 

@@ -23,9 +23,10 @@ from decodet.deploy.detector import Detector
 from decodet.deploy.draw import draw_detections, save_image_atomic
 from decodet.deploy.predict_video import predict_video
 from decodet.deploy.video import is_video
-from decodet.engine.logging import progress
 from decodet.errors import DecodetError
 from decodet.io.atomic import atomic_write_text
+from decodet.io.coco_results import detections_to_coco
+from decodet.utils.console import progress
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +82,7 @@ def predict_to_folder(
             log.warning("%s is not in %s: left out of predictions.json", path, ann_file)
         else:
             index.append({"id": image_id, "file_name": str(path)})
-            for (x0, y0, x1, y1), score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"]):
-                results.append(
-                    {
-                        "image_id": image_id,
-                        "category_id": int(label),
-                        "bbox": [x0, y0, x1 - x0, y1 - y0],
-                        "score": float(score),
-                    }
-                )
+            results.extend(detections_to_coco({image_id: det}, max_dets=None))
         if draw and det.get("path"):
             drawn = draw_detections(load_image(path), det, detector.class_names, score_threshold=threshold)
             save_image_atomic(drawn, out / f"{path.stem}.jpg")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 import os
@@ -28,6 +27,8 @@ import numpy as np
 import torch
 
 from decodet.errors import DecodetError
+from decodet.io.coco_results import det_arrays, detections_to_coco
+from decodet.io.files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -122,32 +123,6 @@ def format_stats(stats: Mapping[str, float]) -> str:
     return "\n".join(lines)
 
 
-def detections_to_coco(dets: Mapping[int, Mapping[str, Any]], max_dets: int | None = 100) -> list[dict]:
-    """Torchvision-style detections -> COCO results list.
-
-    Args:
-        dets: ``{image_id: {"boxes": [N, 4] xyxy, "scores": [N], "labels": [N] category ids}}``.
-        max_dets: keep the ``max_dets`` highest-scoring detections per image (``None``: all).
-            Kept detections stay in their input order (COCOeval breaks score ties by order).
-
-    Returns:
-        ``[{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}]`` with
-        unrounded Python floats (float32 inputs convert exactly).
-    """
-    results = []
-    for image_id, det in dets.items():
-        boxes, scores, labels = _det_arrays(det, image_id)
-        keep = np.arange(len(scores))
-        if max_dets is not None and len(scores) > max_dets:
-            keep = np.sort(np.argsort(-scores, kind="stable")[:max_dets])
-        xywh = boxes[keep]
-        xywh[:, 2:] -= xywh[:, :2]
-        iid = int(image_id)
-        for box, score, label in zip(xywh.tolist(), scores[keep].tolist(), labels[keep].tolist()):
-            results.append({"image_id": iid, "category_id": label, "bbox": box, "score": score})
-    return results
-
-
 class CocoEvaluator:
     """Collects detections during an evaluation pass, across processes, then scores them.
 
@@ -184,7 +159,7 @@ class CocoEvaluator:
         for image_id, det in zip(ids, detections):
             if image_id in self._dets:
                 continue
-            boxes, scores, labels = _det_arrays(det, image_id)
+            boxes, scores, labels = det_arrays(det, image_id)
             if self.max_dets is not None and len(scores) > self.max_dets:
                 keep = np.sort(np.argsort(-scores, kind="stable")[: self.max_dets])
                 boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
@@ -230,7 +205,7 @@ def load_coco_gt(gt: GroundTruth) -> Any:
     path = None
     if isinstance(gt, (str, os.PathLike)):
         path = Path(gt)
-        gt = _read_json(path)
+        gt = read_json(path)
     if not isinstance(gt, Mapping):
         if path is None:
             raise TypeError(f"ground truth must be a path, dict or COCO, got {type(gt).__name__}")
@@ -278,7 +253,7 @@ def _load_results(detections: Detections) -> tuple[list[dict], Path | None, set[
     """-> (fresh results list safe for ``loadRes`` to mutate, source file or None, image ids named)."""
     if isinstance(detections, (str, os.PathLike)):
         path = Path(detections)
-        data = _read_json(path)
+        data = read_json(path)
         if not isinstance(data, list):
             raise DecodetError("a COCO results file must hold a JSON list of detections", path)
         return _validated_results(data, path), path, set()
@@ -305,18 +280,6 @@ def _validated_results(data: Sequence[Any], path: Path | None) -> list[dict]:
             )
         results.append({**r, "bbox": list(r["bbox"])})
     return results
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DecodetError("file not found", path) from None
-    except json.JSONDecodeError as e:
-        raise DecodetError(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})", path) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DecodetError(f"cannot read ({e})", path) from None
 
 
 def _check_image_ids(ids: set, gt_ids: set, source: Path | None, what: str) -> None:
@@ -359,30 +322,6 @@ def _run_pycocotools(gt: Any, results: list[dict], image_ids: list[int]) -> Any:
         ev.summarize()
     logger.debug("pycocotools:\n%s", chatter.getvalue())
     return ev
-
-
-def _det_arrays(det: Mapping[str, Any], image_id: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """-> boxes ``[N, 4]`` float64, scores ``[N]`` float64, labels ``[N]`` int64 (fresh copies)."""
-    try:
-        boxes = _as_numpy(det["boxes"], np.float64)
-        scores = _as_numpy(det["scores"], np.float64).reshape(-1)
-        labels = _as_numpy(det["labels"], np.int64).reshape(-1)
-    except (KeyError, TypeError) as e:
-        raise DecodetError(f"detections for image {image_id}: need 'boxes', 'scores' and 'labels' ({e!r})") from None
-    if boxes.size == 0:
-        boxes = boxes.reshape(0, 4)
-    if boxes.ndim != 2 or boxes.shape[1] != 4 or not len(boxes) == len(scores) == len(labels):
-        raise DecodetError(
-            f"detections for image {image_id}: boxes must be [N, 4] with N scores and labels, got "
-            f"{list(boxes.shape)}, {len(scores)}, {len(labels)}"
-        )
-    return boxes, scores, labels
-
-
-def _as_numpy(x: Any, dtype: type) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().to(torch.float64 if dtype is np.float64 else torch.int64).numpy()
-    return np.array(x, dtype=dtype)
 
 
 def _is_finite_number(x: Any) -> bool:

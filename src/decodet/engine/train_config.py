@@ -1,8 +1,8 @@
 """``TrainConfig``: every training setting in one typed, serialisable dataclass.
 
-Fields left at ``None`` are filled by :func:`resolve` from :func:`recipe_for`, which picks
-the training recipe by architecture and by whether the backbone starts from pretrained
-weights:
+Fields left at ``None`` are filled by :func:`resolve` from the preset's recipes, kept with the
+preset in :mod:`decodet.registry` (:func:`~decodet.registry.train_recipe`), chosen by whether
+the backbone starts from pretrained weights:
 
 - **pretrained** (a pretrained backbone or ``--weights``): the authors' published recipe.
   DECO: AdamW lr 1e-4, backbone and encoder 1e-5, weight decay 1e-4, lr / 10 at 2/3 of the
@@ -28,8 +28,10 @@ from typing import Any
 
 import yaml
 
-from decodet.errors import DecodetError
+from decodet.errors import DecodetError, reject_unknown
 from decodet.io.atomic import atomic_write_text
+from decodet.io.files import read_mapping
+from decodet.registry import train_recipe
 
 SCHEDULES = ("step", "cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -37,7 +39,7 @@ AMP_MODES = ("none", "bf16", "fp16")
 
 @dataclass
 class TrainConfig:
-    """Training settings; ``None`` means "the recipe's default" (see :func:`recipe_for`)."""
+    """Training settings; ``None`` means "the preset's recipe" (:func:`decodet.registry.train_recipe`)."""
 
     # what to train, on what
     model: str = "deco_tiny"
@@ -111,10 +113,7 @@ class TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys are a :class:`DecodetError`."""
         if not isinstance(data, dict):
             raise DecodetError(f"a training config must be a mapping of option names to values, got {data!r}", source)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise DecodetError(f"unknown training option(s) {unknown}; known: {sorted(names)}", source)
+        reject_unknown(data, (f.name for f in dataclasses.fields(cls)), "training option(s)", source)
         cfg = cls(**{k: _coerce(v, _field_types()[k]) for k, v in data.items()})
         cfg.validate(source)
         return cfg
@@ -132,7 +131,7 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         """Read a YAML or JSON training config."""
-        return cls.from_dict(read_mapping(path), source=path)
+        return cls.from_dict(_read_config(path), source=path)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes``; unknown names are a :class:`DecodetError`."""
@@ -168,102 +167,17 @@ class TrainConfig:
                 raise DecodetError(message, source)
 
 
-def read_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML / JSON file's top-level mapping; DecodetError naming the file otherwise."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise DecodetError(f"cannot read training config: {e.strerror or e}", path) from None
-    try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise DecodetError(f"malformed config: {str(e).splitlines()[0]}", path) from None
-    if not isinstance(data, dict):
-        raise DecodetError("a training config must be a mapping of option names to values", path)
-    return data
-
-
 # ---------------------------------------------------------------------- recipes
 
 
-def data_recipe(model_cfg: Any) -> dict[str, Any]:
-    """``transforms``, ``imgsz`` and ``multiscale`` for a model config (training and evaluation).
-
-    DETR's augmentation at short side 800 for DECO; RT-DETR's at the eval square (640) with
-    multi-scale batches for DECO+; the light recipe at its eval size for the CPU-sized deco_tiny.
-    """
-    if model_cfg.name == "deco_tiny":
-        return {"transforms": "light", "imgsz": int(model_cfg.eval_size[0]), "multiscale": False}
-    if model_cfg.arch == "deco":
-        return {"transforms": "detr", "imgsz": 800, "multiscale": False}
-    return {"transforms": "rtdetr", "imgsz": int(model_cfg.eval_size[0]), "multiscale": True}
-
-
-def recipe_for(model_name: str, pretrained: bool) -> dict[str, Any]:
-    """Default training settings for ``model_name`` (a preset) by whether its backbone is pretrained.
-
-    Returns a dict of :class:`TrainConfig` field values; its ``model_overrides`` entry holds the
-    freezing settings for the model config (``freeze_backbone_bn``, ``freeze_stem_layer1`` /
-    ``freeze_at``).
-    """
-    from decodet.registry import get_config
-
-    mcfg = get_config(model_name)
-    data = data_recipe(mcfg)
-
-    if pretrained and mcfg.arch == "deco":
-        return {
-            **data,
-            "lr": 1e-4,
-            "lr_backbone": 1e-5,
-            "lr_encoder": 1e-5,
-            "weight_decay": 1e-4,
-            "norm_bias_decay": True,
-            "schedule": "step",
-            "warmup_steps": 0,
-            "ema": False,
-            "model_overrides": {"freeze_backbone_bn": True, "freeze_stem_layer1": True},
-        }
-    if pretrained:  # DECO+ on RT-DETR's recipe; ResNet-D-50 and up freeze the stem and BN
-        deep = mcfg.backbone not in ("presnet18", "presnet34")
-        return {
-            **data,
-            "lr": 1.5e-4,
-            "lr_backbone": 1.5e-5,
-            "lr_encoder": None,
-            "weight_decay": 1e-4,
-            "norm_bias_decay": False,
-            "schedule": "constant",
-            "warmup_steps": 0,
-            "ema": True,
-            "model_overrides": {"freeze_backbone_bn": deep, "freeze_at": 0 if deep else -1},
-        }
-    # From scratch: everything trains (BN included) at one, higher learning rate.
-    freeze = {"freeze_backbone_bn": False}
-    freeze.update({"freeze_stem_layer1": False} if mcfg.arch == "deco" else {"freeze_at": -1})
-    return {
-        **data,
-        "lr": 4e-4,
-        "lr_backbone": 4e-4,
-        "lr_encoder": None,
-        "weight_decay": 1e-4,
-        "norm_bias_decay": False,
-        "schedule": "cosine",
-        "warmup_steps": 200,
-        "ema": mcfg.arch == "decoplus",
-        "model_overrides": freeze,
-    }
-
-
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with every ``None`` recipe field filled from :func:`recipe_for`.
+    """``cfg`` with every ``None`` recipe field filled from the preset's recipe.
 
     The backbone counts as pretrained when ``pretrained_backbone`` is set or ``weights`` are given.
     The recipe's model overrides sit under the user's ``model_overrides``.
     """
     pretrained = bool(cfg.pretrained_backbone or cfg.weights)
-    recipe = recipe_for(cfg.model, pretrained)
+    recipe = train_recipe(cfg.model, pretrained)
     changes: dict[str, Any] = {}
     for key, value in recipe.items():
         if key == "model_overrides":
@@ -278,6 +192,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------- command line
+
+
+def _read_config(path: str | Path) -> dict[str, Any]:
+    return read_mapping(path, "training config", "a training config must be a mapping of option names to values")
 
 
 def _field_types() -> dict[str, Any]:
@@ -337,7 +255,7 @@ def _key_value(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
-# fields whose None default is filled by recipe_for()
+# fields whose None default is filled by the preset's recipe (decodet.registry.train_recipe)
 _RECIPE_FIELDS = {
     "lr", "lr_backbone", "lr_encoder", "weight_decay", "norm_bias_decay", "schedule", "warmup_steps", "ema",
     "imgsz", "transforms", "multiscale",
@@ -410,7 +328,7 @@ def config_from_namespace(ns: argparse.Namespace) -> TrainConfig:
             given[key] = dict(given[key])
     config_file = getattr(ns, "config", None)
     if config_file:
-        base = read_mapping(config_file)
+        base = _read_config(config_file)
     elif given.get("resume"):
         base = TrainConfig.load(run_config_path(given["resume"])).to_dict()
     else:

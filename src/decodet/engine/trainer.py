@@ -28,22 +28,18 @@ that the next run in the folder removes) and ``--resume`` continues from the las
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
-import random
 import re
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from decodet.config import ModelConfig, config_from_dict, config_to_dict, replace
+from decodet.config import config_from_dict, config_to_dict, input_normalized, replace
 from decodet.data.coco import CocoDetection
 from decodet.data.spec import resolve_data
 from decodet.data.transforms import MultiScaleCollate, build_transforms, collate, multiscale_sizes
@@ -51,16 +47,18 @@ from decodet.engine import distributed as D
 from decodet.engine import faults
 from decodet.engine.early_stopping import EarlyStopping
 from decodet.engine.ema import ModelEMA
-from decodet.engine.evaluator import CocoEvaluator, detections_to_coco, merge_detections
-from decodet.engine.logging import MetricsLogger, plot_curves, progress
+from decodet.engine.evaluate import autocast, check_labels_fit, eval_batch_size, evaluate
+from decodet.engine.logging import MetricsLogger, plot_curves
 from decodet.engine.optim import build_optimizer, build_scheduler, fit_total_steps
+from decodet.engine.seeding import epoch_seed, get_rng_state, seed_everything, set_determinism, set_rng_state
 from decodet.engine.tensorboard import TensorBoardLogger, require_tensorboard
-from decodet.engine.train_config import TrainConfig, data_recipe, parse_train_args, resolve
+from decodet.engine.train_config import TrainConfig, parse_train_args, resolve
 from decodet.errors import DecodetError
-from decodet.io.atomic import atomic_open, atomic_write_text
+from decodet.io.atomic import atomic_open
+from decodet.io.checkpoint import safe_torch_load
 from decodet.losses import build_criterion
-from decodet.models.postprocess import postprocess
-from decodet.registry import build_from_config, get_config
+from decodet.registry import build_from_config, get_config, trained_size_fields
+from decodet.utils.console import progress
 
 log = logging.getLogger(__name__)
 
@@ -109,178 +107,6 @@ def main_train(argv: list[str] | None = None) -> dict[str, Any]:
     return train(parse_train_args(argv))
 
 
-def input_normalized(model_cfg: ModelConfig) -> bool:
-    """Whether the model takes ImageNet-normalised input: yes unless its config turns
-    ``normalize`` off (a field, or in ``extra``; RT-DETR's plain [0, 1] convention).  The
-    same rule as ``decodet.deploy.export.normalization``: training, evaluation and inference agree."""
-    flag = getattr(model_cfg, "normalize", None)
-    if flag is None:
-        flag = (getattr(model_cfg, "extra", None) or {}).get("normalize", True)
-    return bool(flag)
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    data: Dataset | DataLoader,
-    gt: Any = None,
-    *,
-    device: torch.device | str | None = None,
-    batch_size: int = 1,
-    workers: int = 0,
-    amp: str = "none",
-    num_top: int = 100,
-    category_ids: list[int] | None = None,
-    channels_last: bool = False,
-    show_progress: bool = True,
-    detections_out: str | os.PathLike | None = None,
-    plots_out: str | os.PathLike | None = None,
-    plot_threshold: float = 0.3,
-) -> dict[str, float]:
-    """COCO box AP of ``model`` on ``data``; every process evaluates its shard.
-
-    Args:
-        model: a detector (``pred_logits`` / ``pred_boxes`` outputs); put in eval mode here.
-        data: a dataset with eval transforms (``CocoDetection``) or a loader of :func:`collate` batches.
-        gt: COCO ground truth (path / dict / ``COCO``); default: the dataset's ``ann_file``.
-        batch_size, workers: for the loader built when ``data`` is a dataset.
-        amp: ``none`` | ``bf16`` | ``fp16`` autocast for the forward pass.
-        num_top: detections kept per image (COCO's maxDets is 100).
-        category_ids: logit index -> category id; default: the model config's ``category_ids``
-            (``None`` there means the logit index is the id).
-        detections_out: also write the COCO results JSON here (rank 0).
-        plots_out: also write the per-class table, PR curves, confusion matrix (at score
-            ``plot_threshold``) and worst images into this folder (rank 0; decodet.engine.analysis).
-
-    Returns:
-        The 12 COCO stats (``AP``, ``AP50``, ...) on every process.
-    """
-    inner = D.unwrap(model)
-    device = torch.device(device) if device is not None else next(inner.parameters()).device
-    if isinstance(data, DataLoader):
-        loader = data
-    else:
-        sampler = D.ShardSampler(len(data), D.get_rank(), D.get_world_size())
-        loader = DataLoader(
-            data,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=workers,
-            collate_fn=collate,
-            generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
-        )
-    if gt is None:
-        gt = getattr(loader.dataset, "ann_file", None)
-        if gt is None:
-            raise ValueError("evaluate: pass gt (COCO ground truth) for a dataset without ann_file")
-    if category_ids is None:
-        category_ids = getattr(getattr(inner, "config", None), "category_ids", None)
-
-    was_training = inner.training
-    inner.eval()  # the bare module: a DDP forward would sync buffers across uneven shards
-    evaluator = CocoEvaluator(max_dets=num_top)
-    kept: dict[int, dict[str, Tensor]] = {}
-    for images, targets in progress(loader, desc="eval", disable=None if show_progress else True, log_every=0):
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp):
-            outputs = inner(images)
-        canvas = [tuple(images.shape[-2:])] * images.shape[0]
-        dets = [_to_original(d, t) for d, t in zip(postprocess(outputs, canvas, num_top, category_ids), targets)]
-        ids = [int(t["image_id"]) for t in targets]
-        evaluator.update(ids, dets)
-        if detections_out is not None:
-            kept.update(zip(ids, dets))
-    inner.train(was_training)
-
-    evaluator.gather()
-    stats = None
-    if D.is_main():
-        stats = evaluator.summarize(gt)
-        if plots_out is not None:
-            from decodet.engine.analysis import write_analysis
-
-            images_dir = getattr(loader.dataset, "images_dir", None)
-            write_analysis(plots_out, evaluator.coco_eval, images_dir, score_threshold=plot_threshold)
-    if detections_out is not None:
-        merged = merge_detections(D.all_gather_object(kept))
-        if D.is_main():
-            atomic_write_text(detections_out, json.dumps(detections_to_coco(merged, max_dets=None)))
-    return D.broadcast_object(stats)
-
-
-def evaluate_checkpoint(
-    weights: str | os.PathLike,
-    data: str | os.PathLike,
-    split: str = "val",
-    imgsz: int | None = None,
-    batch_size: int = 4,
-    device: str = "auto",
-    out: str | os.PathLike | None = None,
-    workers: int = 0,
-    plots: bool = False,
-    plot_threshold: float = 0.3,
-) -> dict[str, float]:
-    """COCO stats of a checkpoint (ours or the authors') on a dataset split.
-
-    The eval transform and size follow the model's training recipe
-    (:func:`~decodet.engine.train_config.data_recipe`) unless ``imgsz`` is given; the
-    keep-aspect ``detr`` resize evaluates one image per batch whatever ``batch_size`` says.
-    With ``out``, writes ``detections.json`` and ``stats.json`` into that folder (rank 0), and
-    with ``plots`` the per-class table, curves, confusion matrix and worst images too.
-    Under ``torchrun`` every process scores its shard of the images; all return the stats.
-    """
-    created_group = not D.is_dist()
-    try:
-        # under torchrun every process scores its shard of the images (joins the group here)
-        dev = D.init_distributed(device).device
-        plot_kw = {"plots": plots, "plot_threshold": plot_threshold}
-        return _evaluate_checkpoint(weights, data, split, imgsz, batch_size, dev, out, workers, **plot_kw)
-    finally:
-        if created_group:
-            D.cleanup()
-
-
-def _evaluate_checkpoint(
-    weights: str | os.PathLike,
-    data: str | os.PathLike,
-    split: str,
-    imgsz: int | None,
-    batch_size: int,
-    dev: torch.device,
-    out: str | os.PathLike | None,
-    workers: int,
-    plots: bool = False,
-    plot_threshold: float = 0.3,
-) -> dict[str, float]:
-    from decodet.io.checkpoint import load_model
-
-    model = load_model(weights, map_location=dev)
-    mcfg = model.config
-    split_spec = resolve_data(data).split(split)
-    recipe = data_recipe(mcfg)
-    tf = build_transforms(
-        recipe["transforms"], train=False, imgsz=imgsz or recipe["imgsz"], normalize=input_normalized(mcfg)
-    )
-    dataset = CocoDetection(split_spec.images_dir, split_spec.ann_file, transforms=tf)
-    _check_labels_fit(mcfg, dataset)
-    out_dir = Path(out) if out is not None else None
-    stats = evaluate(
-        model,
-        dataset,
-        device=dev,
-        batch_size=_eval_batch_size(recipe["transforms"], batch_size),
-        workers=workers,
-        detections_out=out_dir / "detections.json" if out_dir else None,
-        plots_out=out_dir if out_dir is not None and plots else None,
-        plot_threshold=plot_threshold,
-    )
-    if out_dir is not None and D.is_main():
-        atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
-    return stats
-
-
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -297,7 +123,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if cfg.amp == "fp16" and self.device.type != "cuda":
             raise DecodetError("amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
-        _set_determinism(cfg.deterministic, self.device)
+        set_determinism(cfg.deterministic, self.device)
 
         cfg = faults.continue_elastic_run(cfg)  # restarted by torchrun: resume the job's run folder
         state = self._load_state(cfg.resume) if cfg.resume else None
@@ -315,7 +141,7 @@ class Trainer:
             raise DecodetError("the training split has no images", train_split.ann_file)
 
         # ---- model (identical initialisation on every rank)
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         if state is not None:
             mcfg = config_from_dict(state["model_config"])
             mcfg = replace(mcfg, pretrained_backbone=False)  # the state holds every weight
@@ -326,12 +152,10 @@ class Trainer:
                 "class_names": list(self.train_set.class_names),
                 "pretrained_backbone": cfg.pretrained_backbone,
             }
-            if cfg.transforms in ("light", "rtdetr") and get_config(cfg.model).arch == "decoplus":
-                # The model evaluates (and Detector / export run it) at the fixed square size it
-                # was trained at; the checkpoint's config carries it.
-                dataset_fields["eval_size"] = (cfg.imgsz, cfg.imgsz)
+            # the size it trains at, where the config carries its inference size (DECO+'s eval_size)
+            dataset_fields.update(trained_size_fields(cfg.model, cfg.transforms, cfg.imgsz))
             mcfg = get_config(cfg.model, **{**dataset_fields, **cfg.model_overrides})
-        _check_labels_fit(mcfg, self.train_set)
+        check_labels_fit(mcfg, self.train_set)
         normalize = input_normalized(mcfg)
         self.train_set.transforms = build_transforms(
             cfg.transforms, train=True, imgsz=cfg.imgsz, normalize=normalize, zoom=cfg.zoom
@@ -477,14 +301,14 @@ class Trainer:
         ddp = self.model
         ddp.train()
         self.criterion.train()
-        seed = _epoch_seed(cfg.seed, epoch, self.info.rank)
+        seed = epoch_seed(cfg.seed, epoch, self.info.rank)
         self.sampler.set_epoch(epoch)
         self.sampler.start = self.batches_done * cfg.batch_size
         self.loader_generator.manual_seed(seed + 1)
         if self.batches_done and self.resume_rng is not None:
-            _set_rng_state(self.resume_rng)
+            set_rng_state(self.resume_rng)
         else:
-            _seed_everything(seed)
+            seed_everything(seed)
         self.resume_rng = None
 
         first, total = self.batches_done, self.batches_per_epoch
@@ -513,7 +337,7 @@ class Trainer:
                         self.tb.log_step(self.global_step, loss_value)
                     stop = self._should_stop()
                     if stop:  # the RNG states a mid-epoch resume continues from
-                        self.stop_rng = _get_rng_state()
+                        self.stop_rng = get_rng_state()
                 bar.set_postfix(loss=loss_value, lr=self.optimizer.param_groups[-1]["lr"])
                 if stop:
                     break
@@ -547,7 +371,7 @@ class Trainer:
         # DDP syncs gradients only on the micro-batch that ends an accumulation group
         no_sync = ddp.no_sync() if (self.info.distributed and not step_now) else contextlib.nullcontext()
         with no_sync:
-            with _autocast(self.device, cfg.amp):
+            with autocast(self.device, cfg.amp):
                 outputs = ddp(images)
             losses = self.criterion(_to_float(outputs), targets)
             loss = losses["loss"]
@@ -642,7 +466,7 @@ class Trainer:
             data,
             gt=self.val_set.ann_file,
             device=self.device,
-            batch_size=self.cfg.eval_batch_size or _eval_batch_size(self.cfg.transforms, self.cfg.batch_size),
+            batch_size=self.cfg.eval_batch_size or eval_batch_size(self.cfg.transforms, self.cfg.batch_size),
             workers=self.cfg.workers,
             amp=self.cfg.amp,
             num_top=100,
@@ -670,7 +494,7 @@ class Trainer:
         """Write last (and best) weights, then the training state; rank 0 only, all atomic."""
         from decodet.io.checkpoint import save_model
 
-        rng = D.all_gather_object(self.stop_rng or _get_rng_state())  # every rank's, for a mid-epoch resume
+        rng = D.all_gather_object(self.stop_rng or get_rng_state())  # every rank's, for a mid-epoch resume
         self.stop_rng = None
         if not self.is_main:
             return
@@ -710,9 +534,9 @@ class Trainer:
                 "cannot resume: training state not found (expected a run folder or its last_state.pt)", path
             )
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated / foreign file
-            raise DecodetError(f"cannot resume: unreadable training state ({type(e).__name__})", path) from None
+            state = safe_torch_load(path)
+        except DecodetError as e:  # truncated / foreign file
+            raise DecodetError(f"cannot resume: unreadable training state ({e.message})", path) from None
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise DecodetError("cannot resume: not a decodet training state", path)
         state["path"] = str(path)
@@ -832,22 +656,6 @@ class Trainer:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _eval_batch_size(recipe: str, batch_size: int) -> int:
-    """1 for the keep-aspect ``detr`` eval resize: DECO has no padding mask, so padding a batch to a
-    common size would change its detections (the authors evaluate one image at a time)."""
-    if recipe == "detr" and batch_size > 1:
-        log.info("evaluating one image per batch: padded batches would change DECO's outputs")
-        return 1
-    return batch_size
-
-
 def _to_float(outputs: Any) -> Any:
     """Model outputs with every floating tensor in fp32 (the criterion runs outside autocast)."""
     if isinstance(outputs, Tensor):
@@ -859,25 +667,6 @@ def _to_float(outputs: Any) -> Any:
     return outputs
 
 
-def _to_original(det: dict[str, Tensor], target: dict[str, Any]) -> dict[str, Tensor]:
-    """Boxes in canvas pixels -> the original image's pixels (``orig_size / size`` per axis), clamped."""
-    oh, ow = (float(v) for v in target["orig_size"])
-    h, w = (float(v) for v in target["size"])
-    boxes = det["boxes"].float().clone()
-    boxes[:, 0::2] = (boxes[:, 0::2] * (ow / w)).clamp(0, ow)
-    boxes[:, 1::2] = (boxes[:, 1::2] * (oh / h)).clamp(0, oh)
-    return {"boxes": boxes.cpu(), "scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()}
-
-
-def _check_labels_fit(mcfg: ModelConfig, dataset: CocoDetection) -> None:
-    if mcfg.num_classes < dataset.num_classes:
-        raise DecodetError(
-            f"the dataset has {dataset.num_classes} categories but the model {mcfg.name} has "
-            f"{mcfg.num_classes} class logits",
-            dataset.ann_file,
-        )
-
-
 def _probe_unused(
     model: nn.Module, criterion: nn.Module, dataset: Dataset, device: torch.device, amp: str
 ) -> list[str]:
@@ -887,7 +676,7 @@ def _probe_unused(
     """
     saved = {k: v.clone() for k, v in model.state_dict().items() if k in dict(model.named_buffers())}
     images, targets = collate([dataset[0]])
-    with _autocast(device, amp):
+    with autocast(device, amp):
         outputs = model(images.to(device))
     targets = [{"labels": t["labels"].to(device), "boxes": t["boxes"].to(device)} for t in targets]
     criterion(_to_float(outputs), targets)["loss"].backward()
@@ -905,47 +694,3 @@ def _remove_stale_temp_files(run_dir: Path) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
             log.info("removed %s, left by an interrupted write", tmp)
-
-
-def _set_determinism(deterministic: bool, device: torch.device) -> None:
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """A well-mixed 63-bit seed from (seed, epoch, rank)."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _get_rng_state() -> dict[str, Any]:
-    """The global RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
-    state = {
-        "python": [version, torch.tensor(internal, dtype=torch.int64), gauss],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal.tolist()), gauss))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -131,7 +131,7 @@ def _read_ours(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     return cfg, state
 
 
-def _torch_load(path: Path) -> Any:
+def safe_torch_load(path: Path) -> Any:
     """``torch.load`` with ``weights_only=True``; the authors' files also pickle their
     training options as ``argparse.Namespace``, which we allow-list and nothing more."""
     try:
@@ -154,7 +154,7 @@ def _torch_load(path: Path) -> Any:
 
 
 def _read_official(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
-    obj = _torch_load(path)
+    obj = safe_torch_load(path)
     state = _extract_state(obj, path)
     state = official_to_ours(state)
     cfg = infer_config(state, path)
@@ -333,5 +333,6 @@ __all__ = [
     "official_to_ours",
     "ours_to_official",
     "read_checkpoint",
+    "safe_torch_load",
     "save_model",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from decodet.errors import DecodetError
+from decodet.errors import DecodetError, reject_unknown
 from decodet.losses.criterion import SetCriterion
 from decodet.losses.matcher import HungarianMatcher
 
@@ -84,9 +84,7 @@ def build_criterion(name_or_config: Any, **overrides: Any) -> SetCriterion:
             hybrid one-to-many branch, 0 = off) and ``o2m_weight``.
     """
     options = criterion_options(name_or_config)
-    unknown = sorted(set(overrides) - set(options))
-    if unknown:
-        raise DecodetError(f"unknown criterion option(s) {unknown}; known: {sorted(options)}")
+    reject_unknown(overrides, options, "criterion option(s)")
     options.update(overrides)
     use_vfl = bool(options["use_vfl"])
     alpha = options["alpha"] if options["alpha"] is not None else (0.75 if use_vfl else 0.25)

@@ -5,8 +5,6 @@ Single scale, learned queries on a 2-D grid, no attention, no positional encodin
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor, nn
 
 from decodet.config import DecoConfig
@@ -14,23 +12,13 @@ from decodet.errors import DecodetError
 from decodet.models.backbone import Backbone
 from decodet.models.decoder import DecoDecoder
 from decodet.models.encoder import DecoEncoder
-from decodet.models.layers import MLP
-
-
-def check_images(images: Tensor) -> None:
-    """Raise :class:`DecodetError` unless ``images`` is a float ``[B, 3, H, W]`` tensor."""
-    if not isinstance(images, Tensor):
-        raise DecodetError(f"model input must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise DecodetError(f"model input must have shape [B, 3, H, W], got {list(images.shape)}")
-    if not images.is_floating_point():
-        raise DecodetError(f"model input must be a float tensor (ImageNet-normalised), got {images.dtype}")
+from decodet.models.layers import MLP, check_images, init_detection_heads
 
 
 class DECO(nn.Module):
     """The DECO detector.
 
-    ``forward(images: [B, 3, H, W])`` (ImageNet-normalised, any H, W) returns
+    ``forward(images: [B, 3, H, W])`` (float, ImageNet-normalised, any H, W; checked) returns
     ``pred_logits [B, Q, C]``, ``pred_boxes [B, Q, 4]`` (normalised cxcywh) and, in
     training mode, ``aux_outputs``: the same for decoder layers 1..L-1.
     """
@@ -59,13 +47,7 @@ class DECO(nn.Module):
             for p in module.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
-        bias = -math.log((1 - 0.01) / 0.01)
-        for head in self.class_heads:
-            nn.init.constant_(head.bias, bias)
-        for head in self.box_heads:
-            nn.init.zeros_(head.layers[-1].weight)
-            nn.init.zeros_(head.layers[-1].bias)
-            nn.init.constant_(head.layers[-1].bias[2:], -2.0)
+        init_detection_heads(self.class_heads, self.box_heads, prior_prob=0.01, size_bias=-2.0)
 
     def _grid(self, emb: nn.Embedding, batch: int) -> Tensor:
         """``[Q, d]`` embedding -> ``[B, d, qH, qW]`` (query q at row q // qW, column q % qW)."""

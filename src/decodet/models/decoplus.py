@@ -26,18 +26,24 @@ this equals the authors' code.  Anchors are built for the actual level sizes (ca
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import StochasticDepth
 
 from decodet.config import DecoPlusConfig
 from decodet.errors import DecodetError
+from decodet.models.decoder import DecoDecoderLayer
 from decodet.models.hybrid_encoder import HybridEncoder, upsample2x_to
-from decodet.models.layers import MLP, DepthwiseConv2d, _exporting, adaptive_max_pool2d, inverse_sigmoid
+from decodet.models.layers import (
+    MLP,
+    DepthwiseConv2d,
+    _exporting,
+    check_images,
+    init_detection_heads,
+    inverse_sigmoid,
+)
 from decodet.models.resnet_d import ConvNormLayer, PResNet
 
 logger = logging.getLogger(__name__)
@@ -90,50 +96,22 @@ class InceptionDWConv2d(nn.Module):
         return torch.cat([x_id, self.dwconv_hw(x_hw), self.dwconv_w(x_w), self.dwconv_h(x_h)], dim=1)
 
 
-class DecoPlusDecoderLayer(nn.Module):
-    """SIM (queries among themselves, on the grid) then CIM (queries with the memory).
-
-    ``tgt: [B, Q, d]``, ``memory: [B, d, H, W]``, ``query_pos: [B, Q, d]`` -> ``[B, Q, d]``.
+class DecoPlusDecoderLayer(DecoDecoderLayer):
+    """DECO's SIM/CIM layer (:class:`~decodet.models.decoder.DecoDecoderLayer`, same parameter
+    names) with an Inception depthwise conv in the SIM and stochastic depth, on queries as a
+    sequence: ``tgt: [B, Q, d]``, ``memory: [B, d, H, W]``, ``query_pos: [B, Q, d]`` -> ``[B, Q, d]``
+    (query ``q`` at grid row ``q // qW``, column ``q % qW``).
     """
 
     def __init__(self, dim: int, query_grid: tuple[int, int], kernel_size: int = 9, drop_path: float = 0.0) -> None:
-        super().__init__()
+        super().__init__(dim, kernel_size, sim_conv=InceptionDWConv2d(dim), drop_path=drop_path)
         self.qh, self.qw = query_grid
-        # SIM
-        self.dwconv1 = InceptionDWConv2d(dim)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.pwconv1_1 = nn.Linear(dim, 4 * dim)
-        self.act1 = nn.GELU()
-        self.pwconv1_2 = nn.Linear(4 * dim, dim)
-        self.gamma1 = nn.Parameter(torch.full((dim,), 1e-6))
-        # CIM
-        self.dwconv2 = DepthwiseConv2d(dim, kernel_size)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.pwconv2_1 = nn.Linear(dim, 4 * dim)
-        self.act2 = nn.GELU()
-        self.pwconv2_2 = nn.Linear(4 * dim, dim)
-        self.gamma2 = nn.Parameter(torch.full((dim,), 1e-6))
-        self.drop_path = StochasticDepth(drop_path, "row") if drop_path > 0 else nn.Identity()
 
     def forward(self, tgt: Tensor, memory: Tensor, query_pos: Tensor) -> Tensor:
         b = tgt.shape[0]
         t = tgt.transpose(1, 2).reshape(b, -1, self.qh, self.qw)  # [B, d, qH, qW], row-major
         pos = query_pos.transpose(1, 2).reshape(b, -1, self.qh, self.qw)
-
-        # SIM: t = t + gamma1 * FFN(LN(InceptionDW(t + pos)))
-        y = self.dwconv1(t + pos).permute(0, 2, 3, 1)  # [B, qH, qW, d]
-        y = self.pwconv1_2(self.act1(self.pwconv1_1(self.norm1(y)))) * self.gamma1
-        t = t + self.drop_path(y.permute(0, 3, 1, 2))
-
-        # CIM: upsample onto the memory; y = LN(dw9x9(t + memory) + t); t = y + gamma2 * FFN(y)
-        t = F.interpolate(t, size=(memory.shape[-2], memory.shape[-1]), mode="nearest")
-        y = (self.dwconv2(t + memory) + t).permute(0, 2, 3, 1)  # [B, H, W, d]
-        y = self.norm2(y)
-        z = self.pwconv2_2(self.act2(self.pwconv2_1(y))) * self.gamma2
-        t = (y + self.drop_path(z)).permute(0, 3, 1, 2)  # [B, d, H, W]
-
-        t = adaptive_max_pool2d(t, (self.qh, self.qw))
-        return t.flatten(2).transpose(1, 2)  # [B, Q, d]
+        return super().forward(t, memory, pos).flatten(2).transpose(1, 2)  # [B, Q, d]
 
 
 class DecoderLayers(nn.Module):
@@ -190,14 +168,9 @@ class DecoPlusDecoder(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        bias = -math.log((1 - _PRIOR_PROB) / _PRIOR_PROB)
-        for cls_head, box_head in [
-            (self.enc_score_head, self.enc_bbox_head),
-            *zip(self.dec_score_head, self.dec_bbox_head),
-        ]:
-            nn.init.constant_(cls_head.bias, bias)
-            nn.init.zeros_(box_head.layers[-1].weight)
-            nn.init.zeros_(box_head.layers[-1].bias)
+        init_detection_heads(
+            [self.enc_score_head, *self.dec_score_head], [self.enc_bbox_head, *self.dec_bbox_head], _PRIOR_PROB
+        )
         nn.init.xavier_uniform_(self.enc_output[0].weight)
         for layer in self.query_pos_head.layers:
             nn.init.xavier_uniform_(layer.weight)
@@ -328,9 +301,10 @@ class DECOPlus(nn.Module):
     """The DECO+ detector.  ``DECOPlus(cfg)``; parameter names equal the authors' release
     (``backbone.``, ``encoder.``, ``decoder.``) so their state dicts load as they are.
 
-    ``forward(images: [B, 3, H, W]) -> {"pred_logits": [B, Q, C], "pred_boxes": [B, Q, 4]}``
-    (sigmoid cxcywh in [0, 1]); in training also ``aux_outputs`` (list of such dicts:
-    decoder layers ``0..L-2``, then the encoder's top-k selection).
+    ``forward(images: [B, 3, H, W])`` (float, [0, 1] pixels unless ``normalize``; checked as
+    DECO checks it) ``-> {"pred_logits": [B, Q, C], "pred_boxes": [B, Q, 4]}`` (sigmoid
+    cxcywh in [0, 1]); in training also ``aux_outputs`` (list of such dicts: decoder layers
+    ``0..L-2``, then the encoder's top-k selection).
     """
 
     def __init__(self, cfg: DecoPlusConfig) -> None:
@@ -366,8 +340,8 @@ class DECOPlus(nn.Module):
     def num_queries(self) -> int:
         return self.decoder.num_queries
 
-    def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:
-        """``targets`` is accepted for API symmetry and unused (DECO+ has no denoising queries)."""
+    def forward(self, images: Tensor) -> dict[str, Any]:
+        check_images(images)
         return self.decoder(self.encoder(self.backbone(images)))
 
     def deploy(self) -> DECOPlus:

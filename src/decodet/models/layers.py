@@ -1,4 +1,4 @@
-"""Building blocks shared by DECO and DECO+: LayerNorm2d, ConvNeXt block, MLP.
+"""Building blocks shared by DECO and DECO+: LayerNorm2d, ConvNeXt block, MLP, head initialisation.
 
 Parameter names follow the authors' release (``dwconv``, ``pwconv1``, ``gamma``, ...)
 so their checkpoints map onto ours by prefix renames only.
@@ -6,6 +6,8 @@ so their checkpoints map onto ours by prefix renames only.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -13,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 from torchvision.ops.misc import FrozenBatchNorm2d as _TvFrozenBatchNorm2d
+
+from decodet.errors import DecodetError
 
 
 class FrozenBatchNorm2d(_TvFrozenBatchNorm2d):
@@ -146,6 +150,36 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = F.relu(x)
         return x
+
+
+def check_images(images: Tensor) -> None:
+    """The input contract of every decodet model: raise :class:`DecodetError` unless
+    ``images`` is a float ``[B, 3, H, W]`` tensor."""
+    if not isinstance(images, Tensor):
+        raise DecodetError(f"model input must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise DecodetError(f"model input must have shape [B, 3, H, W], got {list(images.shape)}")
+    if not images.is_floating_point():
+        raise DecodetError(f"model input must be a float tensor (normalised pixels), got {images.dtype}")
+
+
+def init_detection_heads(
+    class_heads: Iterable[nn.Linear], box_heads: Iterable[MLP], prior_prob: float = 0.01, size_bias: float = 0.0
+) -> None:
+    """The DETR-family head initialisation, shared by DECO and DECO+.
+
+    Class heads: the bias that makes every sigmoid score start at ``prior_prob`` (the focal
+    loss prior).  Box heads (:class:`MLP`): last layer zero, so a head starts at its reference
+    box; ``size_bias`` sets the width / height logits of that start (DECO: -2, DECO+: 0).
+    """
+    bias = -math.log((1 - prior_prob) / prior_prob)
+    for head in class_heads:
+        nn.init.constant_(head.bias, bias)
+    for head in box_heads:
+        nn.init.zeros_(head.layers[-1].weight)
+        nn.init.zeros_(head.layers[-1].bias)
+        if size_bias:
+            nn.init.constant_(head.layers[-1].bias[2:], size_bias)
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:

@@ -1,10 +1,47 @@
-"""Model outputs -> detections (torchvision style), no NMS."""
+"""Model outputs -> detections (torchvision style), no NMS.
+
+:func:`top_detections` is the one implementation: batched, fixed shapes, so it exports to
+ONNX inside :class:`~decodet.deploy.runtime.DeployModel`.  :func:`postprocess` wraps it into
+one dict per image with a score threshold (evaluation, the Python API).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_convert
+
+
+def top_detections(
+    logits: Tensor, boxes: Tensor, sizes: Tensor, num_top: int, category_ids: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The top-``K`` (query, class) pairs of each image by sigmoid score, boxes in pixels.
+
+    Args:
+        logits: ``[B, Q, C]`` class logits.
+        boxes: ``[B, Q, 4]`` normalised cxcywh.
+        sizes: ``[B, 2]`` float (height, width) to scale each image's boxes to.
+        num_top: ``K`` before capping at ``Q * C``.
+        category_ids: ``[C]`` int64, logit index -> category id; ``None`` keeps logit indices.
+
+    Returns:
+        ``boxes [B, K, 4]`` xyxy pixels clipped to the image, ``scores [B, K]`` sorted high to
+        low, ``labels [B, K]`` int64.
+    """
+    logits, boxes = logits.float(), boxes.float()
+    c = logits.shape[2]
+    k = min(int(num_top), logits.shape[1] * c)
+    scores, index = logits.sigmoid().flatten(1).topk(k, dim=1)
+    query = torch.div(index, c, rounding_mode="floor")
+    labels = index % c
+    if category_ids is not None:
+        labels = category_ids[labels]
+    # cxcywh -> xyxy written out (torchvision's box_convert computes the same) so the graph exports
+    cx, cy, w, h = boxes.unbind(-1)
+    xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+    xyxy = torch.gather(xyxy, 1, query.unsqueeze(-1).expand(-1, -1, 4))
+    scale = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=1).unsqueeze(1)
+    # clipped to the image, as the evaluation does (a box past the border only loses IoU)
+    return torch.minimum(torch.clamp(xyxy * scale, min=0.0), scale), scores, labels
 
 
 @torch.no_grad()
@@ -28,20 +65,12 @@ def postprocess(
     Returns:
         One dict per image: ``boxes [N, 4]`` xyxy pixels (clipped to the image), ``scores [N]``, ``labels [N]`` int64.
     """
-    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-    b, q, c = logits.shape
-    sizes = torch.as_tensor(target_sizes, dtype=torch.float32, device=logits.device).reshape(b, 2)
-    k = min(num_top, q * c)
-    scores, index = logits.float().sigmoid().flatten(1).topk(k, dim=1)
-    query, labels = index // c, index % c
-    xyxy = box_convert(boxes.float(), "cxcywh", "xyxy")
-    xyxy = torch.gather(xyxy, 1, query.unsqueeze(-1).expand(-1, -1, 4))
-    scale = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=1)
-    xyxy = torch.minimum((xyxy * scale[:, None, :]).clamp(min=0.0), scale[:, None, :])  # clipped to the image
-    if category_ids is not None:
-        labels = torch.as_tensor(category_ids, device=labels.device)[labels]
+    logits = outputs["pred_logits"]
+    sizes = torch.as_tensor(target_sizes, dtype=torch.float32, device=logits.device).reshape(logits.shape[0], 2)
+    ids = torch.as_tensor(category_ids, device=logits.device) if category_ids is not None else None
+    boxes, scores, labels = top_detections(logits, outputs["pred_boxes"], sizes, num_top, ids)
     results = []
-    for s, lab, bx in zip(scores, labels, xyxy):
+    for s, lab, bx in zip(scores, labels, boxes):
         keep = s >= score_threshold
         results.append({"boxes": bx[keep], "scores": s[keep], "labels": lab[keep].long()})
     return results
