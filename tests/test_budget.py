@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from decodet.engine.budget import TrainingBudget
 from decodet.engine.optim import fit_total_steps
 from decodet.engine.trainer import Trainer
 from test_trainer import make_tiny_coco, tiny_config
@@ -22,8 +23,8 @@ def test_fit_total_steps_bounds() -> None:
 
 @pytest.mark.slow
 def test_budgeted_run_completes_its_schedule(tmp_path: Path, caplog, monkeypatch) -> None:
-    monkeypatch.setattr(Trainer, "FIT_SKIP", 2)
-    monkeypatch.setattr(Trainer, "FIT_STEPS", 4)
+    monkeypatch.setattr(TrainingBudget, "SKIP", 2)
+    monkeypatch.setattr(TrainingBudget, "STEPS", 4)
     data = make_tiny_coco(tmp_path / "data", n_train=4, n_val=2)  # 2 steps per epoch
     cfg = tiny_config(
         tmp_path,

@@ -34,9 +34,9 @@ from decodet.deploy.detector import Detector
 from decodet.deploy.draw import draw_detections
 from decodet.deploy.inputs import ImageItem, iter_images, to_uint8_chw
 from decodet.deploy.video import VideoWriter, is_video, probe, read_frames
-from decodet.utils.console import progress
 from decodet.errors import DecodetError
 from decodet.io.atomic import atomic_path
+from decodet.utils.console import progress
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from decodet.engine.run_state import STATE_FILE
 from decodet.errors import DecodetError
 from decodet.io.atomic import atomic_write_text
 
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = ".torchelastic_run_id"
-STATE_FILE = "last_state.pt"
 # PyTorch's messages: "DataLoader worker (pid 123) is killed by signal: Killed." (its SIGCHLD
 # handler) and "DataLoader worker (pid(s) 123) exited unexpectedly" (a dead worker found while waiting)
 _WORKER_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (.*)")

@@ -45,17 +45,18 @@ from decodet.data.spec import resolve_data
 from decodet.data.transforms import MultiScaleCollate, build_transforms, collate, multiscale_sizes
 from decodet.engine import distributed as D
 from decodet.engine import faults
+from decodet.engine.budget import TrainingBudget
 from decodet.engine.early_stopping import EarlyStopping
 from decodet.engine.ema import ModelEMA
 from decodet.engine.evaluate import autocast, check_labels_fit, eval_batch_size, evaluate
-from decodet.engine.logging import MetricsLogger, plot_curves
-from decodet.engine.optim import build_optimizer, build_scheduler, fit_total_steps
+from decodet.engine.logging import MetricsLogger, log_run_start, plot_curves
+from decodet.engine.optim import build_optimizer, build_scheduler
+from decodet.engine.run_state import STATE_FILE, STATE_VERSION, load_state, restore_scheduler
 from decodet.engine.seeding import epoch_seed, get_rng_state, seed_everything, set_determinism, set_rng_state
 from decodet.engine.tensorboard import TensorBoardLogger, require_tensorboard
 from decodet.engine.train_config import TrainConfig, parse_train_args, resolve
 from decodet.errors import DecodetError
-from decodet.io.atomic import atomic_open
-from decodet.io.checkpoint import safe_torch_load
+from decodet.io.atomic import atomic_open, remove_stale_temp_files
 from decodet.losses import build_criterion
 from decodet.registry import build_from_config, get_config, trained_size_fields
 from decodet.utils.console import progress
@@ -63,12 +64,10 @@ from decodet.utils.console import progress
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "train_config.yaml"
-STATE_FILE = "last_state.pt"
 LAST_WEIGHTS = "last.safetensors"
 BEST_WEIGHTS = "best.safetensors"
 BEST_METRIC = "AP"
 PLOTS_DIR = "eval"  # per-class table, PR curves, confusion matrix, worst images (decodet.engine.analysis)
-STATE_VERSION = 1
 
 
 # ----------------------------------------------------------------------------- public API
@@ -126,7 +125,7 @@ class Trainer:
         set_determinism(cfg.deterministic, self.device)
 
         cfg = faults.continue_elastic_run(cfg)  # restarted by torchrun: resume the job's run folder
-        state = self._load_state(cfg.resume) if cfg.resume else None
+        state = load_state(cfg.resume) if cfg.resume else None
         self.cfg = cfg = resolve(cfg)
         self.is_main = self.info.is_main
 
@@ -234,7 +233,7 @@ class Trainer:
         self.run_dir = self._run_dir(state)  # created once everything above has succeeded
         self.metrics = None
         if self.is_main:
-            _remove_stale_temp_files(self.run_dir)
+            remove_stale_temp_files(self.run_dir)
             cfg.save(self.run_dir / CONFIG_FILE)
             self.metrics = MetricsLogger(self.run_dir)
             # resuming: forget records written after the saved state; a fresh run in a reused
@@ -249,9 +248,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.t_start = time.monotonic()
-        self.paused = 0.0  # seconds spent evaluating and saving: not training time
-        self.fit_clock: tuple[int, float] | None = None  # (step, training seconds) where step timing began
+        self.budget = TrainingBudget(cfg.time_budget_min, cfg.fit_schedule, self.device)
         final: dict[str, Any] = {}
         stop = cfg.max_steps is not None and self.global_step >= cfg.max_steps
         while self.epoch < cfg.epochs and not stop:
@@ -261,30 +258,9 @@ class Trainer:
             epoch_time = time.monotonic() - t0
             finished = self.batches_done == 0  # the epoch ran to its end
             last = stop or (finished and self.epoch >= cfg.epochs)
-            eval_stats = {}
-            t_pause = time.monotonic()
-            if self.val_set is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-                eval_stats = self._evaluate(plots=last and cfg.plots, subset=0 if last else cfg.eval_subset)
-            record = {
-                "epoch": epoch + 1,
-                "step": self.global_step,
-                **train_stats,
-                "epoch_time": epoch_time,
-                **{f"val/{k}": v for k, v in eval_stats.items()},
-            }
-            # a subset's AP is a curve point, not comparable with a full evaluation's for "best"
-            improved = BEST_METRIC in eval_stats and "subset" not in eval_stats and eval_stats[BEST_METRIC] > self.best
-            if improved:
-                self.best = eval_stats[BEST_METRIC]
-            full_eval = bool(eval_stats) and "subset" not in eval_stats
-            reason = self.early_stopping.update(improved, self.best) if full_eval and not last else None
-            if reason:  # the same on every rank: evaluation results are broadcast
-                stop, self.stop_reason = True, reason
-                record["stop_reason"] = reason
-                if self.is_main:
-                    log.info("%s; stopped after epoch %d, the best weights are in %s", reason, epoch + 1, BEST_WEIGHTS)
-            self._save(improved)
-            self.paused += time.monotonic() - t_pause
+            with self.budget.paused():  # evaluation and saving are not training time
+                record, eval_stats, early_stop = self._end_epoch(epoch, train_stats, epoch_time, last)
+            stop = stop or early_stop
             if self.is_main:
                 self._log_epoch(record)
             final = {**train_stats, **eval_stats, "epoch": epoch + 1, "step": self.global_step}
@@ -294,6 +270,35 @@ class Trainer:
         final["stop_reason"] = self.stop_reason
         final["run_dir"] = str(self.run_dir)
         return final
+
+    def _end_epoch(
+        self, epoch: int, train_stats: dict[str, float], epoch_time: float, last: bool
+    ) -> tuple[dict[str, Any], dict[str, float], bool]:
+        """Evaluate (when due), track the best AP and patience, save; returns (record, eval stats, stop)."""
+        cfg = self.cfg
+        eval_stats: dict[str, float] = {}
+        if self.val_set is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+            eval_stats = self._evaluate(plots=last and cfg.plots, subset=0 if last else cfg.eval_subset)
+        record = {
+            "epoch": epoch + 1,
+            "step": self.global_step,
+            **train_stats,
+            "epoch_time": epoch_time,
+            **{f"val/{k}": v for k, v in eval_stats.items()},
+        }
+        # a subset's AP is a curve point, not comparable with a full evaluation's for "best" or patience
+        full_eval = bool(eval_stats) and "subset" not in eval_stats
+        improved = full_eval and eval_stats[BEST_METRIC] > self.best
+        if improved:
+            self.best = eval_stats[BEST_METRIC]
+        reason = self.early_stopping.update(improved, self.best) if full_eval and not last else None
+        if reason:  # the same on every rank: evaluation results are broadcast
+            self.stop_reason = reason
+            record["stop_reason"] = reason
+            if self.is_main:
+                log.info("%s; stopped after epoch %d, the best weights are in %s", reason, epoch + 1, BEST_WEIGHTS)
+        self._save(improved)
+        return record, eval_stats, bool(reason)
 
     def _train_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
         """One epoch (or its remainder); returns (mean loss terms, lr, throughput) and whether to stop."""
@@ -373,7 +378,7 @@ class Trainer:
         with no_sync:
             with autocast(self.device, cfg.amp):
                 outputs = ddp(images)
-            losses = self.criterion(_to_float(outputs), targets)
+            losses = self.criterion(outputs, targets)  # the criterion computes in fp32 (or fp64)
             loss = losses["loss"]
             loss_value = float(D.all_reduce_mean(loss.detach()).item())  # the one sync per step
             if not math.isfinite(loss_value):
@@ -396,53 +401,20 @@ class Trainer:
     def _should_stop(self) -> bool:
         cfg = self.cfg
         factor = self.scheduler.lr_lambdas[0]
-        if cfg.fit_schedule and not factor.fitted:
-            self._fit_schedule(factor)
+        self.budget.step(factor, self.global_step, self.is_main)
         why = ""
         if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
             why = "max_steps reached"
         elif factor.fitted and self.global_step >= factor.total_steps:
             why = "the schedule sized to the time budget is complete"
-        if cfg.time_budget_min is not None:
-            over = self._training_seconds() >= cfg.time_budget_min * 60
-            if D.any_flag(over, self.device) and not why:
-                why = "time budget reached"
+        if self.budget.over() and not why:
+            why = "time budget reached"
         if why:
             self.stop_reason = why
             if self.is_main:
                 lr = self.optimizer.param_groups[-1]["lr"]
                 log.info("stopping after step %d (%s; lr %.3g)", self.global_step, why, lr)
         return bool(why)
-
-    def _training_seconds(self) -> float:
-        return time.monotonic() - self.t_start - self.paused
-
-    # Steps timed to size a budgeted schedule: skip the first (start-up), then time this many.
-    FIT_SKIP, FIT_STEPS, FIT_MARGIN = 10, 30, 0.03
-
-    def _fit_schedule(self, factor: Any) -> None:
-        """Time steps FIT_SKIP.. FIT_SKIP + FIT_STEPS, then fix the schedule's total steps so that it
-        ends inside ``time_budget_min`` (less a small margin); every process gets the same total."""
-        if self.fit_clock is None:
-            if self.global_step >= self.FIT_SKIP:
-                self.fit_clock = (self.global_step, self._training_seconds())
-            return
-        step0, t0 = self.fit_clock
-        if self.global_step - step0 < self.FIT_STEPS:
-            return
-        now = self._training_seconds()
-        per_step = float(D.all_reduce_mean(torch.tensor((now - t0) / (self.global_step - step0), device=self.device)))
-        left = self.cfg.time_budget_min * 60 * (1 - self.FIT_MARGIN) - now
-        planned = factor.total_steps
-        factor.total_steps = fit_total_steps(planned, self.global_step, per_step, left)
-        factor.fitted = True
-        if self.is_main:
-            log.info(
-                "lr schedule sized to the time budget: %d steps (%.3f s/step measured; %d planned)",
-                factor.total_steps,
-                per_step,
-                planned,
-            )
 
     def _nonfinite_error(self, value: float, epoch: int, batch: int) -> DecodetError:
         last = self.run_dir / LAST_WEIGHTS
@@ -524,28 +496,10 @@ class Trainer:
         with atomic_open(self.run_dir / STATE_FILE) as f:  # a failing write (disk full) says why
             torch.save(state, f)
 
-    @staticmethod
-    def _load_state(resume: str) -> dict[str, Any]:
-        path = Path(resume)
-        if path.is_dir():
-            path = path / STATE_FILE
-        if not path.is_file():
-            raise DecodetError(
-                "cannot resume: training state not found (expected a run folder or its last_state.pt)", path
-            )
-        try:
-            state = safe_torch_load(path)
-        except DecodetError as e:  # truncated / foreign file
-            raise DecodetError(f"cannot resume: unreadable training state ({e.message})", path) from None
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise DecodetError("cannot resume: not a decodet training state", path)
-        state["path"] = str(path)
-        return state
-
     def _restore(self, state: dict[str, Any]) -> None:
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self._restore_scheduler(state["scheduler"])
+        restore_scheduler(self.scheduler, self.optimizer, state["scheduler"], keep_fitted=self.cfg.fit_schedule)
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             if state["ema"] is None:
@@ -564,22 +518,6 @@ class Trainer:
         if self.batches_done and int(state.get("world_size", 1)) != self.info.world_size:
             log.warning("resuming mid-epoch with another process count: the epoch's remaining order differs")
         log.info("resumed from %s at epoch %d, step %d", state["path"], self.epoch + 1, self.global_step)
-
-    def _restore_scheduler(self, saved: dict[str, Any]) -> None:
-        """Continue the saved step count; the schedule's shape follows the current config (so
-        ``--resume RUN --epochs N`` stretches it), which is the saved one unless changed."""
-        factor = self.scheduler.lr_lambdas[0]
-        wanted = dict(factor.__dict__)
-        self.scheduler.load_state_dict(saved)
-        if self.cfg.fit_schedule and factor.__dict__.get("fitted"):  # keep the total the run measured
-            wanted.update(total_steps=factor.total_steps, fitted=True)
-        if factor.__dict__ != wanted:
-            log.info("lr schedule changed on resume: %s -> %s", factor.__dict__, wanted)
-            factor.__dict__.update(wanted)
-            step = self.scheduler.last_epoch
-            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-                group["lr"] = base * factor(step)
-            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _run_dir(self, state: dict[str, Any] | None) -> Path:
         """The run folder: the resumed run's, or project/name (name-2, name-3, ... when taken)."""
@@ -601,37 +539,11 @@ class Trainer:
     # ------------------------------------------------------------------ logging
 
     def _log_setup(self) -> None:
-        if not self.is_main:
-            return
-        cfg = self.cfg
-        n_params = sum(p.numel() for p in self.params)
-        log.info(
-            "training %s (%.2fM trainable parameters, %d classes) on %s x%d | %d train images%s | run folder %s",
-            cfg.model,
-            n_params / 1e6,
-            self.model_cfg.num_classes,
-            self.device,
-            self.info.world_size,
-            len(self.train_set),
-            f", {len(self.val_set)} val images" if self.val_set is not None else "",
-            self.run_dir,
-        )
-        log.info(
-            "recipe: lr %g (backbone %g%s), wd %g, %s schedule, warm-up %d, %d steps/epoch, ema %s, amp %s, "
-            "transforms %s at %d%s",
-            cfg.lr,
-            cfg.lr_backbone,
-            f", encoder {cfg.lr_encoder:g}" if cfg.lr_encoder is not None else "",
-            cfg.weight_decay,
-            cfg.schedule,
-            cfg.warmup_steps,
-            self.steps_per_epoch,
-            "on" if cfg.ema else "off",
-            cfg.amp,
-            cfg.transforms,
-            cfg.imgsz,
-            " multi-scale" if cfg.multiscale else "",
-        )
+        if self.is_main:
+            n_params = sum(p.numel() for p in self.params)
+            n_val = len(self.val_set) if self.val_set is not None else None
+            log_run_start(self.cfg, self.model_cfg.num_classes, n_params, self.device, self.info.world_size,
+                          len(self.train_set), n_val, self.run_dir, self.steps_per_epoch)  # fmt: skip
 
     def _log_epoch(self, record: dict[str, Any]) -> None:
         self.metrics.log(record)
@@ -656,17 +568,6 @@ class Trainer:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _to_float(outputs: Any) -> Any:
-    """Model outputs with every floating tensor in fp32 (the criterion runs outside autocast)."""
-    if isinstance(outputs, Tensor):
-        return outputs.float() if outputs.is_floating_point() and outputs.dtype != torch.float32 else outputs
-    if isinstance(outputs, dict):
-        return {k: _to_float(v) for k, v in outputs.items()}
-    if isinstance(outputs, (list, tuple)):
-        return type(outputs)(_to_float(v) for v in outputs)
-    return outputs
-
-
 def _probe_unused(
     model: nn.Module, criterion: nn.Module, dataset: Dataset, device: torch.device, amp: str
 ) -> list[str]:
@@ -679,18 +580,10 @@ def _probe_unused(
     with autocast(device, amp):
         outputs = model(images.to(device))
     targets = [{"labels": t["labels"].to(device), "boxes": t["boxes"].to(device)} for t in targets]
-    criterion(_to_float(outputs), targets)["loss"].backward()
+    criterion(outputs, targets)["loss"].backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     model.zero_grad(set_to_none=True)
     model.load_state_dict(saved, strict=False)
     if unused:
         log.debug("parameters without gradient (DDP find_unused_parameters on): %s", unused[:5])
     return unused
-
-
-def _remove_stale_temp_files(run_dir: Path) -> None:
-    """Delete the temp files of atomic writes (``.<name>.<random>.tmp``) that a killed run left behind."""
-    for tmp in run_dir.glob(".*.tmp"):
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-            log.info("removed %s, left by an interrupted write", tmp)

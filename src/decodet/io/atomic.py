@@ -9,6 +9,7 @@ and the operating system's reason.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from decodet.errors import DecodetError
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -115,3 +118,11 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Delete the temp files of atomic writes (``.<name>.<random>.tmp``) that a killed process left."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            log.info("removed %s, left by an interrupted write", tmp)
