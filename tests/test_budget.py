@@ -25,6 +25,8 @@ def test_fit_total_steps_bounds() -> None:
 def test_budgeted_run_completes_its_schedule(tmp_path: Path, caplog, monkeypatch) -> None:
     monkeypatch.setattr(TrainingBudget, "SKIP", 2)
     monkeypatch.setattr(TrainingBudget, "STEPS", 4)
+    # plan to end at half the budget: a test machine's step times vary more than a training run's
+    monkeypatch.setattr(TrainingBudget, "MARGIN", 0.5)
     data = make_tiny_coco(tmp_path / "data", n_train=4, n_val=2)  # 2 steps per epoch
     cfg = tiny_config(
         tmp_path,
@@ -53,3 +55,29 @@ def test_budgeted_run_completes_its_schedule(tmp_path: Path, caplog, monkeypatch
     assert records[0]["val/subset"] == 1 and "val/AP" in records[0]
     assert "val/subset" not in records[-1] and "val/AP" in records[-1]
     assert final["best_AP"] == records[-1]["val/AP"]
+
+
+def test_budget_sizes_then_only_shortens_the_schedule(monkeypatch) -> None:
+    """1 s/step for the timed steps, then 2 s/step: the total is fixed, then shortened to still fit."""
+    import torch
+
+    from decodet.engine.optim import LRFactor
+
+    monkeypatch.setattr(TrainingBudget, "SKIP", 0)
+    monkeypatch.setattr(TrainingBudget, "STEPS", 10)
+    budget = TrainingBudget(minutes=1.0, fit_schedule=True, device=torch.device("cpu"))
+    clock = {"t": 0.0}
+    monkeypatch.setattr(budget, "seconds", lambda: clock["t"])
+    factor = LRFactor("cosine", total_steps=1000)
+    for step in range(1, 12):  # timing starts at step 1 (SKIP 0) and ends 10 steps later
+        clock["t"] += 1.0
+        budget.step(factor, step, is_main=False)
+    assert factor.fitted and factor.total_steps == 11 + int(60 * 0.97 - 11)  # 58: 47 more steps of 1 s
+    for step in range(12, 22):
+        clock["t"] += 2.0  # the machine got busier
+        budget.step(factor, step, is_main=False)
+    assert factor.total_steps == 21 + int((60 * 0.97 - 31) / 2.0)  # 34: shortened to end inside the budget
+    for step in range(22, 32):
+        clock["t"] += 0.5  # faster again: the schedule is not lengthened (no upward lr jump)
+        budget.step(factor, step, is_main=False)
+    assert factor.total_steps == 34

@@ -59,11 +59,15 @@ class TrainingBudget:
         return D.any_flag(self.seconds() >= self.minutes * 60, self.device)
 
     def step(self, factor: LRFactor, global_step: int, is_main: bool) -> None:
-        """Call after each optimizer step: times the first steps, then fixes ``factor.total_steps``."""
-        if not self.fit_schedule or factor.fitted:
+        """Call after each optimizer step.  Times ``STEPS`` steps (after ``SKIP``), then fixes
+        ``factor.total_steps`` to what fits; every ``STEPS`` steps after that, shortens it again if
+        the steps have become slower (a busier machine), so the schedule still ends in the budget."""
+        if not self.fit_schedule:
             return
         if self.fit_clock is None:
-            if global_step >= self.SKIP:
+            if global_step >= self.SKIP and not factor.fitted:
+                self.fit_clock = (global_step, self.seconds())
+            elif factor.fitted:  # resumed with a fitted total: re-check from here on
                 self.fit_clock = (global_step, self.seconds())
             return
         step0, t0 = self.fit_clock
@@ -71,14 +75,14 @@ class TrainingBudget:
             return
         now = self.seconds()
         per_step = float(D.all_reduce_mean(torch.tensor((now - t0) / (global_step - step0), device=self.device)))
+        self.fit_clock = (global_step, now)
         left = self.minutes * 60 * (1 - self.MARGIN) - now
         planned = factor.total_steps
-        factor.total_steps = fit_total_steps(planned, global_step, per_step, left)
-        factor.fitted = True
+        fitted = fit_total_steps(planned, global_step, per_step, left)
+        if factor.fitted and fitted >= planned:
+            return  # on time: the schedule only ever gets shorter once fixed (no lr jumps upwards)
+        factor.total_steps = fitted
         if is_main:
-            log.info(
-                "lr schedule sized to the time budget: %d steps (%.3f s/step measured; %d planned)",
-                factor.total_steps,
-                per_step,
-                planned,
-            )
+            what = "shortened to" if factor.fitted else "sized to the time budget:"
+            log.info("lr schedule %s %d steps (%.3f s/step measured; was %d)", what, fitted, per_step, planned)
+        factor.fitted = True
