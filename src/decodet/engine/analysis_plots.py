@@ -42,7 +42,7 @@ def plot_pr_curves(ev: Any, rows: Sequence[dict[str, Any]], path: str | os.PathL
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.tick_params(labelsize=7)
-        if k == 0:
+        if k == 0 and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="lower left")
     for ax in list(axes.flat)[k_count:]:
         ax.axis("off")
