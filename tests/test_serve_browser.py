@@ -8,51 +8,21 @@ screenshot is saved as ``tests/artifacts/serve_page.png``.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from pathlib import Path
 
 import httpx
 import pytest
 
+from browser_support import artifact, chromium_context
 from decodet.serve import create_app
 from serve_support import NAMES, ServerThread, png_bytes, tiny_checkpoint
-
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
-def chromium_path() -> str:
-    path = os.environ.get("DECODET_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not path or not Path(path).exists():
-        pytest.skip("Chromium not found (apt-get install chromium, or set DECODET_CHROMIUM)")
-    return path
-
-
 @pytest.fixture(scope="module")
 def browser_context(tmp_path_factory):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
-    executable = chromium_path()
-    with sync_api.sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")),  # a fresh profile
-            executable_path=executable,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1200, "height": 800},
-        )
-        yield context
-        context.close()
+    with chromium_context(tmp_path_factory.mktemp("chromium-profile"), viewport={"width": 1200, "height": 800}) as ctx:
+        yield ctx
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +90,7 @@ def test_page_draws_the_api_answer(browser_context, server, tmp_path):
     assert drawn(page) == as_list(cut)
     assert sent == [], "moving the slider must not send a request"
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "serve_page.png"
+    shot = artifact("serve_page.png")
     page.screenshot(path=str(shot), full_page=True)
     print(f"screenshot of the served page: {shot}")
     assert shot.stat().st_size > 10_000

@@ -24,6 +24,8 @@ import pytest
 import torch
 from PIL import Image
 
+from browser_support import artifact, chromium_context
+
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -42,16 +44,6 @@ REPO = Path(__file__).resolve().parents[1]
 SIZE = 128
 NAMES = ["cat", "dog", "bird"]
 IDS = [1, 5, 7]
-CHROMIUM = os.environ.get("DECODET_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 @pytest.fixture(scope="module")
@@ -207,17 +199,8 @@ def static_server(request) -> Iterator[str]:
 
 @pytest.fixture
 def browser_page(tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
-    with sync_api.sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield context.new_page()
-        finally:
-            context.close()
+    with chromium_context(tmp_path / "profile") as context:
+        yield context.new_page()
 
 
 def scene(h: int, w: int) -> np.ndarray:
@@ -281,9 +264,7 @@ def test_browser_detections_equal_onnxruntime(site, static_server, browser_page,
     assert (ref_scores >= cut + 1e-3).sum() <= len(kept["scores"]) <= (ref_scores >= cut - 1e-3).sum()
     assert 0 < len(kept["scores"]) < len(scores)
 
-    artifacts = Path(os.environ.get("DECODET_TEST_ARTIFACTS", REPO / "build" / "test-artifacts"))
-    artifacts.mkdir(parents=True, exist_ok=True)
-    shot = artifacts / f"web_export_page_{site.removeprefix('web_')}.png"
+    shot = artifact(f"web_export_page_{site.removeprefix('web_')}.png")
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 0
     print(
