@@ -2,10 +2,11 @@
 
 One tiny model is trained once (``trained``, shared with tests/test_openvino.py) so that
 scores and boxes mean something.  Tolerances, for the detections eager fp32 ranks in its
-top 5 per image, each matched in the other run to a same-label box of IoU >= 0.5:
+top 5 per image, reproduced in the other run by a same-label box of IoU >= 0.5 (:func:`reproduced`):
 
-* bf16 (torch):  scores within 0.05, box corners within 3% of the image side (2 px at 64);
-* int8:          scores within 0.15, box corners within 10% of the side, 80% matched.
+* bf16 (torch, OpenVINO): all reproduced, scores within 0.05, box corners within 3% of the
+  image side (2 px at 64);
+* int8: 80% reproduced, scores within 0.15, box corners within 10% of the side.
 """
 
 from __future__ import annotations
@@ -76,10 +77,12 @@ def run(det: Detector, images: list[Path]) -> list[dict]:
     return det(images, batch_size=4)
 
 
-def assert_close(ref: list[dict], got: list[dict], tol: dict) -> None:
-    """Each of fp32's top-``TOP`` detections per image has a same-label match (IoU >= 0.5) in
-    ``got`` whose score and box are within ``tol``; at least ``tol["matched"]`` of them match."""
-    total = matched = 0
+def reproduced(ref: list[dict], got: list[dict], tol: dict) -> float:
+    """The fraction of fp32's top-``TOP`` detections per image that ``got`` reproduces: a
+    detection of the same label, IoU >= 0.5, score within ``tol["score"]`` and every box
+    corner within ``tol["box"]`` of the image side.  (A DETR-style model without NMS often
+    has near-duplicates; any one of them may be the match.)"""
+    total = hits = 0
     for a, b in zip(ref, got):
         side = float(max(a["orig_size"]))
         for box, score, label in zip(a["boxes"][:TOP], a["scores"][:TOP], a["labels"][:TOP]):
@@ -88,13 +91,16 @@ def assert_close(ref: list[dict], got: list[dict], tol: dict) -> None:
             if not same.any():
                 continue
             iou = box_iou(box[None], b["boxes"][same])[0]
-            j = int(iou.argmax())
-            if iou[j] < 0.5:
-                continue
-            matched += 1
-            assert abs(float(b["scores"][same][j] - score)) <= tol["score"], (float(score), b["scores"][same][j])
-            assert float((b["boxes"][same][j] - box).abs().max()) <= tol["box"] * side
-    assert matched >= tol["matched"] * total, f"{matched} of {total} detections matched"
+            corner = (b["boxes"][same] - box).abs().amax(dim=1)
+            near = (b["scores"][same] - score).abs() <= tol["score"]
+            hits += bool(((iou >= 0.5) & near & (corner <= tol["box"] * side)).any())
+    return hits / total
+
+
+def assert_close(ref: list[dict], got: list[dict], tol: dict) -> None:
+    """At least ``tol["matched"]`` of fp32's top detections are reproduced (:func:`reproduced`)."""
+    frac = reproduced(ref, got, tol)
+    assert frac >= tol["matched"], f"only {frac:.0%} of fp32's top-{TOP} detections reproduced within {tol}"
 
 
 @pytest.fixture(scope="module")
