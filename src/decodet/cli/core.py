@@ -56,6 +56,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         out=args.out,
         plots=args.plots,
         plot_threshold=args.plot_threshold,
+        backend=args.backend,
+        precision=args.precision,
+        calib=args.calib,
+        compile=args.compile,
     )
     from decodet.engine.distributed import is_main
 
@@ -86,6 +90,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         stride=args.stride,
         as_video=args.as_video,
         fps=args.fps,
+        precision=args.precision,
+        calib=args.calib,
+        compile=args.compile,
     )
     from decodet.deploy.video import is_video
 
@@ -117,7 +124,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
         w = Path(args.weights)
         stem = w.name if w.is_dir() else w.stem
         suffix = "" if args.precision == "fp32" else f"_{args.precision}"
-        out_path = (w if w.is_dir() else w.parent) / f"{stem}{suffix}.onnx"
+        ext = ".xml" if args.format == "openvino" else ".onnx"
+        out_path = (w if w.is_dir() else w.parent) / f"{stem}{suffix}{ext}"
+    if args.format == "openvino":
+        from decodet.deploy.openvino import export_openvino
+
+        if args.precision == "fp16" or args.dynamic_batch or args.opset is not None:
+            log.warning("--format openvino: fp16, --dynamic-batch and --opset do not apply (IRs have a dynamic batch)")
+        imgsz = tuple(args.imgsz) if args.imgsz else None
+        out = export_openvino(args.weights, out_path, imgsz=imgsz, precision=args.precision, calib_images=calib)
+        print(f"exported {out} (+ {out.with_suffix('.bin').name})")
+        return 0
     out = export_onnx(
         args.weights,
         out_path,
@@ -163,6 +180,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_runtime_args(parser: argparse.ArgumentParser, deployed_note: bool = False) -> None:
+    """``--backend``, ``--precision``, ``--calib``, ``--compile``: how a Detector runs the model."""
+    note = " (given: evaluate the deployed model through Detector at its fixed size)" if deployed_note else ""
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime", "openvino"),
+        default=None,
+        help=f"default: onnxruntime for .onnx, openvino for .xml, torch otherwise{note}",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "int8"),
+        default=None,
+        help=f"inference precision (default: fp32, or an exported file's own){note}",
+    )
+    parser.add_argument("--calib", default=None, help="int8: calibration image folder (default: synthetic noise)")
+    parser.add_argument("--compile", action="store_true", help="torch: torch.compile with weight freezing")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the core subcommands to the ``decodet`` parser's subparsers."""
 
@@ -186,13 +222,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "default runs/eval)",
     )
     ev.add_argument("--plot-threshold", type=float, default=0.3, help="score threshold of the confusion matrix")
+    add_runtime_args(ev, deployed_note=True)
     ev.set_defaults(func=_cmd_eval)
 
     pr = sub.add_parser("predict", help="detect objects in images or a video, draw them, write the detections")
     pr.add_argument("source", help="image file, folder or glob; or a video file (.mp4, .mov, .mkv, ...)")
     pr.add_argument("--weights", required=True)
     pr.add_argument("--out", type=Path, default=Path("runs/predict"))
-    pr.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch")
     pr.add_argument("--threshold", type=float, default=0.3)
     pr.add_argument("--imgsz", type=int, default=None)
     pr.add_argument("--device", default="cpu")
@@ -202,11 +238,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--stride", type=int, default=1, help="video: detect every K-th frame")
     pr.add_argument("--as-video", action="store_true", help="treat a folder of images as the frames of a video")
     pr.add_argument("--fps", type=float, default=None, help="frame rate of --as-video frames (default 30; implies it)")
+    add_runtime_args(pr)
     pr.set_defaults(func=_cmd_predict)
 
     ex = sub.add_parser("export", help="export to ONNX with post-processing inside the graph")
     ex.add_argument("--weights", required=True)
-    ex.add_argument("--format", choices=("onnx", "web"), default="onnx", help="web: a static in-browser page")
+    ex.add_argument(
+        "--format",
+        choices=("onnx", "openvino", "web"),
+        default="onnx",
+        help="openvino: an OpenVINO IR (.xml + .bin); web: a static in-browser page",
+    )
     ex.add_argument("dest", nargs="?", type=Path, default=None, help="same as --out")
     ex.add_argument("--out", type=Path, default=None, help="output .onnx or web folder (default: beside the weights)")
     ex.add_argument("--ort-web", default=None, help="web: onnxruntime-web package folder or .tgz (default: npm)")

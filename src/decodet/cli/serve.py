@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 
+from decodet.cli.core import add_runtime_args
 from decodet.errors import DecodetError
 
 log = logging.getLogger("decodet")
@@ -55,6 +56,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(
         args.weights,
         backend=args.backend,
+        precision=args.precision,
+        calib=args.calib,
+        compile=args.compile,
         device=args.device,
         imgsz=args.imgsz,
         max_det=args.max_det,
@@ -83,13 +87,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``decodet serve``."""
     sv = sub.add_parser("serve", help="HTTP detection service with dynamic batching and a web page")
-    sv.add_argument("--weights", required=True, help="checkpoint, run folder or .onnx file")
-    sv.add_argument(
-        "--backend",
-        choices=("torch", "onnxruntime"),
-        default=None,
-        help="default: onnxruntime for .onnx files, torch otherwise",
-    )
+    sv.add_argument("--weights", required=True, help="checkpoint, run folder, .onnx or OpenVINO .xml file")
+    add_runtime_args(sv)
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--max-batch", type=int, default=8, help="images per forward pass at most")

@@ -1,4 +1,4 @@
-"""``Detector``: any image in, detections out, on PyTorch or ONNX Runtime.
+"""``Detector``: any image in, detections out, on PyTorch, ONNX Runtime or OpenVINO, fp32 / bf16 / int8.
 
 >>> det = Detector("runs/exp/best.safetensors", score_threshold=0.3)
 >>> for result in det.stream("photos/", batch_size=8):
@@ -38,12 +38,14 @@ from torch import Tensor, nn
 
 from decodet.deploy.export import export_onnx, parse_metadata
 from decodet.deploy.inputs import IMAGE_SUFFIXES, ImageItem, iter_images, preprocess, to_uint8_chw  # noqa: F401
-from decodet.deploy.runtime import DeployModel, as_size, normalization, prepare_model
+from decodet.deploy.precision import check_precision, torch_runner
+from decodet.deploy.runtime import DeployModel, as_size, normalization, prepare_model  # noqa: F401
 from decodet.errors import DecodetError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "openvino")
+_EXPORTED = (".onnx", ".xml")  # files from `decodet export` (ONNX, OpenVINO IR)
 
 
 # ----------------------------------------------------------------------------- detector
@@ -67,7 +69,16 @@ class Detector:
             user-facing cut.  Use 0.0 to get all ``max_det`` (what COCO evaluation wants).
         max_det: at most this many detections per image (top scores over query x class).
         batch_size: images per forward pass when given many (folders, lists).
-        threads: ONNX Runtime intra-op threads (``None``: its default).
+        threads: ONNX Runtime / OpenVINO inference threads (``None``: their default).
+        precision: ``"fp32"``, ``"bf16"`` or ``"int8"`` (``None``: an exported file's own,
+            else fp32).  torch: bf16 weights and compute, heads fp32
+            (:mod:`decodet.deploy.precision`); int8 is PT2E (:mod:`decodet.deploy.pt2e`).
+            onnxruntime: int8 is a QDQ export (:func:`export_onnx`), no bf16.  openvino: bf16 is
+            its inference-precision hint, int8 NNCF (:mod:`decodet.deploy.openvino`).
+        calib: int8 calibration images (a folder, glob or list of paths); ``None``:
+            synthetic noise with a loud warning — fine for speed, not for accuracy.
+        compile: torch backend: ``torch.compile`` with weight freezing (first call per input
+            shape compiles).
     """
 
     def __init__(
@@ -80,13 +91,23 @@ class Detector:
         max_det: int = 100,
         batch_size: int = 1,
         threads: int | None = None,
+        precision: str | None = None,
+        calib: Any = None,
+        compile: bool = False,
     ) -> None:
-        is_onnx = isinstance(weights, str | os.PathLike) and str(weights).lower().endswith(".onnx")
-        backend = backend or ("onnxruntime" if is_onnx else "torch")
+        suffix = Path(weights).suffix.lower() if isinstance(weights, str | os.PathLike) else ""
+        is_onnx = suffix == ".onnx"
+        backend = backend or {".onnx": "onnxruntime", ".xml": "openvino"}.get(suffix, "torch")
         if backend not in BACKENDS:
             raise DecodetError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        if is_onnx and backend == "torch":
-            raise DecodetError("an .onnx file runs on backend 'onnxruntime', not 'torch'", weights)
+        if suffix in _EXPORTED and backend == "torch":
+            raise DecodetError(f"an exported {suffix} file runs on onnxruntime or openvino, not torch", weights)
+        if suffix == ".xml" and backend != "openvino":
+            raise DecodetError("an OpenVINO .xml file runs on backend 'openvino'", weights)
+        if precision is not None:
+            precision = check_precision(precision)
+        if compile and backend != "torch":
+            raise DecodetError(f"compile=True applies to the torch backend, not {backend!r}")
         if max_det < 1:
             raise DecodetError(f"max_det must be at least 1, got {max_det}")
         self.backend = backend
@@ -94,35 +115,67 @@ class Detector:
         self.score_threshold = float(score_threshold)
         self.batch_size = max(1, int(batch_size))
         self._fixed_batch: int | None = None
+        self.precision = precision or "fp32"
         if backend == "torch":
             model = prepare_model(weights)
             self.config = model.config
             self.imgsz = as_size(imgsz, self.config)
             self.max_det = int(max_det)
-            self._model = DeployModel(model, self.max_det).to(self.device).eval()
             self.mean, self.std = normalization(self.config)
+            norm = (self.mean, self.std)
+            runner = torch_runner(model, self.max_det, self.precision, compile, calib, self.imgsz, norm)
+            self._model = runner.to(self.device).eval()
+        elif backend == "openvino":
+            from decodet.deploy.openvino import OvModel
+
+            self._ort = OvModel(weights, precision, threads, str(self.device), imgsz, max_det, calib)
+            self._use_exported(self._ort.info, imgsz, weights if suffix in _EXPORTED else None, max_det)
+            self.precision = self._ort.info.precision
         else:
-            self._init_onnx(weights, is_onnx, imgsz, int(max_det), threads)
+            self._init_onnx(weights, is_onnx, imgsz, int(max_det), threads, precision, calib)
         self.class_names = _id_to_name(self.config)
 
-    def _init_onnx(self, weights: Any, is_onnx: bool, imgsz: Any, max_det: int, threads: int | None) -> None:
+    def _init_onnx(
+        self, weights: Any, is_onnx: bool, imgsz: Any, max_det: int, threads: int | None, precision: Any, calib: Any
+    ) -> None:
         from decodet.deploy.ort import OrtModel
 
+        if precision == "bf16":
+            raise DecodetError(
+                "ONNX Runtime has no bf16 convolution kernels; use backend 'torch' or 'openvino' for bf16"
+            )
         if is_onnx:
             self._ort = OrtModel(weights, threads=threads, device=str(self.device))
             info = parse_metadata(self._ort.metadata, weights)
-            if imgsz is not None and as_size(imgsz, info.config) != tuple(info.imgsz):
+            if precision is not None and precision != info.precision:
                 raise DecodetError(
-                    f"this ONNX file was exported at {info.imgsz[0]}x{info.imgsz[1]}; re-export it for "
-                    f"imgsz {imgsz!r} or leave imgsz unset",
-                    weights,
+                    f"this ONNX file is {info.precision}; export it with --precision {precision} for that", weights
                 )
         else:
             with tempfile.TemporaryDirectory(prefix="decodet-ort-") as tmp:
                 log.info("exporting the model to ONNX for the onnxruntime backend (once)")
-                path = export_onnx(weights, Path(tmp) / "model.onnx", imgsz=imgsz, dynamic_batch=True, num_top=max_det)
+                path = export_onnx(
+                    weights,
+                    Path(tmp) / "model.onnx",
+                    imgsz=imgsz,
+                    dynamic_batch=True,
+                    num_top=max_det,
+                    precision=precision or "fp32",
+                    calib_images=calib,
+                )
                 self._ort = OrtModel(path, threads=threads, device=str(self.device))  # the session keeps the graph
             info = parse_metadata(self._ort.metadata, path)
+        self._use_exported(info, imgsz, weights if is_onnx else None, max_det)
+        self.precision = info.precision
+
+    def _use_exported(self, info: Any, imgsz: Any, path: Any, max_det: int) -> None:
+        """Size, normalisation, K and batch axis from an exported graph's metadata."""
+        if path is not None and imgsz is not None and as_size(imgsz, info.config) != tuple(info.imgsz):
+            raise DecodetError(
+                f"this file was exported at {info.imgsz[0]}x{info.imgsz[1]}; re-export it for "
+                f"imgsz {imgsz!r} or leave imgsz unset",
+                path,
+            )
         self.config = info.config
         self.imgsz = (int(info.imgsz[0]), int(info.imgsz[1]))
         self.mean, self.std = tuple(info.mean), tuple(info.std)
@@ -203,7 +256,7 @@ class Detector:
 
     def __repr__(self) -> str:
         return (
-            f"Detector({self.config.name}, backend={self.backend}, imgsz={self.imgsz}, "
+            f"Detector({self.config.name}, backend={self.backend}, precision={self.precision}, imgsz={self.imgsz}, "
             f"score_threshold={self.score_threshold}, max_det={self.max_det})"
         )
 

@@ -43,7 +43,7 @@ def predict_to_folder(
     source: Any,
     weights: str | os.PathLike,
     out_dir: str | os.PathLike = "runs/predict",
-    backend: str = "torch",
+    backend: str | None = None,
     threshold: float = 0.3,
     imgsz: int | None = None,
     device: str = "cpu",
@@ -54,10 +54,13 @@ def predict_to_folder(
     stride: int = 1,
     as_video: bool = False,
     fps: float | None = None,
+    precision: str | None = None,
+    calib: Any = None,
+    compile: bool = False,
 ) -> Path:
     """Detect objects in ``source`` (image file, folder or glob; a video file; or a folder of
     frames with ``as_video``, at ``fps``); returns ``out_dir``.  ``stride`` K: every K-th frame
-    of a video."""
+    of a video.  ``precision``, ``calib``, ``compile``: as :class:`Detector`'s."""
     out = Path(out_dir)
     video = is_video(source) or as_video or fps is not None
     if not video and stride != 1:
@@ -65,7 +68,15 @@ def predict_to_folder(
     if video and ann_file:
         raise DecodetError("--ann applies to image inputs only (a video gets per-frame JSON Lines)")
     detector = Detector(
-        weights, device=device, backend=backend, imgsz=imgsz, score_threshold=threshold, max_det=max_det
+        weights,
+        device=device,
+        backend=backend,
+        imgsz=imgsz,
+        score_threshold=threshold,
+        max_det=max_det,
+        precision=precision,
+        calib=calib,
+        compile=compile,
     )
     if video:
         predict_video(source, detector, out, stride=stride, fps=fps, batch_size=batch_size, draw=draw)

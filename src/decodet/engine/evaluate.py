@@ -139,6 +139,10 @@ def evaluate_checkpoint(
     workers: int = 0,
     plots: bool = False,
     plot_threshold: float = 0.3,
+    backend: str | None = None,
+    precision: str | None = None,
+    calib: Any = None,
+    compile: bool = False,
 ) -> dict[str, float]:
     """COCO stats of a checkpoint (ours or the authors') on a dataset split.
 
@@ -148,7 +152,20 @@ def evaluate_checkpoint(
     With ``out``, writes ``detections.json`` and ``stats.json`` into that folder (rank 0), and
     with ``plots`` the per-class table, curves, confusion matrix and worst images too.
     Under ``torchrun`` every process scores its shard of the images; all return the stats.
+
+    ``backend``, ``precision`` (and ``calib``, ``compile``), or an ``.onnx`` / ``.xml`` file,
+    evaluate the deployed model instead: a ``Detector`` at its fixed size, one process
+    (:func:`decodet.engine.evaluate_deployed.evaluate_deployed`).
     """
+    exported = str(weights).lower().endswith((".onnx", ".xml"))
+    if backend is not None or precision is not None or compile or exported:
+        from decodet.engine.evaluate_deployed import evaluate_deployed
+
+        if plots:
+            log.warning("--plots applies to the default evaluation only; not written for a deployed model")
+        return evaluate_deployed(
+            weights, data, split, imgsz, batch_size, device, out, backend, precision, calib, compile
+        )
     created_group = not D.is_dist()
     try:
         # under torchrun every process scores its shard of the images (joins the group here)

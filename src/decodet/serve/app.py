@@ -68,7 +68,7 @@ class DetectionService:
         self.metrics = ServeMetrics(config.max_batch)
         pad = config.pad_batch
         if pad is None:  # see ServeConfig.pad_batch
-            pad = detector.backend == "torch" or detector.device.type != "cpu"
+            pad = detector.backend != "onnxruntime" or detector.device.type != "cpu"
         self.batcher = Batcher(
             detector.predict_batch,
             max_batch=config.max_batch,
@@ -150,6 +150,7 @@ class DetectionService:
             "num_classes": int(det.config.num_classes),
             "input_size": {"height": det.imgsz[0], "width": det.imgsz[1]},
             "backend": det.backend,
+            "precision": det.precision,
             "device": str(det.device),
             "max_det": det.max_det,
             "threshold": cfg.threshold,
@@ -191,6 +192,9 @@ def create_app(
             score_threshold=0.0,
             max_det=config.max_det,
             threads=config.threads,
+            precision=config.precision,
+            calib=config.calib,
+            compile=config.compile,
         )
     service = DetectionService(detector, config)
 

@@ -12,7 +12,11 @@ class ServeConfig:
     """Options of :func:`decodet.serve.create_app` (``decodet serve`` flags of the same names).
 
     Model:
-        backend: ``"torch"`` or ``"onnxruntime"`` (``None``: ONNX Runtime for ``.onnx`` files).
+        backend: ``"torch"``, ``"onnxruntime"`` or ``"openvino"`` (``None``: ONNX Runtime for
+            ``.onnx`` files, OpenVINO for ``.xml``).
+        precision: ``"fp32"``, ``"bf16"`` or ``"int8"`` (``None``: fp32 or the file's own).
+        calib: int8 calibration image folder (``None``: synthetic noise, with a warning).
+        compile: torch backend: ``torch.compile`` with weight freezing.
         device: torch device / ONNX Runtime provider (``"cpu"``, ``"cuda"``).
         imgsz: the fixed inference size (``None``: the model's own).
         max_det: detections the model keeps per image (a request may ask for fewer).
@@ -24,7 +28,7 @@ class ServeConfig:
         max_wait_ms: how long the first image of a batch waits for company.
         pad_batch: run every forward at exactly ``max_batch`` images (padding with copies),
             so that an image's answer never depends on its batch.  ``None``: pad on the
-            torch backend and on GPUs, whose kernels are chosen by batch size; ONNX Runtime's
+            torch and OpenVINO backends and on GPUs, whose kernels are chosen by batch size; ONNX Runtime's
             CPU kernels compute each image the same way whatever the batch, so no padding.
     Limits:
         max_queue: requests admitted and not yet answered; one more gets 503.
@@ -36,6 +40,9 @@ class ServeConfig:
     """
 
     backend: str | None = None
+    precision: str | None = None
+    calib: str | None = None
+    compile: bool = False
     device: str = "cpu"
     imgsz: int | tuple[int, int] | None = None
     max_det: int = 100

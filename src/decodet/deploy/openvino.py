@@ -1,0 +1,228 @@
+"""OpenVINO backend: run decodet's exported graph with OpenVINO's CPU plugin, fp32 / bf16 / int8.
+
+The graph is :class:`~decodet.deploy.runtime.DeployModel` as
+:func:`~decodet.deploy.export.export_onnx` writes it (inputs ``images``, ``orig_sizes``;
+outputs ``boxes``, ``scores``, ``labels``), read from the ``.onnx`` file or from an OpenVINO
+IR (``.xml`` + ``.bin``) that :func:`export_openvino` writes with the same metadata (in the
+IR's ``rt_info``, under ``framework`` as OpenVINO keeps an ONNX file's ``metadata_props``).
+
+Precisions:
+  * ``fp32`` — ``INFERENCE_PRECISION_HINT f32`` (OpenVINO would otherwise pick bf16 by
+    itself on CPUs that have it).
+  * ``bf16`` — ``INFERENCE_PRECISION_HINT bf16``: OpenVINO runs convolutions and matrix
+    products in bf16 and keeps its own fp32 islands; weights stay fp32 in the file.
+  * ``int8`` — NNCF post-training quantisation (``nncf.quantize``, the ``MIXED`` preset:
+    symmetric per-channel int8 weights, asymmetric activations) calibrated on real images;
+    the class and box heads (:data:`~decodet.deploy.precision.FP32_HEADS`) and the
+    post-processing stay float.
+
+OpenVINO and NNCF are optional (``pip install openvino nncf``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import decodet
+from decodet.deploy.export import OnnxInfo, build_metadata, calibration_batches, export_onnx, parse_metadata
+from decodet.deploy.precision import FP32_HEADS, check_precision
+from decodet.errors import DecodetError
+
+log = logging.getLogger(__name__)
+
+_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+
+
+def _require(module: str = "openvino") -> Any:
+    try:
+        return __import__(module)
+    except ImportError:
+        raise DecodetError(f"the openvino backend needs {module}: pip install openvino nncf") from None
+
+
+def read_model(path: str | os.PathLike) -> tuple[Any, OnnxInfo]:
+    """An ``openvino.Model`` from a decodet ``.onnx`` or ``.xml`` file, and its metadata."""
+    ov = _require()
+    path = Path(path)
+    if not path.is_file():
+        raise DecodetError("model file not found", path)
+    try:
+        model = ov.Core().read_model(str(path))
+    except Exception as exc:  # OpenVINO raises its own RuntimeError subclasses with long text
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DecodetError(f"OpenVINO cannot read this model ({reason[:300]})", path) from None
+    rt = model.get_rt_info()
+    meta: dict[str, str] = {}
+    if "framework" in rt:
+        section = rt["framework"]
+        meta = {str(k): section[k].astype(str) for k in section.keys()}  # noqa: SIM118 (RTMap has no items())
+    return model, parse_metadata(meta, path)
+
+
+def _head_node_names(onnx_path: Path) -> list[str]:
+    """ONNX node names (which OpenVINO keeps as friendly names) of the class and box heads,
+    found through the exporter's ``pkg.torch.onnx.name_scopes``."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    names = []
+    for node in proto.graph.node:
+        for prop in node.metadata_props:
+            if prop.key == "pkg.torch.onnx.name_scopes":
+                scopes = prop.value.replace("'", "").strip("[]").split(", ")
+                if any(part in FP32_HEADS for scope in scopes for part in scope.split(".")):
+                    names.append(node.name)
+    return names
+
+
+def quantize_int8(
+    model: Any,
+    info: OnnxInfo,
+    calib_images: Any,
+    calib_count: int = 32,
+    ignored: list[str] | None = None,
+) -> Any:
+    """NNCF post-training int8 quantisation of ``model`` (an ``openvino.Model``); ``ignored``
+    node names stay float.  ``calib_images`` None: synthetic noise, with a warning."""
+    nncf = _require("nncf")
+    if calib_images is None:
+        log.warning("int8 calibration on synthetic noise images: fine for speed, NOT for accuracy (pass calib images)")
+    batches = list(calibration_batches(calib_images, tuple(info.imgsz), calib_count, 1, (info.mean, info.std)))
+    dataset = nncf.Dataset(batches)
+    scope = nncf.IgnoredScope(names=list(ignored or []), validate=False)
+    nncf_log = logging.getLogger("nncf")
+    level = nncf_log.level
+    nncf_log.setLevel(logging.WARNING)  # NNCF logs every node it leaves unquantised at INFO
+    try:
+        return nncf.quantize(
+            model,
+            dataset,
+            preset=nncf.QuantizationPreset.MIXED,
+            subset_size=len(batches),
+            ignored_scope=scope,
+        )
+    finally:
+        nncf_log.setLevel(level)
+
+
+def _onnx_for(weights: Any, imgsz: Any, num_top: int | None, tmp: Path) -> Path:
+    """The ONNX file to start from: ``weights`` itself, or a fresh fp32 dynamic-batch export."""
+    if isinstance(weights, str | os.PathLike) and str(weights).lower().endswith(".onnx"):
+        return Path(weights)
+    log.info("exporting the model to ONNX for OpenVINO (once)")
+    return export_onnx(weights, tmp / "model.onnx", imgsz=imgsz, dynamic_batch=True, num_top=num_top)
+
+
+def load_for_precision(
+    weights: Any,
+    precision: str | None,
+    imgsz: Any = None,
+    num_top: int | None = None,
+    calib_images: Any = None,
+    calib_count: int = 32,
+) -> tuple[Any, OnnxInfo]:
+    """``(openvino.Model, metadata)`` of a checkpoint, ``.onnx`` or ``.xml`` file, quantised to int8
+    when asked and not already int8.  ``precision`` None: the file's own (fp32 for checkpoints)."""
+    with tempfile.TemporaryDirectory(prefix="decodet-ov-") as tmp:
+        is_xml = isinstance(weights, str | os.PathLike) and str(weights).lower().endswith(".xml")
+        src = Path(weights) if is_xml else _onnx_for(weights, imgsz, num_top, Path(tmp))
+        model, info = read_model(src)
+        want = check_precision(precision or ("int8" if info.precision == "int8" else info.precision))
+        if info.precision == "int8" and want != "int8":
+            raise DecodetError(f"this file is int8; {want} needs the fp32 export", src)
+        if info.precision == "fp16":
+            raise DecodetError("fp16 files are meant for GPUs; give OpenVINO the fp32 export", src)
+        if want == "int8" and info.precision != "int8":
+            ignored = [] if is_xml else _head_node_names(src)
+            model = quantize_int8(model, info, calib_images, calib_count, ignored)
+        info.precision = want
+    return model, info
+
+
+class OvModel:
+    """A compiled OpenVINO model with :class:`~decodet.deploy.ort.OrtModel`'s interface:
+    ``model(images=..., orig_sizes=...)`` on numpy arrays -> ``{"boxes", "scores", "labels"}``,
+    ``input_shape(name)``, ``metadata`` (``export.build_metadata``'s keys).
+
+    Args:
+        weights: a checkpoint / module (exported to ONNX first), a decodet ``.onnx`` or ``.xml``.
+        precision: ``fp32`` | ``bf16`` | ``int8`` (module docstring); ``None``: the file's.
+        threads: ``INFERENCE_NUM_THREADS`` (``None``: OpenVINO's default).
+        device: OpenVINO device name (``"cpu"`` -> ``CPU``).
+    """
+
+    def __init__(
+        self,
+        weights: Any,
+        precision: str | None = None,
+        threads: int | None = None,
+        device: str = "cpu",
+        imgsz: Any = None,
+        num_top: int | None = None,
+        calib_images: Any = None,
+        calib_count: int = 32,
+    ) -> None:
+        ov = _require()
+        model, info = load_for_precision(weights, precision, imgsz, num_top, calib_images, calib_count)
+        self.info = info
+        self.metadata = build_metadata(info)
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINT[info.precision], "PERFORMANCE_HINT": "LATENCY"}
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        target = str(device).split(":")[0].upper()
+        try:
+            self.compiled = ov.Core().compile_model(model, target, config)
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DecodetError(f"OpenVINO cannot compile the model for {target} ({reason[:300]})") from None
+        self._request = self.compiled.create_infer_request()
+        self._shapes = {p.get_any_name(): p.get_partial_shape() for p in model.inputs}
+        self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+
+    def input_shape(self, name: str) -> list[int | str]:
+        shape = self._shapes[name]
+        return [d.get_length() if d.is_static else "?" for d in shape]
+
+    def __call__(self, inputs: dict[str, np.ndarray] | None = None, **kwargs: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {**(inputs or {}), **kwargs}
+        result = self._request.infer(feeds)
+        return {name: np.array(result[self.compiled.output(name)]) for name in self.output_names}
+
+
+def export_openvino(
+    model_or_weights: Any,
+    out_path: str | os.PathLike,
+    imgsz: int | tuple[int, int] | None = None,
+    precision: str = "fp32",
+    calib_images: Any = None,
+    num_top: int | None = None,
+    calib_count: int = 32,
+) -> Path:
+    """Write an OpenVINO IR (``out_path`` ``.xml`` + its ``.bin``) of a checkpoint or a decodet ONNX
+    file, dynamic batch, with the ONNX metadata (``precision`` records how to run it: fp32 and
+    bf16 files hold fp32 weights, int8 files NNCF's quantised graph).  Returns the ``.xml`` path."""
+    ov = _require()
+    precision = check_precision(precision)
+    out_path = Path(out_path)
+    if out_path.suffix.lower() != ".xml":
+        raise DecodetError("an OpenVINO IR is written as NAME.xml (+ NAME.bin)", out_path)
+    model, info = load_for_precision(model_or_weights, precision, imgsz, num_top, calib_images, calib_count)
+    info.decodet_version = decodet.__version__
+    for key, value in build_metadata(info).items():
+        model.set_rt_info(value, ["framework", key])
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".decodet-ir-", dir=out_path.parent) as tmp:
+        tmp_xml = Path(tmp) / out_path.name
+        ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
+        os.replace(tmp_xml.with_suffix(".bin"), out_path.with_suffix(".bin"))  # weights first, then the graph
+        shutil.move(str(tmp_xml), str(out_path))
+    log.info("wrote %s (%s, %s)", out_path, precision, json.dumps(list(info.imgsz)))
+    return out_path

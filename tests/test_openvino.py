@@ -1,0 +1,137 @@
+"""OpenVINO backend: fp32 equals torch, bf16 and NNCF int8 within test_precision's margins, IR export.
+
+Skipped when openvino (or nncf, for int8) is not installed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("openvino")
+
+from decodet.cli import main  # noqa: E402
+from decodet.deploy.detector import Detector  # noqa: E402
+from decodet.deploy.export import export_onnx  # noqa: E402
+from decodet.errors import DecodetError  # noqa: E402
+from test_precision import BF16, INT8, assert_close, run, train_tiny, val_images  # noqa: E402
+
+pytestmark = pytest.mark.slow
+FP32 = {"score": 1e-3, "box": 1e-3, "matched": 1.0}
+
+
+def runtime_precisions(det: Detector) -> dict[str, set[str]]:
+    """Layer type -> the precisions OpenVINO's CPU plugin runs those layers in."""
+    out: dict[str, set[str]] = {}
+    for op in det._ort.compiled.get_runtime_model().get_ops():
+        rt = op.get_rt_info()
+        kind = rt["layerType"].astype(str)
+        if kind in ("Convolution", "FullyConnected"):
+            out.setdefault(kind, set()).add(rt["runtimePrecision"].astype(str))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    return train_tiny(tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture(scope="module")
+def reference(trained) -> list[dict]:
+    weights, data = trained
+    return run(Detector(weights, score_threshold=0.0, max_det=30), val_images(data))
+
+
+def test_fp32_from_checkpoint_and_onnx_equals_torch(trained, reference, tmp_path):
+    weights, data = trained
+    det = Detector(weights, backend="openvino", score_threshold=0.0, max_det=30)
+    assert (det.backend, det.precision, det.imgsz) == ("openvino", "fp32", (64, 64))
+    assert runtime_precisions(det) == {"Convolution": {"f32"}, "FullyConnected": {"f32"}}
+    assert_close(reference, run(det, val_images(data)), FP32)
+    onnx = export_onnx(weights, tmp_path / "m.onnx", imgsz=64, dynamic_batch=True, num_top=30)
+    from_onnx = Detector(onnx, backend="openvino", score_threshold=0.0)
+    assert from_onnx.class_names == det.class_names == {3: "red", 7: "green"}
+    assert_close(reference, run(from_onnx, val_images(data)), FP32)
+
+
+def test_bf16_hint_matches_fp32(trained, reference):
+    weights, data = trained
+    det = Detector(weights, backend="openvino", precision="bf16", score_threshold=0.0, max_det=30)
+    assert runtime_precisions(det)["Convolution"] == {"bf16"}
+    assert_close(reference, run(det, val_images(data)), BF16)
+
+
+@pytest.fixture(scope="module")
+def ov_int8(trained) -> Detector:
+    pytest.importorskip("nncf")
+    weights, data = trained
+    calib = data / "train"
+    return Detector(weights, backend="openvino", precision="int8", calib=calib, score_threshold=0.0, max_det=30)
+
+
+def test_nncf_int8_runs_int8_kernels_with_float_heads(ov_int8, trained):
+    kinds = runtime_precisions(ov_int8)
+    assert ov_int8.precision == "int8" and {"u8", "i8"} & kinds["Convolution"]  # VNNI int8 convolutions
+    assert "f32" in kinds["FullyConnected"]  # the class and box heads stay float
+    got = run(ov_int8, val_images(trained[1]))
+    assert all(r["boxes"].shape == (30, 4) and bool((r["scores"][:-1] >= r["scores"][1:]).all()) for r in got)
+
+
+@pytest.mark.xfail(
+    reason="known: OpenVINO int8 loses accuracy on DECO+ (-6 AP on a deco_tiny run where ONNX Runtime int8 "
+    "loses 0.6; the same QDQ graph also degrades under OpenVINO), not yet explained",
+    strict=False,
+)
+def test_nncf_int8_matches_fp32(ov_int8, trained, reference):
+    assert_close(reference, run(ov_int8, val_images(trained[1])), INT8)
+
+
+def test_export_openvino_ir_carries_the_metadata(trained, reference, tmp_path):
+    weights, data = trained
+    xml = tmp_path / "ir" / "model.xml"
+    args = ["export", "--weights", str(weights), "--format", "openvino", "--imgsz", "64", "64", "--out", str(xml)]
+    assert main(args) == 0
+    assert xml.is_file() and xml.with_suffix(".bin").is_file()
+    det = Detector(xml, score_threshold=0.0, max_det=16)  # .xml -> openvino; size, classes, K from the IR
+    # K: the preset's num_top_queries (16 in TINY), as export_onnx keeps
+    assert (det.backend, det.precision, det.imgsz, det.max_det) == ("openvino", "fp32", (64, 64), 16)
+    assert det.class_names == {3: "red", 7: "green"}
+    assert_close(reference, run(det, val_images(data)), FP32)
+    assert not list((tmp_path / "ir").glob(".decodet-ir-*"))  # the temporary folder is gone
+
+
+def test_export_int8_ir_equals_quantising_on_load(trained, ov_int8, tmp_path):
+    weights, data = trained
+    int8 = tmp_path / "model_int8.xml"
+    args = ["export", "--weights", str(weights), "--format", "openvino", "--precision", "int8", "--out", str(int8)]
+    assert main([*args, "--imgsz", "64", "64", "--calib", str(data / "train")]) == 0
+    det8 = Detector(int8, score_threshold=0.0, max_det=30)
+    assert det8.precision == "int8" and runtime_precisions(det8) == runtime_precisions(ov_int8)
+    images = val_images(data)
+    assert_close(run(ov_int8, images), run(det8, images), FP32)  # NNCF is deterministic: same graph
+    with pytest.raises(DecodetError, match="this file is int8"):
+        Detector(int8, precision="fp32")
+
+
+def test_eval_cli_on_openvino(trained, tmp_path):
+    weights, data = trained
+    base = ["eval", "--weights", str(weights), "--data", str(data), "--imgsz", "64"]
+    assert main([*base, "--backend", "torch", "--precision", "fp32", "--out", str(tmp_path / "t")]) == 0
+    assert main([*base, "--backend", "openvino", "--out", str(tmp_path / "ov")]) == 0
+    import json
+
+    ap = {k: json.loads((tmp_path / k / "stats.json").read_text())["AP"] for k in ("t", "ov")}
+    assert ap["ov"] == pytest.approx(ap["t"], abs=1e-3)
+
+
+def test_bad_files_and_combinations(trained, tmp_path):
+    weights, _ = trained
+    with pytest.raises(DecodetError, match="model file not found"):
+        Detector(tmp_path / "missing.xml")
+    with pytest.raises(DecodetError, match="runs on onnxruntime or openvino, not torch"):
+        Detector(tmp_path / "missing.xml", backend="torch")
+    with pytest.raises(DecodetError, match="IR is written as NAME.xml"):
+        from decodet.deploy.openvino import export_openvino
+
+        export_openvino(weights, tmp_path / "model.onnx")
