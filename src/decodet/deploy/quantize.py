@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from decodet.deploy.machine import cpu_has_vnni
 from decodet.errors import DecodetError
 from decodet.io.atomic import atomic_path
 
@@ -108,22 +109,6 @@ class QuantResult:
                 | {r.group: round(r.harm, 6) for r in self.sweep}
             ),
         }
-
-
-def cpu_has_vnni() -> bool:
-    """Whether this x86 CPU has AVX512-VNNI or AVX-VNNI (from /proc/cpuinfo; False elsewhere)."""
-    flags = cpu_flags()
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where it does not exist)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
-    return set(line.partition(":")[2].split())
 
 
 # ----------------------------------------------------------------------------- groups
