@@ -384,11 +384,13 @@ def _sweep(result: QuantResult, quantizer: _Quantizer, groups: dict[str, list[st
 def _select(result: QuantResult, options: Int8Options) -> list[str]:
     """The ``max_excluded`` most harmful groups whose harm is at least ``min_share`` of the
     whole model's int8 harm."""
-    full = max(result.full_harm or 0.0, 1e-9)
+    full = result.full_harm or 0.0
     result.rule = (
         f"top {options.max_excluded} groups by {result.metric} when quantised alone, "
         f"each at least {options.min_share:g} of the all-int8 {result.metric} ({full:.5f})"
     )
+    if full <= 0:  # quantising everything does not hurt measurably: nothing to keep in fp32
+        return []
     ranked = sorted(result.sweep, key=lambda r: r.harm, reverse=True)
     return [r.group for r in ranked[: options.max_excluded] if r.harm >= options.min_share * full and r.harm > 0]
 

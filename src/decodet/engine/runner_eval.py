@@ -36,7 +36,7 @@ class RunnerEvaluator:
         data: a dataset folder or ``data.yaml`` (:func:`decodet.data.spec.resolve_data`).
         split: which split's images and ground truth (default ``val``).
         limit: score only the first ``limit`` images of the split (``None``: all).
-        batch_size: images per runner call.
+        batch_size: images per runner call (the last call is padded to it with copies).
     """
 
     def __init__(
@@ -60,7 +60,11 @@ class RunnerEvaluator:
         for start in range(0, len(self.images), self.batch_size):
             chunk = self.images[start : start + self.batch_size]
             tensors, sizes = zip(*(preprocess(load_image(path), imgsz, mean, std) for _, path in chunk))
-            boxes, scores, labels = run(torch.stack(tensors), torch.tensor(sizes, dtype=torch.float32))
+            x, s = torch.stack(tensors), torch.tensor(sizes, dtype=torch.float32)
+            if len(chunk) < self.batch_size:  # pad the last batch: compiled runners see one batch size
+                pad = self.batch_size - len(chunk)
+                x, s = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)]), torch.cat([s, s[-1:].expand(pad, -1)])
+            boxes, scores, labels = run(x, s)
             for i, (image_id, _) in enumerate(chunk):
                 dets[image_id] = {"boxes": boxes[i].float(), "scores": scores[i].float(), "labels": labels[i].long()}
         return evaluate_coco(self.split.ann_file, dets, image_ids=[i for i, _ in self.images])
