@@ -178,9 +178,12 @@ def test_int8_quantises_convs_and_keeps_postprocessing_float(tiny, tiny_onnx, tm
     the graph is quantised where it should be and nowhere else, it runs, and its score
     distribution stays within 0.02 of fp32's (a broken calibration saturates or flattens it)."""
     calib = [np.random.default_rng(i).integers(0, 255, (96, 128, 3), dtype=np.uint8) for i in range(4)]
+    from decodet.deploy.quantize import Int8Options
+
     path = export_onnx(
-        tiny, tmp_path / "int8.onnx", imgsz=SIZE, precision="int8", calib_images=calib, num_top=20, dynamic_batch=True
-    )
+        tiny, tmp_path / "int8.onnx", imgsz=SIZE, precision="int8", calib_images=calib, num_top=20, dynamic_batch=True,
+        int8=Int8Options(exclude=None),  # everything int8 here; the sweep's exclusions: tests/test_quantize.py
+    )  # fmt: skip
     graph = onnx.load(str(path)).graph
     producers = {o: n for n in graph.node for o in n.output}
     convs = [n for n in graph.node if n.op_type == "Conv"]
