@@ -25,6 +25,7 @@ Conventions:
     precision* (int8 rows against the int8 peak, bf16 against bf16; mixed rows against the
     lowest precision their big kernels use).
   * ratio: the DECO torch-eager fp32 median divided by the row's (> 1 is faster).
+  * ONNX Runtime sessions do not spin-wait here (their idle threads would slow the next row).
   * AP (with an ``accuracy`` evaluator, e.g. ``decodet benchmark --weights W --data D``): COCO
     box AP of each row's runner on the validation split, and its change against eager fp32 in
     AP points (x100).
@@ -233,7 +234,7 @@ def run_benchmark(
         "pt2e": include_pt2e,
         "openvino": include_openvino,
     }
-    with tempfile.TemporaryDirectory(prefix="decodet-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="decodet-bench-") as tmp, _no_ort_spinning():
         cases = build_cases(model, size, k, threads, gflops, calib, Path(tmp), flags, x1)
         if only:
             cases = [c for i, c in enumerate(cases) if i == 0 or _selected(c.row, only)]
@@ -246,6 +247,20 @@ def run_benchmark(
         if accuracy is not None:
             _accuracy(cases, accuracy, size, normalization(model.config), threads)
     return rows
+
+
+@contextlib.contextmanager
+def _no_ort_spinning() -> Iterator[None]:
+    """Sessions made meanwhile do not spin-wait (``deploy/ort.ALLOW_SPINNING``): rows run in
+    turns, and spinning threads would slow the row after an ONNX Runtime one."""
+    from decodet.deploy import ort
+
+    old = ort.ALLOW_SPINNING
+    ort.ALLOW_SPINNING = False
+    try:
+        yield
+    finally:
+        ort.ALLOW_SPINNING = old
 
 
 def _selected(row: Row, only: list[str]) -> bool:
