@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,deploy,serve,video,tensorboard,supervision,openvino]"
+	$(PY) -m pip install --quiet -e ".[dev,deploy,serve,video,tensorboard,supervision,openvino,pt2e]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,4 +1,10 @@
-"""Training throughput (images/s) on CPU: fp32 and bf16 autocast, one optimizer step per batch.
+"""Training throughput (images/s) on CPU: fp32 and bf16 autocast, one optimizer step per batch,
+with each row's achieved GFLOP/s and its share of the matching matmul peak.
+
+FLOPs of one step: ``torch.utils.flop_counter`` over forward plus backward (convolutions and
+matrix products; a multiply-add = 2 FLOPs).  Peaks: the best 2048x2048 fp32 / bf16 matmul
+(``decodet.deploy.machine.peak_calls``), timed in the same run; fp32 rows are judged against
+the fp32 peak, bf16 autocast rows against the bf16 peak.
 
 Each step is the real thing: forward, the preset's criterion (Hungarian matching and all
 losses, aux layers included), backward, gradient clipping and a fused AdamW step.  Inputs
@@ -19,8 +25,10 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import decodet
+from decodet.deploy.machine import peak_calls
 
 
 def _batch(b: int, size: int, num_classes: int, gen: torch.Generator):
@@ -34,6 +42,36 @@ def _batch(b: int, size: int, num_classes: int, gen: torch.Generator):
             {"labels": torch.randint(0, num_classes, (n,), generator=gen), "boxes": torch.cat([cxcy, wh], 1)}
         )
     return images, targets
+
+
+def step_gflops(name: str, size: int, batch: int) -> float:
+    """GFLOPs of one training step's forward + backward (fp32 count)."""
+    gen = torch.Generator().manual_seed(0)
+    model = decodet.build_model(name, num_classes=80).train()
+    criterion = decodet.build_criterion(model.config)
+    images, targets = _batch(batch, size, 80, gen)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        criterion(model(images), targets)["loss"].backward()
+    return counter.get_total_flops() / 1e9
+
+
+def peaks(iters: int = 5) -> dict[str, float]:
+    """Best GFLOP/s of the fp32 and bf16 matmuls (the training rows' references)."""
+    out = {}
+    for key, (call, gflop) in peak_calls().items():
+        if key == "int8":
+            continue
+        call()
+        best = min(_timed(call) for _ in range(iters))
+        out[key] = gflop / best
+    return out
+
+
+def _timed(call) -> float:
+    t0 = time.perf_counter()
+    call()
+    return time.perf_counter() - t0
 
 
 def measure(name: str, size: int, batch: int, amp: bool, warmup: int, iters: int) -> float:
@@ -70,12 +108,22 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"training throughput, {args.size}x{args.size}, batch {args.batch}, {args.threads} threads (images/s)")
-    print(f"{'model':<14}{'fp32':>10}{'bf16':>10}{'bf16/fp32':>11}{'fp32 vs 1.59':>14}")
+    peak = peaks()
+    print(f"training throughput, {args.size}x{args.size}, batch {args.batch}, {args.threads} threads")
+    print("matmul peaks: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items()))
+    head = ["model", "GFLOP/step", "fp32 img/s", "GFLOP/s", "% fp32 pk", "bf16 img/s", "GFLOP/s", "% bf16 pk"]
+    print(f"{head[0]:<14}" + "".join(f"{h:>12}" for h in head[1:]) + f"{'bf16/fp32':>11}{'fp32 vs 1.59':>14}")
     for name in args.models:
+        gflop = step_gflops(name, args.size, args.batch)
         fp32 = measure(name, args.size, args.batch, False, args.warmup, args.iters)
         bf16 = measure(name, args.size, args.batch, True, args.warmup, args.iters)
-        print(f"{name:<14}{fp32:>10.2f}{bf16:>10.2f}{bf16 / fp32:>10.2f}x{fp32 / 1.59:>13.2f}x", flush=True)
+        g32, g16 = gflop * fp32 / args.batch, gflop * bf16 / args.batch  # steps/s x GFLOP/step
+        p16 = f"{100 * g16 / peak['bf16']:>11.0f}%" if "bf16" in peak else f"{'-':>12}"
+        print(
+            f"{name:<14}{gflop:>12.1f}{fp32:>12.2f}{g32:>12.1f}{100 * g32 / peak['fp32']:>11.0f}%"
+            f"{bf16:>12.2f}{g16:>12.1f}{p16}{bf16 / fp32:>10.2f}x{fp32 / 1.59:>13.2f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

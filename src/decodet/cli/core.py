@@ -104,12 +104,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from decodet.cli.int8 import calibration_source, int8_kwargs, report_path
     from decodet.deploy.export import export_onnx
 
-    calib = args.calib
-    if args.precision == "int8" and calib is None and Path("data/synth/val").is_dir():
-        calib = "data/synth/val"  # the bundled dataset (decodet demo writes it there)
-        log.info("calibrating int8 on the bundled validation images in %s", calib)
+    calib = calibration_source(args.calib, args.data) if args.precision == "int8" else args.calib
     out_path = args.out or args.dest
     if args.format == "web":
         from decodet.deploy.web import export_web
@@ -143,14 +141,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
         dynamic_batch=args.dynamic_batch,
         precision=args.precision,
         calib_images=calib,
+        calib_count=args.calib_count,
+        **int8_kwargs(args, out_path),
     )
     print(f"exported {out}")
+    if args.precision == "int8" and args.sensitivity_report:
+        print(f"int8 sensitivity report written to {report_path(args, out_path)} (and .csv)")
     return 0
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from decodet.deploy.benchmark import format_table, run_benchmark
+    from decodet.cli.int8 import calibration_source
+    from decodet.deploy.benchmark import format_table, rows_to_dicts, run_benchmark
+    from decodet.deploy.machine import format_header, machine_info
 
+    accuracy = None
+    if args.data is not None:
+        if args.weights is None:
+            log.warning("--data without --weights: AP of random weights says nothing; pass --weights")
+        from decodet.engine.runner_eval import RunnerEvaluator
+
+        accuracy = RunnerEvaluator(args.data, "val", limit=args.ap_images, batch_size=max(1, args.throughput_batch))
+    info = machine_info(args.threads)
     rows = run_benchmark(
         args.model,
         imgsz=args.imgsz,
@@ -159,8 +171,25 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         iters=args.iters,
         include_hf=not args.no_hf,
+        include_compile=not args.no_compile,
+        include_pt2e=not args.no_pt2e,
+        include_openvino=not args.no_openvino,
+        weights=args.weights,
+        throughput_batch=args.throughput_batch,
+        calib=calibration_source(args.calib, args.data),
+        accuracy=accuracy,
+        only=args.only,
     )
-    print(format_table(rows))
+    print(format_header(info))
+    print()
+    print(format_table(rows, args.throughput_batch))
+    if args.json is not None:
+        import json
+
+        from decodet.io.atomic import atomic_path
+
+        with atomic_path(args.json) as tmp:
+            Path(tmp).write_text(json.dumps({"machine": info, "rows": rows_to_dicts(rows)}, indent=1, default=str))
     return 0
 
 
@@ -256,10 +285,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--dynamic-batch", action="store_true")
     ex.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
     ex.add_argument("--imgsz", type=int, nargs=2, metavar=("H", "W"), default=None)
-    ex.add_argument("--calib", default=None, help="image folder for int8 calibration (default: bundled val images)")
+    ex.add_argument(
+        "--calib", default=None, help="int8: calibration image folder (default: the training split of --data)"
+    )
+    ex.add_argument("--data", default=None, help="int8: dataset; calibrate on its train split, rank layers by val AP")
+    ex.add_argument("--calib-count", type=int, default=32, help="int8: calibration images used")
+    ex.add_argument("--calib-method", choices=("minmax", "percentile", "entropy"), default="minmax")
+    ex.add_argument("--int8-activations", choices=("uint8", "int8"), default="uint8")
+    ex.add_argument(
+        "--int8-exclude",
+        default="auto",
+        help="int8: layer groups kept fp32: auto (measured sweep), none, or comma-separated group/node names",
+    )
+    ex.add_argument(
+        "--sensitivity-report",
+        nargs="?",
+        const=True,
+        default=None,
+        help="int8: write the per-layer-group sweep (Markdown + CSV; default beside the .onnx)",
+    )
+    ex.add_argument("--sweep-images", type=int, default=50, help="int8 with --data: val images scored per sweep step")
     ex.set_defaults(func=_cmd_export)
 
-    be = sub.add_parser("benchmark", help="latency table: eager, bf16, compile, ONNX Runtime, DETR, RT-DETR")
+    be = sub.add_parser(
+        "benchmark", help="speed (and AP) table: eager, bf16, compile, ONNX Runtime, PT2E, OpenVINO, DETR, RT-DETR"
+    )
     be.add_argument("--model", default="deco_r50")
     be.add_argument("--imgsz", type=int, default=640)
     be.add_argument("--batch", type=int, default=1)
@@ -267,6 +317,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     be.add_argument("--warmup", type=int, default=3)
     be.add_argument("--iters", type=int, default=10)
     be.add_argument("--no-hf", action="store_true", help="skip the Hugging Face DETR / RT-DETR rows")
+    be.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    be.add_argument("--no-pt2e", action="store_true", help="skip the PT2E int8 row")
+    be.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO rows")
+    be.add_argument("--weights", default=None, help="checkpoint to benchmark (default: random weights)")
+    be.add_argument("--data", default=None, help="dataset: AP on its val split; int8 calibrates on its train split")
+    be.add_argument("--calib", default=None, help="int8 calibration image folder (overrides --data's train split)")
+    be.add_argument("--ap-images", type=int, default=None, help="score AP on the first N val images only")
+    be.add_argument("--throughput-batch", type=int, default=8, help="batch of the images/s column (0: none)")
+    be.add_argument("--only", nargs="+", default=None, help="keep rows whose 'runtime precision' contains these")
+    be.add_argument("--json", type=Path, default=None, help="also write the table and header as JSON here")
     be.set_defaults(func=_cmd_benchmark)
 
     cv = sub.add_parser("convert", help="convert the authors' .pth checkpoint to ours")

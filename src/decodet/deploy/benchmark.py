@@ -1,24 +1,34 @@
-"""Side-by-side inference latency: one table, every row measured in the same run.
+"""Side-by-side inference speed (and accuracy): one table, every row measured in the same run.
 
-Rows for one DECO model (random weights are fine for speed): torch eager fp32, torch bf16
-autocast, ``torch.compile``, ONNX Runtime fp32 and int8 — each timed on the model *with*
-its post-processing (``DeployModel``, what the ONNX file holds) — and, for comparison,
-Hugging Face ``DetrForObjectDetection`` (ResNet-50) and ``RTDetrForObjectDetection``
-(ResNet-18) built from their configs with random weights (model forward only; their
-post-processing is a separate call).
+Rows for one DECO model (random weights are fine for speed; pass ``weights`` for AP), each
+timed on the model *with* its post-processing (``DeployModel``, what the ONNX file holds):
+
+  torch eager fp32 (the baseline) | torch bf16 (``Detector(precision="bf16")``) and bf16
+  autocast | ``torch.compile`` fp32 and bf16 (weight freezing) | ONNX Runtime fp32 and int8
+  (``deploy/quantize.py``) | PT2E int8 (``deploy/pt2e.py``) | OpenVINO fp32, bf16, int8
+  (``Detector(backend="openvino")``) | GPU rows when CUDA is available | Hugging Face
+  ``DetrForObjectDetection`` (ResNet-50) and ``RTDetrForObjectDetection`` (ResNet-18) built
+  from their configs with random weights (model forward only).
+
+A row whose backend is not in this build or install says so in its note instead of failing.
 
 Conventions:
-  * latency: median and 90th percentile of ``iters`` timed calls after ``warmup`` calls;
-    images/s = batch / median.  Rows are timed in turns (iteration i runs every row once),
-    so load from other processes on a shared machine falls on all rows alike.
+  * latency: median and 90th percentile of ``iters`` timed batch-``batch`` calls after
+    ``warmup`` calls; "img/s b8": ``throughput_batch`` / median time of a call with that many
+    images.  Rows are timed in turns (iteration i runs every row once), so load from other
+    processes on a shared machine falls on all rows alike.
   * GFLOPs: ``torch.utils.flop_counter.FlopCounterMode`` on one eager fp32 forward, a
-    multiply-add counted as 2 FLOPs; it counts convolutions and matrix products only
-    (elementwise ops, norms and pooling are not counted).  The same (fp32-equivalent) count
-    is used for every row of a model, whatever its precision.
-  * peak: the best GFLOP/s of a 2048x2048 fp32 matmul timed with torch at the same thread
-    count, in turns with the rows; "% peak" = (GFLOPs / median latency) / peak.
+    multiply-add counted as 2 FLOPs; convolutions and matrix products only.  The same count is
+    used for every row of a model, whatever its precision.
+  * peaks (``deploy/machine.py``): the best GFLOP/s of a 2048x2048 fp32, bf16 and int8 matmul,
+    timed in turns with the rows; "% peak" = row GFLOP/s / the peak *of the row's own
+    precision* (int8 rows against the int8 peak, bf16 against bf16; mixed rows against the
+    lowest precision their big kernels use).
   * ratio: the DECO torch-eager fp32 median divided by the row's (> 1 is faster).
-  * int8 rows may pass 100% of the *fp32* peak: int8 kernels (VNNI/AMX) do more per cycle.
+  * ONNX Runtime sessions do not spin-wait here (their idle threads would slow the next row).
+  * AP (with an ``accuracy`` evaluator, e.g. ``decodet benchmark --weights W --data D``): COCO
+    box AP of each row's runner on the validation split, and its change against eager fp32 in
+    AP points (x100).
 """
 
 from __future__ import annotations
@@ -35,19 +45,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from decodet.deploy.export import export_onnx
+from decodet.config import normalization
+from decodet.deploy.machine import peak_calls
 from decodet.deploy.runtime import DeployModel, as_size, prepare_model
 from decodet.registry import build_model, deploy_num_top, list_models
 
 log = logging.getLogger(__name__)
 
+Runner = Callable[[Tensor, Tensor], Any]
+Accuracy = Callable[[Runner, tuple[int, int], tuple[float, ...], tuple[float, ...]], dict[str, float]]
+PEAK_RUNTIME = "matmul peak"
+
 
 @dataclass
 class Row:
-    """One benchmark line; times in milliseconds; ``note`` says why a row has no numbers."""
+    """One benchmark line; times in milliseconds; ``note`` says why a row has no numbers.
+    ``peak_key`` names the precision whose matmul peak the row is judged against."""
 
     model: str
     runtime: str
@@ -55,9 +71,13 @@ class Row:
     median_ms: float | None = None
     p90_ms: float | None = None
     images_per_s: float | None = None
+    throughput: float | None = None  # images/s at the throughput batch
     gflops: float | None = None
     ratio: float | None = None
     peak_fraction: float | None = None
+    peak_key: str = "fp32"
+    ap: float | None = None
+    ap_delta: float | None = None  # AP points (x100) against eager fp32
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -90,47 +110,73 @@ def count_gflops(model: nn.Module, *inputs: Any, **kwargs: Any) -> float:
 
 @dataclass
 class _Case:
+    """A row and how to run it: ``runner(images, sizes)``; timed at ``x1`` (the latency batch)
+    and ``x8`` (the throughput batch); ``runner`` also feeds the AP column."""
+
     row: Row
-    fn: Callable[[], Any] | None = None
+    runner: Runner | None = None
     times: list[float] = field(default_factory=list)
+    times8: list[float] = field(default_factory=list)
+    sync: Callable[[], None] | None = None
 
 
-def _fail(row: Row, exc: BaseException) -> Row:
-    first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
-    row.note = f"failed: {type(exc).__name__}: {first}"
+def _fail(row: Row, exc: BaseException, prefix: str = "failed") -> Row:
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    row.note = f"{prefix}: {type(exc).__name__}: {first}"
     log.warning("%s %s %s: %s", row.model, row.runtime, row.precision, row.note)
     return row
 
 
-def _measure(cases: list[_Case], batch: int, warmup: int, iters: int, threads: int) -> None:
-    """Warm every case up, then time them round-robin: iteration i runs each case once, so
-    load from other processes on a shared machine hits all rows alike."""
+def _time(case: _Case, x: Any, s: Any) -> float:
+    start = time.perf_counter()
+    case.runner(x, s)  # type: ignore[misc]
+    if case.sync is not None:
+        case.sync()
+    return time.perf_counter() - start
+
+
+def _measure(cases: list[_Case], inputs: tuple[Any, ...], warmup: int, iters: int, threads: int) -> None:
+    """Warm every case up, then time them round-robin (module docstring).  ``inputs`` is
+    ``(x1, s1, x8, s8)``; ``x8`` is ``None`` without a throughput column."""
+    x1, s1, x8, s8 = inputs
     with torch_threads(threads), torch.no_grad():
         for case in cases:
-            if case.fn is None:
+            if case.runner is None:
                 continue
             try:
-                start = time.perf_counter()
-                case.fn()  # first call: compilation / session warm-up, not timed
-                case.row.extra["first_call_s"] = time.perf_counter() - start
+                case.row.extra["first_call_s"] = _time(case, x1, s1)  # compilation / warm-up, not timed
+                if x8 is not None and case.row.runtime != PEAK_RUNTIME:
+                    case.row.extra["first_call_b8_s"] = _time(case, x8, s8)
                 for _ in range(warmup):
-                    case.fn()
+                    _time(case, x1, s1)
             except Exception as exc:  # a failing row must not sink the table
                 _fail(case.row, exc)
-                case.fn = None
-        live = [c for c in cases if c.fn is not None]
+                case.runner = None
+        live = [c for c in cases if c.runner is not None]
         for _ in range(max(1, iters)):
             for case in live:
-                start = time.perf_counter()
-                case.fn()
-                case.times.append(time.perf_counter() - start)
+                case.times.append(_time(case, x1, s1))
+                if x8 is not None and case.row.runtime != PEAK_RUNTIME:
+                    case.times8.append(_time(case, x8, s8))
+    batch = x1.shape[0] if hasattr(x1, "shape") else 1
     for case in live:
         med = statistics.median(case.times)
         row = case.row
         row.median_ms, row.p90_ms = med * 1e3, _percentile(case.times, 0.9) * 1e3
         row.images_per_s = batch / med
-        if row.runtime == "torch.compile":
-            row.note = f"compiling took {row.extra['first_call_s']:.0f} s (not timed)"
+        row.extra["best_ms"] = min(case.times) * 1e3
+        if case.times8:
+            row.throughput = x8.shape[0] / statistics.median(case.times8)
+        if row.runtime.startswith("torch.compile") or row.runtime.startswith("PT2E"):
+            row.note = (row.note + "; " if row.note else "") + f"compiling took {row.extra['first_call_s']:.0f} s"
+
+
+def _peak_cases() -> list[_Case]:
+    cases = []
+    for key, (call, gflop) in peak_calls().items():
+        row = Row(PEAK_RUNTIME, PEAK_RUNTIME, key, gflops=gflop, peak_key=key)
+        cases.append(_Case(row, lambda _x, _s, c=call: c()))
+    return cases
 
 
 def run_benchmark(
@@ -143,80 +189,125 @@ def run_benchmark(
     include_hf: bool = True,
     include_compile: bool = True,
     include_onnx: bool = True,
+    include_pt2e: bool = True,
+    include_openvino: bool = True,
     weights: str | None = None,
     num_classes: int = 80,
+    throughput_batch: int = 8,
+    calib: Any = None,
+    accuracy: Accuracy | None = None,
+    only: list[str] | None = None,
 ) -> list[Row]:
-    """Benchmark one model every way (module docstring); returns the rows, the first being
-    the matmul peak, the second DECO torch eager fp32 (the ratio baseline).
+    """Benchmark one model every way (module docstring).
 
-    All rows are prepared first (models built, exported, compiled), then timed in turns.
-    ``weights``: a checkpoint to load instead of the preset's random initialisation.
+    Returns the rows: first the matmul peaks (fp32, bf16, int8), then DECO torch eager fp32
+    (the ratio and AP baseline), then the others.  All rows are prepared first (models built,
+    exported, compiled), then timed in turns.
+
+    Args:
+        weights: a checkpoint to load instead of the preset's random initialisation.
+        throughput_batch: batch of the images/s column (0: no such column).
+        calib: int8 calibration images (a folder, list of paths, ...; ``None``: synthetic
+            noise, fine for speed only).
+        accuracy: ``accuracy(runner, imgsz, mean, std) -> COCO stats``
+            (:class:`decodet.engine.runner_eval.RunnerEvaluator`) for the AP column.
+        only: keep only rows whose ``"runtime precision"`` contains one of these strings
+            (the eager fp32 baseline is always kept).
     """
+    from decodet.deploy.bench_rows import build_cases
+
     torch.manual_seed(0)
     source = weights if weights is not None else build_model(model_name, num_classes=num_classes)
     model = prepare_model(source)
-    name = model.config.name
     size = as_size(imgsz, model.config)
-    deploy = DeployModel(model, deploy_num_top(model.config)).eval()
-    x = torch.randn(batch, 3, *size)
-    sizes = torch.tensor([[float(size[0]), float(size[1])]] * batch)
-    gflops = count_gflops(model, x)
-
-    def bf16() -> Any:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return deploy(x, sizes)
-
-    cases = [
-        _Case(Row(name, "torch eager", "fp32", gflops=gflops), lambda: deploy(x, sizes)),
-        _Case(Row(name, "torch eager", "bf16 autocast", gflops=gflops), bf16),
-    ]
-    if include_compile:
-        compiled: Any = None
-
-        def compiled_call() -> Any:
-            nonlocal compiled
-            if compiled is None:
-                compiled = torch.compile(deploy)
-            return compiled(x, sizes)
-
-        cases.append(_Case(Row(name, "torch.compile", "fp32", gflops=gflops), compiled_call))
-    with tempfile.TemporaryDirectory(prefix="decodet-bench-") as tmp:
-        if include_onnx:
-            cases += _onnx_cases(model, name, size, batch, threads, gflops, x, sizes, Path(tmp))
+    k = deploy_num_top(model.config)
+    x1 = torch.randn(batch, 3, *size)
+    s1 = torch.tensor([[float(size[0]), float(size[1])]] * batch)
+    x8 = s8 = None
+    if throughput_batch:
+        x8 = torch.randn(throughput_batch, 3, *size)
+        s8 = torch.tensor([[float(size[0]), float(size[1])]] * throughput_batch)
+    gflops = count_gflops(model, x1)
+    flags = {
+        "compile": include_compile,
+        "onnx": include_onnx,
+        "pt2e": include_pt2e,
+        "openvino": include_openvino,
+    }
+    with tempfile.TemporaryDirectory(prefix="decodet-bench-") as tmp, _no_ort_spinning():
+        cases = build_cases(model, size, k, threads, gflops, calib, Path(tmp), flags, x1)
+        if only:
+            cases = [c for i, c in enumerate(cases) if i == 0 or _selected(c.row, only)]
         if include_hf:
             cases += _hf_cases(size, batch, num_classes)
-        return _with_peak(cases, batch, warmup, iters, threads)
+        peaks = _peak_cases()
+        _measure([*peaks, *cases], (x1, s1, x8, s8), warmup, iters, threads)
+        rows = [c.row for c in [*peaks, *cases]]
+        finish(rows)
+        if accuracy is not None:
+            _accuracy(cases, accuracy, size, normalization(model.config), threads)
+    return rows
 
 
-def _onnx_cases(
-    model: nn.Module,
-    name: str,
-    size: tuple[int, int],
-    batch: int,
-    threads: int,
-    gflops: float,
-    x: torch.Tensor,
-    sizes: torch.Tensor,
-    tmp: Path,
-) -> list[_Case]:
-    from decodet.deploy.ort import OrtModel
+@contextlib.contextmanager
+def _no_ort_spinning() -> Iterator[None]:
+    """Sessions made meanwhile do not spin-wait (``deploy/ort.ALLOW_SPINNING``): rows run in
+    turns, and spinning threads would slow the row after an ONNX Runtime one."""
+    from decodet.deploy import ort
 
-    cases = []
-    feeds = {"images": x.numpy(), "orig_sizes": sizes.numpy()}
-    for precision in ("fp32", "int8"):
-        row = Row(name, "onnxruntime", precision, gflops=gflops)
-        try:
-            start = time.perf_counter()
-            path = export_onnx(
-                model, tmp / f"{precision}.onnx", imgsz=size, precision=precision, batch=batch, calib_count=4
-            )
-            row.extra["export_s"] = time.perf_counter() - start
-            session = OrtModel(path, threads=threads)
-        except Exception as exc:
-            cases.append(_Case(_fail(row, exc)))
+    old = ort.ALLOW_SPINNING
+    ort.ALLOW_SPINNING = False
+    try:
+        yield
+    finally:
+        ort.ALLOW_SPINNING = old
+
+
+def _selected(row: Row, only: list[str]) -> bool:
+    label = f"{row.runtime} {row.precision}".lower()
+    return any(o.lower() in label for o in only)
+
+
+def _accuracy(cases: list[_Case], accuracy: Accuracy, size: tuple[int, int], norm: Any, threads: int) -> None:
+    """Fill ``ap`` / ``ap_delta`` for every row that has a runner (not the HF rows)."""
+    base = None
+    with torch_threads(threads), torch.no_grad():
+        for case in cases:
+            if case.runner is None or case.row.model.startswith("HF "):
+                continue
+            try:
+                stats = accuracy(case.runner, size, norm[0], norm[1])
+            except Exception as exc:
+                case.row.note = (case.row.note + "; " if case.row.note else "") + f"AP failed: {exc}"[:200]
+                continue
+            case.row.ap = float(stats["AP"])
+            case.row.extra["AP50"] = float(stats.get("AP50", float("nan")))
+            if base is None and case.row.runtime == "torch eager" and case.row.precision == "fp32":
+                base = case.row.ap
+            if base is not None:
+                case.row.ap_delta = 100 * (case.row.ap - base)
+
+
+def finish(rows: list[Row]) -> None:
+    """Ratios against DECO eager fp32 and each row's fraction of its own precision's peak
+    (the peaks are the ``matmul peak`` rows' GFLOP/s)."""
+    peaks = {
+        r.precision: r.gflops / (r.extra.get("best_ms", r.median_ms) / 1e3)
+        for r in rows
+        if r.runtime == PEAK_RUNTIME and r.median_ms
+    }
+    base = next((r for r in rows if r.runtime == "torch eager" and r.precision == "fp32" and r.median_ms), None)
+    for r in rows:
+        if r.median_ms is None:
             continue
-        cases.append(_Case(row, lambda s=session: s(feeds)))
-    return cases
+        if r.runtime == PEAK_RUNTIME:
+            r.extra["peak_gflops"] = peaks[r.precision]
+            r.peak_fraction = 1.0
+            continue
+        if base is not None:
+            r.ratio = base.median_ms / r.median_ms
+        if r.gflops is not None and r.peak_key in peaks:
+            r.peak_fraction = (r.gflops / (r.median_ms / 1e3)) / peaks[r.peak_key]
 
 
 def _hf_models(num_classes: int) -> list[tuple[str, Callable[[], nn.Module]]]:
@@ -275,19 +366,8 @@ def _hf_cases(size: tuple[int, int], batch: int, num_classes: int) -> list[_Case
         except Exception as exc:
             cases.append(_Case(_fail(row, exc)))
             continue
-        cases.append(_Case(row, lambda m=hf: m(pixel_values=x)))
+        cases.append(_Case(row, lambda images, _s, m=hf: m(pixel_values=images)))
     return cases
-
-
-def _finish(rows: list[Row], peak: float) -> None:
-    base = next((r for r in rows if r.runtime == "torch eager" and r.precision == "fp32" and r.median_ms), None)
-    for r in rows:
-        if r.median_ms is None:
-            continue
-        if base is not None:
-            r.ratio = base.median_ms / r.median_ms
-        if r.gflops is not None:
-            r.peak_fraction = (r.gflops / (r.median_ms / 1e3)) / peak
 
 
 def survey_models(
@@ -302,6 +382,7 @@ def survey_models(
     """Every preset (or ``models``) in torch eager fp32: latency, GFLOPs, achieved GFLOP/s
     and its fraction of the fp32 matmul peak, all timed in turns in the same run."""
     cases = []
+    x1 = s1 = None
     for name in models or list_models():
         torch.manual_seed(0)
         model = prepare_model(build_model(name, num_classes=num_classes))
@@ -312,28 +393,14 @@ def survey_models(
         row = Row(name, "torch eager", "fp32", gflops=count_gflops(model, x))
         row.extra["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         row.extra["imgsz"] = list(size)
-        cases.append(_Case(row, lambda d=deploy, x=x, s=sizes: d(x, s)))
-    rows = _with_peak(cases, batch, warmup, iters, threads)
+        cases.append(_Case(row, lambda _x, _s, d=deploy, x=x, s=sizes: d(x, s)))
+        x1, s1 = x, sizes
+    peaks = [c for c in _peak_cases() if c.row.precision == "fp32"]
+    _measure([*peaks, *cases], (x1, s1, None, None), warmup, iters, threads)
+    rows = [c.row for c in [*peaks, *cases]]
+    finish(rows)
     for r in rows:
         r.ratio = None  # no common baseline across presets
-    return rows
-
-
-def _with_peak(cases: list[_Case], batch: int, warmup: int, iters: int, threads: int) -> list[Row]:
-    """Time ``cases`` and a large fp32 matmul in turns; the peak is the matmul's best time,
-    so it sees the same machine load as the rows it is compared with."""
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    peak_case = _Case(Row("fp32 matmul peak", "torch", "fp32", gflops=2 * n**3 / 1e9), lambda: torch.mm(a, b))
-    _measure([peak_case, *cases], batch, warmup, iters, threads)
-    peak = 2 * n**3 / min(peak_case.times) / 1e9
-    head = peak_case.row
-    head.median_ms = head.p90_ms = head.images_per_s = None
-    head.note = f"{peak:.1f} GFLOP/s (best {n}x{n} sgemm) at {threads} threads"
-    head.extra["peak_gflops"] = peak
-    rows = [head, *(c.row for c in cases)]
-    _finish(rows, peak)
-    head.gflops = head.ratio = head.peak_fraction = None
     return rows
 
 
@@ -342,27 +409,41 @@ def rows_to_dicts(rows: list[Row]) -> list[dict[str, Any]]:
     return [dataclasses.asdict(r) for r in rows]
 
 
-def format_table(rows: list[Row]) -> str:
+def achieved_gflops(row: Row) -> float | None:
+    """GFLOP/s of a timed row (the count of one call over its median time; a peak row's
+    over its best time)."""
+    if row.gflops is None or not row.median_ms:
+        return None
+    if row.runtime == PEAK_RUNTIME:
+        return row.extra.get("peak_gflops")
+    return row.gflops / (row.median_ms / 1e3)
+
+
+def format_table(rows: list[Row], throughput_batch: int = 8) -> str:
     """A Markdown table of ``rows`` (``-`` where a row has no number)."""
 
     def num(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    header = ["model", "runtime", "precision", "median ms", "p90 ms", "img/s", "ratio", "GFLOPs", "GFLOP/s", "% peak"]
+    header = ["model", "runtime", "precision", "median ms", "p90 ms", "img/s", f"img/s b{throughput_batch}"]
+    header += ["ratio", "GFLOPs", "GFLOP/s", "% own peak", "AP", "dAP"]
     lines = ["| " + " | ".join(header + ["note"]) + " |", "|" + "|".join("---" for _ in range(len(header) + 1)) + "|"]
     for r in rows:
-        achieved = r.gflops / (r.median_ms / 1e3) if r.gflops is not None and r.median_ms else None
+        peak = r.runtime == PEAK_RUNTIME
         cells = [
             r.model,
-            r.runtime,
+            "-" if peak else r.runtime,
             r.precision,
-            num(r.median_ms, ".1f"),
-            num(r.p90_ms, ".1f"),
-            num(r.images_per_s, ".2f"),
+            "-" if peak else num(r.median_ms, ".1f"),
+            "-" if peak else num(r.p90_ms, ".1f"),
+            "-" if peak else num(r.images_per_s, ".2f"),
+            num(r.throughput, ".2f"),
             "-" if r.ratio is None else f"{r.ratio:.2f}x",
-            num(r.gflops, ".1f"),
-            num(achieved, ".1f"),
-            "-" if r.peak_fraction is None else f"{100 * r.peak_fraction:.0f}%",
+            "-" if peak else num(r.gflops, ".1f"),
+            num(achieved_gflops(r), ".1f"),
+            "-" if r.peak_fraction is None or peak else f"{100 * r.peak_fraction:.0f}% ({r.peak_key})",
+            num(r.ap, ".4f"),
+            "-" if r.ap_delta is None else f"{r.ap_delta:+.2f}",
             r.note,
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -27,8 +27,9 @@ names, category ids), image size, normalisation, K, precision, opset.
 Precisions:
   * ``fp32`` — matches torch to ~1e-5.
   * ``int8`` — ONNX Runtime static quantisation (QDQ, per-channel int8 weights, uint8
-    activations calibrated with MinMax) of Conv/MatMul/Gemm only; everything else,
-    post-processing (TopK, Gather, box scaling) included, stays float.
+    activations) of Conv/MatMul/Gemm only; everything else, post-processing (TopK, Gather,
+    box scaling) included, stays float, and so do the layer groups a measured sensitivity
+    sweep finds most harmful (``deploy/quantize.py``; recorded in the ``int8_*`` metadata).
   * ``fp16`` — weights and compute in half, inputs/outputs and post-processing float32;
     meant for GPU providers.  ONNX Runtime's CPU provider runs it (the tests do) but it
     is no CPU speed-up: use int8 there.
@@ -64,7 +65,6 @@ log = logging.getLogger(__name__)
 FORMAT = "decodet-onnx"
 FORMAT_VERSION = 1  # bump when inputs/outputs/metadata change incompatibly
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-_QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
 # The torch.export-based exporter writes opset 18+; converting DECO's graphs down fails
 # (ONNX's version converter cannot move Reduce* axes inputs back into attributes).
 MIN_OPSET = 18
@@ -153,6 +153,9 @@ def export_onnx(
     num_top: int | None = None,
     batch: int = 1,
     calib_count: int = 32,
+    int8: Any = None,
+    sensitivity_report: str | os.PathLike | None = None,
+    score_fn: Any = None,
 ) -> Path:
     """Export a detector and its post-processing to one ONNX file (see the module docstring).
 
@@ -172,6 +175,12 @@ def export_onnx(
             DECO+ ``num_top_queries``, DECO 100).
         batch: the fixed batch size when not ``dynamic_batch``.
         calib_count: at most this many calibration images are used.
+        int8: :class:`decodet.deploy.quantize.Int8Options` (calibration method, activation
+            type, which layer groups stay fp32; default: measured sweep, see that module).
+        sensitivity_report: int8: write the per-layer-group sweep here (Markdown, and CSV
+            beside it).
+        score_fn: int8: ``score_fn(run) -> float`` (higher is better, e.g. COCO AP on a
+            labelled split) to rank layer groups by instead of the output error vs fp32.
 
     Returns:
         ``out_path`` as a ``Path``.
@@ -203,10 +212,22 @@ def export_onnx(
     with tempfile.TemporaryDirectory(prefix="decodet-export-") as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
         _torch_export(wrapper, fp32_path, size, opset, dynamic_batch, max(1, int(batch)))
+        extra_meta: dict[str, str] = {}
         if precision == "int8":
             final = Path(tmp) / "int8.onnx"
             feed_batch = 1 if dynamic_batch else max(1, int(batch))
-            _quantize_int8(fp32_path, final, size, normalization(cfg), calib_images, calib_count, feed_batch)
+            extra_meta = _quantize_int8(
+                fp32_path,
+                final,
+                size,
+                normalization(cfg),
+                calib_images,
+                calib_count,
+                feed_batch,
+                int8,
+                sensitivity_report,
+                score_fn,
+            )
         elif precision == "fp16":
             final = Path(tmp) / "fp16.onnx"
             _convert_fp16(fp32_path, final)
@@ -219,7 +240,7 @@ def export_onnx(
         mean, std = normalization(cfg)
         info = OnnxInfo(cfg, size, k, precision, dynamic_batch, int(actual_opset), decodet.__version__, mean, std)
         del proto.metadata_props[:]
-        for key, value in build_metadata(info).items():
+        for key, value in (build_metadata(info) | extra_meta).items():
             proto.metadata_props.add(key=key, value=value)
         proto.producer_name = "decodet"
         proto.producer_version = decodet.__version__
@@ -295,25 +316,6 @@ def _quiet_exporter() -> Iterator[None]:
 # ----------------------------------------------------------------------------- int8
 
 
-class _CalibrationReader:
-    """``onnxruntime.quantization.CalibrationDataReader`` over preprocessed images."""
-
-    def __init__(self, batches: Iterator[dict[str, Any]]) -> None:
-        self._batches = batches
-
-    def get_next(self) -> dict[str, Any] | None:
-        return next(self._batches, None)
-
-    def __iter__(self):  # ORT >= 1.17 may iterate instead of calling get_next
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        item = self.get_next()
-        if item is None:
-            raise StopIteration
-        return item
-
-
 def calibration_batches(
     calib_images: Any,
     size: tuple[int, int],
@@ -376,32 +378,23 @@ def _quantize_int8(
     calib_images: Any,
     count: int,
     batch: int,
-) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    options: Any = None,
+    report: str | os.PathLike | None = None,
+    score_fn: Any = None,
+) -> dict[str, str]:
+    """Static int8 (``deploy/quantize.py``); returns the ``int8_*`` metadata entries."""
+    from decodet.deploy.quantize import quantize_onnx
 
     if calib_images is None:
-        log.warning("int8 calibration on synthetic images: fine for speed, not for accuracy (pass calib_images)")
-    pre = out_path.with_name("pre.onnx")
-    try:
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
-    except Exception as exc:  # symbolic shape inference gives up on some graphs; ONNX's still works
-        log.debug("symbolic shape inference failed (%s); retrying without it", exc)
-        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-    reader = _CalibrationReader(calibration_batches(calib_images, size, count, batch, norm))
-    quantize_static(
-        str(pre),
-        str(out_path),
-        reader,
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=_QUANTIZED_OPS,  # post-processing (TopK, Gather, ...) stays float
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
-        # MinMax calibration adds ReduceMin/ReduceMax outputs: memory stays small per image
-        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-    )
+        log.warning(
+            "int8 CALIBRATION ON SYNTHETIC NOISE IMAGES: fine for speed tests, NOT for accuracy. "
+            "Pass real images (export --data DATASET uses its training split, or --calib FOLDER)"
+        )
+    feeds = list(calibration_batches(calib_images, size, count, batch, norm))
+    result = quantize_onnx(fp32_path, out_path, feeds, options, score_fn=score_fn, report=report)
+    meta = result.metadata()
+    meta["int8_calibration_images"] = "synthetic" if calib_images is None else str(min(count, len(feeds) * batch))
+    return meta
 
 
 # ----------------------------------------------------------------------------- fp16

@@ -12,6 +12,12 @@ from decodet.errors import DecodetError
 
 log = logging.getLogger(__name__)
 
+#: ONNX Runtime's intra-op threads spin-wait after each run by default (lower latency for one
+#: session alone).  In a process that alternates runtimes (``decodet benchmark``) the spinning
+#: threads take the cores from whatever runs next (measured: a torch forward 2-4x slower right
+#: after an ORT run on 2 cores), so the benchmark turns it off while it runs.
+ALLOW_SPINNING = True
+
 
 def available_providers() -> list[str]:
     """ONNX Runtime execution providers of this install (``[]`` when it is not installed)."""
@@ -45,6 +51,8 @@ class OrtModel:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+        if not ALLOW_SPINNING:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1

@@ -1,0 +1,111 @@
+"""What machine a benchmark ran on: CPU model and flags, threads, library versions, and the
+matrix-multiply peaks each precision is judged against.
+
+Peaks are the best GFLOP/s of one ``n x n`` matrix product per precision, timed by the
+caller in turns with the rows it compares (so they see the same machine load):
+
+  * ``fp32``: ``torch.mm`` on float32 (MKL / oneDNN sgemm);
+  * ``bf16``: ``torch.mm`` on bfloat16 (oneDNN; AVX512-BF16 / AMX where the CPU has them);
+  * ``int8``: ``torch._int_mm`` (int8 x int8 -> int32, oneDNN; VNNI / AMX-INT8 where present).
+
+A multiply-add counts as 2 FLOPs (int8 "FLOPs" are integer operations, counted alike).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
+LIBRARIES = ("torch", "onnxruntime", "openvino", "torchao", "nncf")
+PEAK_PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (``None`` where there is none, e.g. macOS)."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith(("model name", "Model", "Hardware")):
+            return line.partition(":")[2].strip() or None
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it does not exist)."""
+    line = next((ln for ln in _cpuinfo().splitlines() if ln.startswith(("flags", "Features"))), "")
+    return set(line.partition(":")[2].split())
+
+
+def cpu_has_vnni() -> bool:
+    """Whether the CPU has AVX512-VNNI, AVX-VNNI or AMX-INT8 (u8 x s8 dot products)."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries the rows use (absent ones left out)."""
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def machine_info(threads: int) -> dict[str, object]:
+    """The benchmark header: CPU model, relevant flags, threads, logical CPUs, versions."""
+    flags = cpu_flags()
+    return {
+        "cpu": cpu_model() or "unknown (no /proc/cpuinfo)",
+        "flags": [f for f in FLAGS_OF_INTEREST if f in flags],
+        "threads": int(threads),
+        "logical_cpus": os.cpu_count(),
+        "versions": library_versions(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def format_header(info: dict[str, object]) -> str:
+    """Markdown lines for :func:`machine_info`."""
+    versions = info.get("versions") or {}
+    flags = info.get("flags") or []
+    lines = [
+        f"- CPU: {info.get('cpu')} ({info.get('logical_cpus')} logical CPUs), threads used: {info.get('threads')}",
+        f"- CPU flags: {', '.join(flags) if flags else 'none of ' + ', '.join(FLAGS_OF_INTEREST)}",
+        "- libraries: " + ", ".join(f"{k} {v}" for k, v in versions.items()),  # type: ignore[union-attr]
+        f"- GPU: {info.get('cuda') or 'none (GPU rows skipped)'}",
+    ]
+    return "\n".join(lines)
+
+
+def peak_calls(n: int = 2048) -> dict[str, tuple[Callable[[], object], float]]:
+    """``{precision: (call, GFLOPs of one call)}`` for the matmul peaks (module docstring);
+    a precision whose kernel does not run here is left out."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    ai = torch.randint(-127, 128, (n, n), dtype=torch.int8, generator=g)
+    bi = torch.randint(-127, 128, (n, n), dtype=torch.int8, generator=g)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    candidates: dict[str, Callable[[], object]] = {
+        "fp32": lambda: torch.mm(a, b),
+        "bf16": lambda: torch.mm(a16, b16),
+        "int8": lambda: torch._int_mm(ai, bi),
+    }
+    out = {}
+    for name, call in candidates.items():
+        try:
+            call()
+        except (RuntimeError, NotImplementedError):
+            continue
+        out[name] = (call, 2 * n**3 / 1e9)
+    return out
