@@ -42,7 +42,7 @@ def test_machine_header_fields():
 def test_benchmark_rows_columns_and_ap(tmp_path):
     data = tmp_path / "synth"
     assert main(["data", "synth", str(data), "--train", "2", "--val", "3", "--image-size", "96", "--seed", "4"]) == 0
-    from decodet.engine.runner_eval import RunnerEvaluator
+    from decodet.engine.evaluate_deployed import RunnerEvaluator
 
     rows = run_benchmark(
         "deco_tiny", imgsz=96, threads=1, warmup=0, iters=1, include_hf=False, include_compile=False,

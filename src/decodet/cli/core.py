@@ -159,7 +159,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     if args.data is not None:
         if args.weights is None:
             log.warning("--data without --weights: AP of random weights says nothing; pass --weights")
-        from decodet.engine.runner_eval import RunnerEvaluator
+        from decodet.engine.evaluate_deployed import RunnerEvaluator
 
         accuracy = RunnerEvaluator(args.data, "val", limit=args.ap_images, batch_size=max(1, args.throughput_batch))
     info = machine_info(args.threads)

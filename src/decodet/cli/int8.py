@@ -54,7 +54,7 @@ def int8_kwargs(args: argparse.Namespace, out_path: Path) -> dict:
         import torch
 
         from decodet.deploy.runtime import as_size, normalization
-        from decodet.engine.runner_eval import RunnerEvaluator
+        from decodet.engine.evaluate_deployed import RunnerEvaluator
         from decodet.io.checkpoint import load_model
 
         cfg = load_model(args.weights).config

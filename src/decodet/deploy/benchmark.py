@@ -210,7 +210,7 @@ def run_benchmark(
         calib: int8 calibration images (a folder, list of paths, ...; ``None``: synthetic
             noise, fine for speed only).
         accuracy: ``accuracy(runner, imgsz, mean, std) -> COCO stats``
-            (:class:`decodet.engine.runner_eval.RunnerEvaluator`) for the AP column.
+            (:class:`decodet.engine.evaluate_deployed.RunnerEvaluator`) for the AP column.
         only: keep only rows whose ``"runtime precision"`` contains one of these strings
             (the eager fp32 baseline is always kept).
     """

@@ -1,4 +1,12 @@
-"""COCO AP of a deployed model: a :class:`~decodet.deploy.detector.Detector` on any backend and precision.
+"""COCO AP of a deployed model: a :class:`~decodet.deploy.detector.Detector` on any backend and
+precision, or any *runner* (:class:`RunnerEvaluator`: the AP column of ``decodet benchmark`` and
+the AP ranking of the int8 sensitivity sweep).
+
+A runner is what every backend offers (``Detector.predict_batch``, ``DeployModel``, an ONNX
+session wrapped to tensors): ``run(images [B, 3, H, W] preprocessed, orig_sizes [B, 2]) ->
+(boxes [B, K, 4] xyxy original pixels, scores [B, K], labels [B, K] category ids)``.  Images
+are read and preprocessed as ``Detector`` does (one fixed size, the deploy mean/std), so every
+backend is scored on the same inputs through pycocotools.
 
 ``decodet eval --backend B --precision P`` comes here (via
 :func:`~decodet.engine.evaluate.evaluate_checkpoint`): the images of the split are read from
@@ -18,51 +26,89 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from decodet.data.coco import CocoDetection
-from decodet.engine.evaluator import CocoEvaluator
+from decodet.data.images import load_image
+from decodet.data.spec import resolve_data
+from decodet.deploy.inputs import preprocess
+from decodet.engine.evaluator import evaluate_coco
 from decodet.errors import DecodetError
 from decodet.io.atomic import atomic_write_text
 from decodet.io.coco_results import detections_to_coco
-from decodet.utils.console import progress
+from decodet.io.files import read_json
 
 log = logging.getLogger(__name__)
 
 
+Runner = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+class RunnerEvaluator:
+    """``evaluator(run, imgsz, mean, std) -> COCO stats`` on one split of a dataset.
+
+    Args:
+        data: a dataset folder or ``data.yaml`` (:func:`decodet.data.spec.resolve_data`).
+        split: which split's images and ground truth (default ``val``).
+        limit: score only the first ``limit`` images of the split (``None``: all).
+        batch_size: images per runner call (the last call is padded to it with copies).
+
+    After a call, ``detections`` holds the last run's ``{image_id: boxes / scores / labels}``.
+    """
+
+    def __init__(
+        self, data: str | os.PathLike, split: str = "val", limit: int | None = None, batch_size: int = 8
+    ) -> None:
+        split_spec = resolve_data(data).split(split)
+        self.ann_file = Path(split_spec.ann_file)
+        gt = read_json(self.ann_file)
+        images = list(gt.get("images", []))
+        if limit is not None:
+            images = images[: max(1, int(limit))]
+        if not images:
+            raise DecodetError(f"split {split!r} has no images", self.ann_file)
+        self.images = [(int(im["id"]), Path(split_spec.images_dir) / im["file_name"]) for im in images]
+        self.batch_size = max(1, int(batch_size))
+        self.detections: dict[int, dict[str, Tensor]] = {}
+
+    def __call__(
+        self, run: Runner, imgsz: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]
+    ) -> dict[str, float]:
+        dets: dict[int, dict[str, Tensor]] = {}
+        for start in range(0, len(self.images), self.batch_size):
+            chunk = self.images[start : start + self.batch_size]
+            tensors, sizes = zip(*(preprocess(load_image(path), imgsz, mean, std) for _, path in chunk))
+            x, s = torch.stack(tensors), torch.tensor(sizes, dtype=torch.float32)
+            if len(chunk) < self.batch_size:  # pad the last batch: compiled runners see one batch size
+                pad = self.batch_size - len(chunk)
+                x, s = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)]), torch.cat([s, s[-1:].expand(pad, -1)])
+            boxes, scores, labels = run(x, s)
+            for i, (image_id, _) in enumerate(chunk):
+                dets[image_id] = {"boxes": boxes[i].float(), "scores": scores[i].float(), "labels": labels[i].long()}
+        self.detections = dets
+        return evaluate_coco(self.ann_file, dets, image_ids=[i for i, _ in self.images])
+
+
 def evaluate_detector(
     detector: Any,
-    images_dir: str | os.PathLike,
-    ann_file: str | os.PathLike,
+    data: str | os.PathLike,
+    split: str = "val",
     batch_size: int = 4,
     out: str | os.PathLike | None = None,
-    show_progress: bool = True,
 ) -> dict[str, float]:
-    """The 12 COCO stats of ``detector`` (a ``Detector``) on the images of ``ann_file``.
-
-    With ``out``, writes ``detections.json`` and ``stats.json`` into that folder.
-    """
-    dataset = CocoDetection(images_dir, ann_file)  # validates the JSON; images read by path below
-    entries = [(int(rec.id), dataset.image_path(n)) for n, rec in enumerate(dataset.records)]
-    evaluator = CocoEvaluator(max_dets=detector.max_det)
-    kept: dict[int, dict[str, torch.Tensor]] = {}
-    step = max(1, int(batch_size))
-    chunks = [entries[i : i + step] for i in range(0, len(entries), step)]
-    for chunk in progress(chunks, desc="eval", disable=None if show_progress else True, log_every=0):
-        results = list(detector.stream([str(p) for _, p in chunk], batch_size=step))
-        dets = [{k: r[k] for k in ("boxes", "scores", "labels")} for r in results]
-        ids = [i for i, _ in chunk]
-        evaluator.update(ids, dets)
-        if out is not None:
-            kept.update(zip(ids, dets))
-    stats = evaluator.summarize(ann_file)
+    """The 12 COCO stats of ``detector`` (a ``Detector``) on a split; with ``out``, also writes
+    ``detections.json`` and ``stats.json`` into that folder."""
+    evaluator = RunnerEvaluator(data, split, batch_size=batch_size)
+    stats = evaluator(detector.predict_batch, detector.imgsz, detector.mean, detector.std)
     if out is not None:
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "detections.json", json.dumps(detections_to_coco(kept, max_dets=None)))
+        detections = detections_to_coco(evaluator.detections, max_dets=None)
+        atomic_write_text(out_dir / "detections.json", json.dumps(detections))
         atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
     return stats
 
@@ -86,7 +132,6 @@ def evaluate_deployed(
     int8 without ``calib`` calibrates on (up to 32 images of) the dataset's ``train`` split
     when it has one: real images of the domain, never the split being evaluated.
     """
-    from decodet.data.spec import resolve_data
     from decodet.deploy.detector import Detector
 
     spec = resolve_data(data)
@@ -109,5 +154,4 @@ def evaluate_deployed(
         compile=compile,
     )
     log.info("evaluating %r", detector)
-    split_spec = spec.split(split)
-    return evaluate_detector(detector, split_spec.images_dir, split_spec.ann_file, batch_size, out)
+    return evaluate_detector(detector, data, split, batch_size, out)
