@@ -19,8 +19,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/decodet demo
 
+# The tests of the optional native runtimes (OpenVINO, PT2E/torchao, compiled and int8 paths)
+# run in a pytest process of their own: loaded into the same process as the serving tests'
+# threads, the suite once died with a segmentation fault.
+BACKEND_TESTS := tests/test_openvino.py tests/test_precision.py tests/test_quantize.py tests/test_benchmark.py
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(addprefix --ignore=,$(BACKEND_TESTS))
+	$(PY) -m pytest -q $(BACKEND_TESTS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

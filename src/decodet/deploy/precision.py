@@ -179,7 +179,7 @@ def torch_runner(
                 "install; use backend 'onnxruntime' or 'openvino' for int8"
             ) from None
         calib = calibration_tensor(calib_images, size, norm, calib_count)
-        return quantize_pt2e(DeployModel(model, num_top).eval(), calib)
+        return quantize_pt2e(model, calib, num_top=num_top)
     inner = to_bf16(model) if precision == "bf16" else model
     runner = DeployModel(inner, num_top).eval()
     return compile_model(runner) if compile else runner

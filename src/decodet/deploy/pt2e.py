@@ -69,6 +69,11 @@ class Pt2eModel(nn.Module):
         self.config = config
         self.fixed_batch = fixed_batch
 
+    def train(self, mode: bool = True) -> Pt2eModel:
+        """A no-op: the exported int8 graph is inference-only and refuses ``train()``/``eval()``
+        (callers such as ``Detector`` put every runner in eval mode)."""
+        return self
+
     def forward(self, images: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         with torch.no_grad():
             b = images.shape[0]
