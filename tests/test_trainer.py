@@ -433,10 +433,10 @@ print("RESULT", os.environ["RANK"], json.dumps(final), flush=True)
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_on_cpu(tmp_path: Path, data: Path) -> None:
+def torchrun_two_processes(tmp_path: Path, cfg: TrainConfig) -> dict[int, dict]:
+    """Train ``cfg`` under ``torchrun --nproc_per_node 2`` (CPU, gloo); each rank's final metrics."""
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(_DDP_SCRIPT))
-    cfg = tiny_config(tmp_path, data, epochs=2, batch_size=1, eval_every=1, ema=True, device="cpu")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += [str(script), json.dumps(cfg.to_dict())]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -448,6 +448,12 @@ def test_torchrun_two_processes_on_cpu(tmp_path: Path, data: Path) -> None:
             _, rank, payload = line.split(" ", 2)
             results[int(rank)] = json.loads(payload)
     assert set(results) == {0, 1}
+    return results
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path: Path, data: Path) -> None:
+    cfg = tiny_config(tmp_path, data, epochs=2, batch_size=1, eval_every=1, ema=True, device="cpu")
+    results = torchrun_two_processes(tmp_path, cfg)
     results[0].pop("images_per_s"), results[1].pop("images_per_s")  # timed per process
     assert results[0] == results[1]  # losses are averaged and eval stats shared across ranks
     assert results[0]["step"] == 4  # 4 images, 2 processes, batch 1: 2 steps per epoch

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ from decodet.engine.early_stopping import EarlyStopping
 from decodet.engine.train_config import TrainConfig
 from decodet.engine.trainer import train
 from decodet.errors import DecodetError
-from test_trainer import _DDP_SCRIPT, make_tiny_coco, tiny_config
+from test_trainer import make_tiny_coco, tiny_config, torchrun_two_processes
 
 
 @pytest.fixture
@@ -116,24 +113,12 @@ def test_patience_stops_a_run_that_cannot_improve(tmp_path: Path, data: Path, ca
 
 @pytest.mark.slow
 def test_patience_stops_every_torchrun_process_at_the_same_epoch(tmp_path: Path, data: Path) -> None:
-    script = tmp_path / "ddp_train.py"
-    script.write_text(textwrap.dedent(_DDP_SCRIPT))
     overrides = {**tiny_config(tmp_path, data).model_overrides, "freeze_backbone_bn": True}
     cfg = tiny_config(
         tmp_path, data, epochs=10, eval_every=1, lr=0.0, patience=1, batch_size=1, plots=False, device="cpu",
         model_overrides=overrides,
     )  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [str(script), json.dumps(cfg.to_dict())]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT"):
-            _, rank, payload = line.split(" ", 2)
-            results[int(rank)] = json.loads(payload)
-    assert set(results) == {0, 1}
+    results = torchrun_two_processes(tmp_path, cfg)
     for r in results.values():  # both stopped after the second epoch (patience 1), for the same reason
         assert r["epoch"] == 2 and r["stop_reason"] == results[0]["stop_reason"]
         assert r["stop_reason"].startswith("early stopping")
