@@ -67,3 +67,24 @@ def test_benchmark_rows_columns_and_ap(tmp_path):
         assert column in header
     # FLOP convention: a multiply-add is 2 FLOPs
     assert count_gflops(torch.nn.Linear(1000, 1000, bias=False), torch.zeros(1, 1000)) == pytest.approx(2e-3)
+
+
+def test_only_builds_just_the_selected_rows(monkeypatch):
+    """Rows left out by ``only`` cost nothing: no export, no int8 calibration, no compile."""
+    from decodet.deploy import bench_rows
+
+    def must_not_run(*_a, **_k):
+        raise AssertionError("an excluded row was built")
+
+    monkeypatch.setattr(bench_rows, "export_onnx", must_not_run)
+    monkeypatch.setattr(bench_rows, "_pt2e_case", must_not_run)
+    monkeypatch.setattr(bench_rows, "_compiled", must_not_run)
+    rows = run_benchmark(
+        "deco_tiny", imgsz=96, threads=1, warmup=0, iters=1, num_classes=8, throughput_batch=0,
+        only=["bf16 autocast"], include_openvino=False,
+    )  # fmt: skip
+    labels = [(r.runtime, r.precision) for r in rows if r.runtime != PEAK_RUNTIME]
+    assert labels[:2] == [("torch eager", "fp32"), ("torch eager", "bf16 autocast")]
+    assert all(
+        r.model == "GPU rows" for r in rows if (r.runtime, r.precision) not in labels[:2] and r.runtime != PEAK_RUNTIME
+    )

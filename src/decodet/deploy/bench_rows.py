@@ -6,6 +6,7 @@ build gives a row with a note ("not available: ..."), never a broken table."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,32 +66,41 @@ def build_cases(
     tmp: Path,
     flags: dict[str, bool],
     x1: Tensor,
+    want: Callable[[str, str], bool] = lambda _runtime, _precision: True,
 ) -> list[_Case]:
-    """Every DECO row for ``model`` (already ``prepare_model``-ed), eager fp32 first."""
+    """Every DECO row for ``model`` (already ``prepare_model``-ed), eager fp32 first.
+
+    ``want(runtime, precision)`` says which rows to build (the eager fp32 baseline always is):
+    a row left out costs nothing, not even its export or int8 calibration."""
     name = model.config.name
 
     def row(runtime: str, precision: str, peak: str) -> Row:
         return Row(name, runtime, precision, gflops=gflops, peak_key=peak)
 
     deploy = DeployModel(model, k).eval()
-    cases = [
-        _detector(row("torch eager", "fp32", "fp32"), model, k, threads),
-        _detector(row("torch eager", "bf16", "bf16"), model, k, threads, precision="bf16"),
-        _Case(row("torch eager", "bf16 autocast", "bf16"), _Autocast(deploy)),
-    ]
+    cases = [_detector(row("torch eager", "fp32", "fp32"), model, k, threads)]
+
+    def add(runtime: str, precision: str, build: Callable[[Row], _Case], peak: str | None = None) -> None:
+        if want(runtime, precision):
+            cases.append(build(row(runtime, precision, peak or precision.split()[0])))
+
+    add("torch eager", "bf16", lambda r: _detector(r, model, k, threads, precision="bf16"))
+    add("torch eager", "bf16 autocast", lambda r: _Case(r, _Autocast(deploy)))
     if flags.get("compile"):
-        cases.append(_Case(row("torch.compile", "fp32", "fp32"), _compiled(deploy)))
-        cases.append(_Case(row("torch.compile", "bf16", "bf16"), _compiled(_Autocast(deploy))))
+        add("torch.compile", "fp32", lambda r: _Case(r, _compiled(deploy)))
+        add("torch.compile", "bf16", lambda r: _Case(r, _compiled(_Autocast(deploy))))
     if flags.get("onnx"):
-        cases += _onnx_cases(row, model, size, k, threads, calib, tmp)
+        for precision in ("fp32", "int8"):
+            add("onnxruntime", precision, lambda r, p=precision: _onnx_case(r, model, size, k, threads, calib, tmp, p))
     if flags.get("pt2e"):
-        cases.append(_pt2e_case(row("PT2E", "int8", "int8"), model, size, k, calib))
+        add("PT2E", "int8", lambda r: _pt2e_case(r, model, size, k, calib))
     if flags.get("openvino"):
         for precision in ("fp32", "bf16", "int8"):
             extra = {"calib": calib} if precision == "int8" else {}
-            r = row("openvino", precision, precision)
-            cases.append(_detector(r, model, k, threads, backend="openvino", precision=precision, **extra))
-    cases += _gpu_cases(row, model, k, tmp)
+            add("openvino", precision, lambda r, p=precision, e=extra: _detector(
+                r, model, k, threads, backend="openvino", precision=p, **e))  # fmt: skip
+    if want("cuda", "gpu"):
+        cases += _gpu_cases(row, model, k, tmp)
     return cases
 
 
@@ -108,26 +118,24 @@ def _compiled(module: nn.Module) -> Any:
     return call
 
 
-def _onnx_cases(row: Any, model: nn.Module, size: tuple[int, int], k: int, threads: int, calib: Any, tmp: Path):
-    cases = []
-    for precision in ("fp32", "int8"):
-        r = row("onnxruntime", precision, precision)
-        try:
-            path = export_onnx(
-                model, tmp / f"{precision}.onnx", imgsz=size, precision=precision, dynamic_batch=True, num_top=k,
-                calib_images=calib,
-            )  # fmt: skip
-        except Exception as exc:
-            cases.append(_Case(_fail(r, exc)))
-            continue
-        cases.append(_detector(r, path, k, threads))
-        if precision == "int8":
-            import onnx
+def _onnx_case(
+    r: Row, model: nn.Module, size: tuple[int, int], k: int, threads: int, calib: Any, tmp: Path, precision: str
+) -> _Case:
+    try:
+        path = export_onnx(
+            model, tmp / f"{precision}.onnx", imgsz=size, precision=precision, dynamic_batch=True, num_top=k,
+            calib_images=calib,
+        )  # fmt: skip
+    except Exception as exc:
+        return _Case(_fail(r, exc))
+    case = _detector(r, path, k, threads)
+    if precision == "int8":
+        import onnx
 
-            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-            r.extra["int8_excluded_groups"] = meta.get("int8_excluded_groups")
-            r.note = f"fp32 kept: {meta.get('int8_excluded_groups', '[]')}"
-    return cases
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        r.extra["int8_excluded_groups"] = meta.get("int8_excluded_groups")
+        r.note = f"fp32 kept: {meta.get('int8_excluded_groups', '[]')}"
+    return case
 
 
 def _pt2e_case(r: Row, model: nn.Module, size: tuple[int, int], k: int, calib: Any) -> _Case:

@@ -235,10 +235,9 @@ def run_benchmark(
         "openvino": include_openvino,
     }
     with tempfile.TemporaryDirectory(prefix="decodet-bench-") as tmp, _no_ort_spinning():
-        cases = build_cases(model, size, k, threads, gflops, calib, Path(tmp), flags, x1)
-        if only:
-            cases = [c for i, c in enumerate(cases) if i == 0 or _selected(c.row, only)]
-        if include_hf:
+        want = (lambda rt, prec: _selected(f"{rt} {prec}", only)) if only else (lambda _rt, _prec: True)
+        cases = build_cases(model, size, k, threads, gflops, calib, Path(tmp), flags, x1, want)
+        if include_hf and want("HF", "fp32"):
             cases += _hf_cases(size, batch, num_classes)
         peaks = _peak_cases()
         _measure([*peaks, *cases], (x1, s1, x8, s8), warmup, iters, threads)
@@ -263,9 +262,9 @@ def _no_ort_spinning() -> Iterator[None]:
         ort.ALLOW_SPINNING = old
 
 
-def _selected(row: Row, only: list[str]) -> bool:
-    label = f"{row.runtime} {row.precision}".lower()
-    return any(o.lower() in label for o in only)
+def _selected(label: str, only: list[str]) -> bool:
+    """Whether a row labelled ``"runtime precision"`` matches one of ``only`` (substrings)."""
+    return any(o.lower() in label.lower() for o in only)
 
 
 def _accuracy(cases: list[_Case], accuracy: Accuracy, size: tuple[int, int], norm: Any, threads: int) -> None:
