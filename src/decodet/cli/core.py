@@ -337,6 +337,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     de = sub.add_parser("demo", help="generate the bundled data, train deco_tiny (~10 min CPU), evaluate, draw")
     de.add_argument("--data", type=Path, default=Path("data/synth"))
     de.add_argument("--out", type=Path, default=Path("runs/demo"))
-    de.add_argument("--minutes", type=float, default=None, help="training time budget (default: 11)")
+    de.add_argument("--minutes", type=float, default=None, help="training time budget in minutes (default: 12.5)")
     de.add_argument("--threads", type=int, default=None)
     de.set_defaults(func=_cmd_demo)
