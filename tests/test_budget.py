@@ -58,26 +58,31 @@ def test_budgeted_run_completes_its_schedule(tmp_path: Path, caplog, monkeypatch
 
 
 def test_budget_sizes_then_only_shortens_the_schedule(monkeypatch) -> None:
-    """1 s/step for the timed steps, then 2 s/step: the total is fixed, then shortened to still fit."""
+    """1 s/step for the timed steps; one slow window (a one-off cost) shortens the schedule only
+    by the time it really lost; sustained 2 s/step shortens it to still fit; faster again never
+    lengthens it."""
     import torch
 
     from decodet.engine.optim import LRFactor
 
     monkeypatch.setattr(TrainingBudget, "SKIP", 0)
     monkeypatch.setattr(TrainingBudget, "STEPS", 10)
-    budget = TrainingBudget(minutes=1.0, fit_schedule=True, device=torch.device("cpu"))
+    budget = TrainingBudget(minutes=5.0, fit_schedule=True, device=torch.device("cpu"))
     clock = {"t": 0.0}
     monkeypatch.setattr(budget, "seconds", lambda: clock["t"])
     factor = LRFactor("cosine", total_steps=1000)
-    for step in range(1, 12):  # timing starts at step 1 (SKIP 0) and ends 10 steps later
-        clock["t"] += 1.0
-        budget.step(factor, step, is_main=False)
-    assert factor.fitted and factor.total_steps == 11 + int(60 * 0.97 - 11)  # 58: 47 more steps of 1 s
-    for step in range(12, 22):
-        clock["t"] += 2.0  # the machine got busier
-        budget.step(factor, step, is_main=False)
-    assert factor.total_steps == 21 + int((60 * 0.97 - 31) / 2.0)  # 34: shortened to end inside the budget
-    for step in range(22, 32):
-        clock["t"] += 0.5  # faster again: the schedule is not lengthened (no upward lr jump)
-        budget.step(factor, step, is_main=False)
-    assert factor.total_steps == 34
+    usable = 300 * 0.97
+
+    def run(steps: range, seconds_per_step: float) -> None:
+        for step in steps:
+            clock["t"] += seconds_per_step
+            budget.step(factor, step, is_main=False)
+
+    run(range(1, 22), 1.0)  # timing starts at step 1 (SKIP 0); windows end at steps 11 and 21
+    assert factor.fitted and factor.total_steps == 11 + int(usable - 11)  # 291
+    run(range(22, 32), 3.0)  # one slow window: 20 s lost, not 2 s more on every remaining step
+    assert factor.total_steps == 31 + int(usable - 51)  # 271 (extrapolating 3 s/step would give 111)
+    run(range(32, 62), 2.0)  # the machine stays busier: the median of the windows follows
+    assert factor.total_steps == 51 + int((usable - 91) / 2.0)  # 151
+    run(range(62, 92), 0.5)  # faster again: the schedule is not lengthened (no upward lr jump)
+    assert factor.total_steps == 151
