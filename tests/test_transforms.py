@@ -223,3 +223,26 @@ def test_light_zoom_range():
     assert sizes[0.4].min() < 34 and sizes[0.4].max() > 46 and (sizes[0.4] >= 40 * 0.6 - 1).all()
     with pytest.raises(DecodetError, match="zoom"):
         build_transforms("light", train=True, imgsz=128, zoom=1.5)
+
+
+def test_light_shift_and_jitter_switch_off():
+    """``shift=0, jitter=0, zoom=0``: only the flip remains (boxes at x or mirrored x, pixels
+    untouched); the default shift moves boxes by up to 10% of the side."""
+    torch.manual_seed(0)
+    plain = build_transforms("light", train=True, imgsz=128, normalize=False, zoom=0.0, shift=0.0, jitter=0.0)
+    shifted = build_transforms("light", train=True, imgsz=128, normalize=False, zoom=0.0)
+    lefts = set()
+    moved = []
+    for _ in range(30):
+        image, target = _sample(128, 128, [[44, 30, 84, 70]])
+        out, t = plain(image, target)
+        lefts.add(round(float(t["boxes"][0, 0])))
+        flipped = round(float(t["boxes"][0, 0])) == 128 - 84
+        expected = image.flip(-1) if flipped else image
+        assert torch.equal((out * 255).round().to(torch.uint8), expected)  # no shift, no colour change
+        _, t2 = shifted(*_sample(128, 128, [[44, 30, 84, 70]]))
+        moved.append(float(t2["boxes"][0, 1]) - 30)
+    assert lefts == {44, 128 - 84}
+    assert max(abs(m) for m in moved) > 2 and all(abs(m) <= 12.8 + 1 for m in moved)
+    with pytest.raises(DecodetError, match="shift"):
+        build_transforms("light", train=True, imgsz=128, shift=1.0)

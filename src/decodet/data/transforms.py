@@ -52,6 +52,8 @@ def build_transforms(
     imgsz: int | Sequence[int] = 640,
     normalize: bool = True,
     zoom: float = 0.4,
+    shift: float = 0.1,
+    jitter: float = 0.2,
 ) -> v2.Compose:
     """The transform pipeline ``(image, target) -> (image, target)`` of a recipe (module docstring).
 
@@ -63,6 +65,8 @@ def build_transforms(
         normalize: subtract ImageNet mean and divide by its std; ``False`` keeps [0, 1]
             (RT-DETR's convention).
         zoom: ``light`` training only: random zoom in ``1 - zoom .. 1 + zoom`` (0: none).
+        shift: ``light`` training only: random shift up to ``shift`` of each side (0: none).
+        jitter: ``light`` training only: brightness and contrast in ``1 +- jitter`` (0: none).
 
     Returns:
         ``v2.Compose`` taking a PIL image or uint8 ``tv_tensors.Image`` and a target dict with
@@ -74,9 +78,10 @@ def build_transforms(
     if recipe == "detr":
         ops = _detr(min(h, w), train)
     elif recipe == "light":
-        if not 0 <= zoom < 1:
-            raise DecodetError(f"zoom must be in [0, 1), got {zoom}")
-        ops = _light(h, w, train, fill, zoom)
+        for name, value in (("zoom", zoom), ("shift", shift), ("jitter", jitter)):
+            if not 0 <= value < 1:
+                raise DecodetError(f"{name} must be in [0, 1), got {value}")
+        ops = _light(h, w, train, fill, zoom, shift, jitter)
     elif recipe == "rtdetr":
         ops = _rtdetr(h, w, train, fill)
     else:
@@ -111,17 +116,19 @@ def _detr(short: int, train: bool) -> list[v2.Transform]:
     ]
 
 
-def _light(h: int, w: int, train: bool, fill: tuple[int, int, int], zoom: float = 0.4) -> list[v2.Transform]:
+def _light(
+    h: int, w: int, train: bool, fill: tuple[int, int, int], zoom: float = 0.4, shift: float = 0.1, jitter: float = 0.2
+) -> list[v2.Transform]:
     resize = v2.Resize((h, w), antialias=True)
     if not train:
         return [resize]
-    scale = (1.0 - zoom, 1.0 + zoom)
-    return [
-        resize,
-        v2.RandomHorizontalFlip(),
-        v2.RandomAffine(degrees=0.0, translate=(0.1, 0.1), scale=scale, fill=_image_fill(fill)),
-        v2.ColorJitter(brightness=0.2, contrast=0.2),
-    ]
+    ops: list[v2.Transform] = [resize, v2.RandomHorizontalFlip()]
+    if zoom or shift:
+        scale = (1.0 - zoom, 1.0 + zoom)
+        ops.append(v2.RandomAffine(degrees=0.0, translate=(shift, shift), scale=scale, fill=_image_fill(fill)))
+    if jitter:
+        ops.append(v2.ColorJitter(brightness=jitter, contrast=jitter))
+    return ops
 
 
 def _rtdetr(h: int, w: int, train: bool, fill: tuple[int, int, int]) -> list[v2.Transform]:

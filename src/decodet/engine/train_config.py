@@ -83,6 +83,8 @@ class TrainConfig:
     transforms: str | None = None  # augmentation recipe of decodet.data.transforms: detr | light | rtdetr
     multiscale: bool | None = None  # RT-DETR's per-batch random square size around imgsz
     zoom: float = 0.4  # light recipe: random zoom range 1 +- zoom (0: none)
+    shift: float = 0.1  # light recipe: random shift up to this fraction of the side (0: none)
+    jitter: float = 0.2  # light recipe: brightness and contrast jitter 1 +- jitter (0: none)
     workers: int = 2
     eval_batch_size: int | None = None  # None: batch_size (1 for the detr recipe: no padding)
 
@@ -158,6 +160,8 @@ class TrainConfig:
             (not self.fit_schedule or self.time_budget_min is not None, "fit_schedule needs time_budget_min"),
             (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
             (self.imgsz is None or self.imgsz >= 32, f"imgsz must be >= 32, got {self.imgsz}"),
+            (0.0 <= self.shift < 1.0, f"shift must lie in [0, 1), got {self.shift}"),
+            (0.0 <= self.jitter < 1.0, f"jitter must lie in [0, 1), got {self.jitter}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (isinstance(self.model_overrides, dict), "model_overrides must be a mapping"),
             (isinstance(self.loss_overrides, dict), "loss_overrides must be a mapping"),
@@ -281,6 +285,8 @@ _HELP = {
     "plots": "write per-class AP, PR curves, confusion matrix and worst images after training",
     "tensorboard": "write TensorBoard event files (losses, learning rates, mAP, val images) to the run folder",
     "zoom": "light recipe: random zoom in 1 +- ZOOM while training (0: none)",
+    "shift": "light recipe: random shift of up to SHIFT of the image side while training (0: none)",
+    "jitter": "light recipe: brightness and contrast jitter 1 +- JITTER while training (0: none)",
 }
 
 

@@ -157,7 +157,13 @@ class Trainer:
         check_labels_fit(mcfg, self.train_set)
         normalize = input_normalized(mcfg)
         self.train_set.transforms = build_transforms(
-            cfg.transforms, train=True, imgsz=cfg.imgsz, normalize=normalize, zoom=cfg.zoom
+            cfg.transforms,
+            train=True,
+            imgsz=cfg.imgsz,
+            normalize=normalize,
+            zoom=cfg.zoom,
+            shift=cfg.shift,
+            jitter=cfg.jitter,
         )
         self.val_set = None
         if spec.has_split(cfg.val_split):
