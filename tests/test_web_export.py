@@ -100,6 +100,7 @@ def web_int8(weights, ort_web, tmp_path_factory) -> Path:
     for i in range(4):  # a few calibration images keep the test short
         Image.fromarray(scene(96 + 16 * i, 128)).save(calib / f"{i}.png")
     argv = ["export", "--weights", str(weights), "--format", "web", str(out), "--precision", "int8"]
+    argv += ["--int8-exclude", "none"]  # no sensitivity sweep: that is tests/test_quantize.py's
     assert main([*argv, "--imgsz", str(SIZE), str(SIZE), "--calib", str(calib), "--ort-web", str(ort_web)]) == 0
     return out
 
@@ -111,6 +112,7 @@ def test_int8_variant_and_cli(web_int8):
     assert meta["precision"] == "int8"
     proto = onnx.load(str(out / "model.onnx"))
     assert {p.key: p.value for p in proto.metadata_props}["precision"] == "int8"
+    assert {p.key: p.value for p in proto.metadata_props}["int8_selection"].startswith("none")  # --int8-exclude
     assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
     assert all((out / "ort" / n).is_file() for n in ORT_WEB_FILES)
     res = Detector(out / "model.onnx", score_threshold=0.0)(np.zeros((40, 60, 3), np.uint8))[0]

@@ -104,7 +104,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from decodet.cli.int8 import calibration_source, int8_kwargs, report_path
+    from decodet.cli.int8 import calibration_source, int8_kwargs, int8_options, report_path
     from decodet.deploy.export import export_onnx
 
     calib = calibration_source(args.calib, args.data) if args.precision == "int8" else args.calib
@@ -115,7 +115,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         w = Path(args.weights)
         out_dir = out_path or (w if w.is_dir() else w.parent) / f"{w.name if w.is_dir() else w.stem}_web"
         imgsz = tuple(args.imgsz) if args.imgsz else None
-        out = export_web(args.weights, out_dir, args.precision, imgsz, calib, ort_web=args.ort_web)
+        int8 = int8_options(args) if args.precision == "int8" else None
+        out = export_web(args.weights, out_dir, args.precision, imgsz, calib, ort_web=args.ort_web, int8=int8)
         print(f"exported {out}/ (serve it: python -m http.server -d {out})")
         return 0
     if out_path is None:

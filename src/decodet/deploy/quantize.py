@@ -300,9 +300,14 @@ def quantize_onnx(
         present = {n.name for n in onnx.load(str(pre), load_external_data=False).graph.node}
         groups = {g: [n for n in names if n in present] for g, names in layer_groups(onnx.load(str(fp32_path))).items()}
         groups = {g: names for g, names in groups.items() if names}
+        exclude = options.exclude
+        if exclude not in (None, "none", "auto"):  # a wrong name fails before calibrating
+            names = [exclude] if isinstance(exclude, str) else list(exclude)
+            unknown = [n for n in names if n not in groups and not any(n in g for g in groups.values())]
+            if unknown:
+                raise DecodetError(f"unknown layer group or node to keep in fp32: {', '.join(unknown)}")
         quantizer = _Quantizer(pre, calib_feeds, options, tmp)
         full = quantizer.variant([])  # calibrates (once) and caches the ranges
-        exclude = options.exclude
         sweep_wanted = exclude == "auto" or report is not None
         judge = _Judge(Path(fp32_path), sweep_feeds or calib_feeds, score_fn, threads)
         if sweep_wanted:
@@ -311,9 +316,6 @@ def quantize_onnx(
             result.excluded_groups = _select(result, options)
         elif exclude not in (None, "none"):
             names = [exclude] if isinstance(exclude, str) else list(exclude)
-            unknown = [n for n in names if n not in groups and not any(n in g for g in groups.values())]
-            if unknown:
-                raise DecodetError(f"unknown layer group or node to keep in fp32: {', '.join(unknown)}")
             result.excluded_groups = [n for n in names if n in groups]
             result.excluded_nodes = [n for n in names if n not in groups]
             result.rule = "given by the caller"

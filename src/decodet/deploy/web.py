@@ -57,6 +57,7 @@ def export_web(
     calib_images: Any = None,
     threshold: float = 0.25,
     ort_web: str | os.PathLike | None = None,
+    int8: Any = None,
 ) -> Path:
     """Write the static web folder (module docstring) to ``out_dir``.
 
@@ -70,6 +71,8 @@ def export_web(
         threshold: the page's initial score threshold (a slider changes it).
         ort_web: an onnxruntime-web package folder or ``.tgz``; default: ``$DECODET_ORT_WEB``,
             else npm (see :func:`ort_web_files`).
+        int8: :class:`~decodet.deploy.quantize.Int8Options` for ``precision="int8"`` (default:
+            the sensitivity sweep keeps the most harmful layer groups fp32).
 
     Returns:
         ``out_dir`` as a ``Path``.
@@ -89,7 +92,7 @@ def export_web(
     try:
         copy_ort_web(tmp / "ort", ort_web)  # first: fail fast, before the (slower) model export
         model_path = export_onnx(model_or_weights, tmp / "model.onnx", imgsz=imgsz, precision=precision,
-                                 calib_images=calib_images, batch=1)  # fmt: skip
+                                 calib_images=calib_images, batch=1, int8=int8)  # fmt: skip
         info = parse_metadata({p.key: p.value for p in onnx.load(str(model_path)).metadata_props}, model_path)
         (tmp / MARKER).write_text(json.dumps(page_config(info, threshold), indent=1) + "\n")
         assets = resources.files("decodet.deploy") / "web_assets"
