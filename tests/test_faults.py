@@ -80,6 +80,13 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _cmdline(pid: int) -> bytes | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+
+
 def _environ(pid: int) -> dict[str, str]:
     try:
         raw = Path(f"/proc/{pid}/environ").read_bytes()
@@ -296,10 +303,15 @@ def test_a_killed_data_loader_worker_stops_training_with_one_line(tmp_path: Path
     deadline = time.monotonic() + TIMEOUT
     workers: list[int] = []
     while not workers and proc.poll() is None and time.monotonic() < deadline:
-        workers = _children(proc.pid)
+        # The loader worker is forked: its command line is the trainer's.  Other, short-lived
+        # children (a shell a library starts at import) are not it.
+        workers = [c for c in _children(proc.pid) if _cmdline(c) == _cmdline(proc.pid)]
+        if workers:
+            try:
+                os.kill(workers[0], signal.SIGKILL)
+            except ProcessLookupError:  # gone between the listing and the kill: look again
+                workers = []
         time.sleep(0.01)
-    if workers:
-        os.kill(workers[0], signal.SIGKILL)
     _, err = _finish(proc, "decodet train with a killed loader worker")
     assert workers, f"no loader worker appeared: {err[-3000:]}"
     assert proc.returncode == 2, err[-3000:]
