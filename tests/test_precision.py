@@ -157,6 +157,8 @@ def test_compiled_fp32_and_bf16_match_eager(trained, reference):
     weights, data = trained
     images = val_images(data)[:4]
     fp32 = run(Detector(weights, compile=True, score_threshold=0.0, max_det=30), images)
+    int8 = Detector(weights, precision="int8", calib=data / "train", compile=True, score_threshold=0.0, max_det=30)
+    assert_close(reference[:4], run(int8, images), INT8)
     assert_close(reference[:4], fp32, {"score": 1e-3, "box": 1e-3, "matched": 1.0})
     bf16 = run(Detector(weights, precision="bf16", compile=True, score_threshold=0.0, max_det=30), images)
     assert_close(reference[:4], bf16, BF16)

@@ -78,7 +78,8 @@ class Detector:
         calib: int8 calibration images (a folder, glob or list of paths); ``None``:
             synthetic noise with a loud warning — fine for speed, not for accuracy.
         compile: torch backend: ``torch.compile`` with weight freezing (first call per input
-            shape compiles).
+            shape compiles); with ``precision="int8"`` the PT2E graph is compiled by Inductor,
+            otherwise it runs lowered to oneDNN int8 kernels without code generation.
     """
 
     def __init__(
