@@ -291,11 +291,10 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory(prefix="decodet-int8-") as tmp_name:
         tmp = Path(tmp_name)
         pre = tmp / "pre.onnx"
-        try:
-            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
-        except Exception as exc:  # symbolic shape inference gives up on some graphs; ONNX's still works
-            log.debug("symbolic shape inference failed (%s); retrying without it", exc)
-            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        # ONNX's own shape inference is enough for a convolutional graph.  ORT's symbolic one
+        # gives up on decodet's post-processing and, when it does, dumps its partial model
+        # (``sym_shape_infer_temp.onnx`` and a 20 MB ``<uuid>.data``) into the current folder.
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         # pre-processing (ORT's optimiser) keeps node names but drops their name scopes
         present = {n.name for n in onnx.load(str(pre), load_external_data=False).graph.node}
         groups = {g: [n for n in names if n in present] for g, names in layer_groups(onnx.load(str(fp32_path))).items()}
