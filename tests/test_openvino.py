@@ -106,6 +106,63 @@ def test_nncf_int8_leaves_the_stem_and_heads_float(trained, tmp_path):
     assert len(quantised) > len(kept)  # most are int8 (NNCF itself leaves some float)
 
 
+def _int8_layout(model) -> tuple[int, int]:
+    """(Adds with an int8 (FakeQuantize) input, SmoothQuant scaling nodes) of an NNCF model."""
+    adds = sum(
+        op.get_type_name() == "Add" and any(v.get_node().get_type_name() == "FakeQuantize" for v in op.input_values())
+        for op in model.get_ops()
+    )
+    smooth = sum("smooth_quant" in op.get_friendly_name() for op in model.get_ops())
+    return adds, smooth
+
+
+def test_int8_schemes_smoothquant_and_full(trained, reference, tmp_path):
+    """``smoothquant`` (default) scales the matrix products' inputs and keeps elementwise ops
+    float; ``full`` feeds the residual adds int8 as well.  Both stay within int8's margins; the
+    IR records its scheme; an unknown scheme fails before any export."""
+    pytest.importorskip("nncf")
+    from decodet.deploy.openvino import export_openvino, load_for_precision, read_model
+
+    weights, data = trained
+    layouts = {}
+    for scheme in ("smoothquant", "full"):
+        xml = export_openvino(
+            weights, tmp_path / f"{scheme}.xml", precision="int8", calib_images=data / "train", calib_count=4,
+            int8_scheme=scheme,
+        )  # fmt: skip
+        model, _ = read_model(xml)
+        assert model.get_rt_info()["framework"]["int8_scheme"].astype(str) == scheme
+        layouts[scheme] = _int8_layout(model)
+        assert_close(reference, run(Detector(xml, score_threshold=0.0, max_det=30), val_images(data)), INT8)
+    assert layouts["smoothquant"][0] == 0 and layouts["smoothquant"][1] > 0
+    assert layouts["full"][0] > 0 and layouts["full"][1] == 0
+    with pytest.raises(DecodetError, match="unknown OpenVINO int8 scheme 'fast'"):
+        load_for_precision(weights, "int8", int8_scheme="fast")
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_each_batch_size_gets_a_static_compilation(trained):
+    """OvModel compiles a static-shape copy per batch size (faster on OpenVINO's CPU plugin) up
+    to MAX_SHAPES, then shares the dynamic one; all give the same detections."""
+    import numpy as np
+
+    from decodet.deploy.openvino import OvModel
+
+    weights, _ = trained
+    ov = OvModel(weights, "fp32", threads=1)
+    assert list(ov._runners) == [(1, 3, 64, 64)] and ov.compiled.inputs[0].get_partial_shape().is_static
+    x = np.random.default_rng(0).normal(size=(5, 3, 64, 64)).astype(np.float32)
+    sizes = np.full((5, 2), 64.0, np.float32)
+    singles = [ov(images=x[i : i + 1], orig_sizes=sizes[i : i + 1]) for i in range(5)]
+    ov.MAX_SHAPES = 3
+    for b in (2, 3, 5, 4):  # 2 and 3 get their own; 5 and 4 the dynamic compilation
+        out = ov(images=x[:b], orig_sizes=sizes[:b])
+        for key, value in out.items():
+            np.testing.assert_allclose(value, np.concatenate([r[key] for r in singles[:b]]), atol=1e-4)
+    assert set(ov._runners) == {(1, 3, 64, 64), (2, 3, 64, 64), (3, 3, 64, 64), None}
+    assert ov._runners[None][0].inputs[0].get_partial_shape().is_dynamic
+
+
 def test_nncf_int8_matches_fp32(ov_int8, trained, reference):
     assert_close(reference, run(ov_int8, val_images(trained[1])), INT8)
 

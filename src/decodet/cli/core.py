@@ -131,7 +131,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if args.precision == "fp16" or args.dynamic_batch or args.opset is not None:
             log.warning("--format openvino: fp16, --dynamic-batch and --opset do not apply (IRs have a dynamic batch)")
         imgsz = tuple(args.imgsz) if args.imgsz else None
-        out = export_openvino(args.weights, out_path, imgsz=imgsz, precision=args.precision, calib_images=calib)
+        out = export_openvino(
+            args.weights, out_path, imgsz=imgsz, precision=args.precision, calib_images=calib,
+            calib_count=args.calib_count, int8_scheme=args.int8_scheme,
+        )  # fmt: skip
         print(f"exported {out} (+ {out.with_suffix('.bin').name})")
         return 0
     out = export_onnx(
@@ -297,6 +300,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--int8-exclude",
         default="auto",
         help="int8: layer groups kept fp32: auto (measured sweep), none, or comma-separated group/node names",
+    )
+    ex.add_argument(
+        "--int8-scheme",
+        choices=("smoothquant", "full"),
+        default="smoothquant",
+        help="openvino int8: smoothquant (more accurate on DECO's encoder/decoder) or full (residual adds "
+        "int8 too: faster on ResNet-50 backbones)",
     )
     ex.add_argument(
         "--sensitivity-report",

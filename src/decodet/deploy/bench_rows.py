@@ -99,9 +99,26 @@ def build_cases(
             extra = {"calib": calib} if precision == "int8" else {}
             add("openvino", precision, lambda r, p=precision, e=extra: _detector(
                 r, model, k, threads, backend="openvino", precision=p, **e))  # fmt: skip
+        add("openvino", "int8 full", lambda r: _openvino_full(r, model, size, k, threads, calib, tmp))
     if want("cuda", "gpu"):
         cases += _gpu_cases(row, model, k, tmp)
     return cases
+
+
+def _openvino_full(
+    row: Row, model: nn.Module, size: tuple[int, int], k: int, threads: int, calib: Any, tmp: Path
+) -> _Case:
+    """OpenVINO int8 with the ``full`` scheme (residual adds int8 too), as a user gets it:
+    ``decodet export --format openvino --precision int8 --int8-scheme full``, then the IR."""
+    try:
+        from decodet.deploy.openvino import export_openvino
+
+        xml = export_openvino(model, tmp / "int8_full.xml", size, "int8", calib, k, int8_scheme="full")
+    except (DecodetError, ImportError) as exc:
+        return _Case(_fail(row, exc, "not available"))
+    except Exception as exc:
+        return _Case(_fail(row, exc))
+    return _detector(row, str(xml), k, threads)
 
 
 def _compiled(module: nn.Module) -> Any:

@@ -6,7 +6,8 @@ timed on the model *with* its post-processing (``DeployModel``, what the ONNX fi
   torch eager fp32 (the baseline) | torch bf16 (``Detector(precision="bf16")``) and bf16
   autocast | ``torch.compile`` fp32 and bf16 (weight freezing) | ONNX Runtime fp32 and int8
   (``deploy/quantize.py``) | PT2E int8 (``deploy/pt2e.py``) | OpenVINO fp32, bf16, int8
-  (``Detector(backend="openvino")``) | GPU rows when CUDA is available | Hugging Face
+  (``Detector(backend="openvino")``, the ``smoothquant`` scheme) and int8 ``full`` (an IR from
+  ``export_openvino(..., int8_scheme="full")``) | GPU rows when CUDA is available | Hugging Face
   ``DetrForObjectDetection`` (ResNet-50) and ``RTDetrForObjectDetection`` (ResNet-18) built
   from their configs with random weights (model forward only).
 

@@ -74,7 +74,8 @@ class Detector:
             else fp32).  torch: bf16 weights and compute, heads fp32
             (:mod:`decodet.deploy.precision`); int8 is PT2E (:mod:`decodet.deploy.pt2e`).
             onnxruntime: int8 is a QDQ export (:func:`export_onnx`), no bf16.  openvino: bf16 is
-            its inference-precision hint, int8 NNCF (:mod:`decodet.deploy.openvino`).
+            its inference-precision hint, int8 NNCF's ``smoothquant`` scheme (an IR exported
+            with ``--int8-scheme full`` runs as written; :mod:`decodet.deploy.openvino`).
         calib: int8 calibration images (a folder, glob or list of paths); ``None``:
             synthetic noise with a loud warning — fine for speed, not for accuracy.
         compile: torch backend: ``torch.compile`` with weight freezing (first call per input

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 import decodet
 from decodet.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, config_from_dict, config_to_dict, normalization
 from decodet.deploy.runtime import DeployModel, as_size, prepare_model
+from decodet.deploy.scopes import name_scopes
 from decodet.errors import DecodetError
 from decodet.io.atomic import atomic_path
 from decodet.registry import deploy_num_top
@@ -449,11 +450,5 @@ def _drop_cast_round_trips(proto: Any) -> None:
 
 def _in_submodule(node: Any, name: str) -> bool:
     """Whether the exporter recorded ``node`` as coming from ``DeployModel.<name>``."""
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            try:
-                scopes = json.loads(prop.value.replace("'", '"'))
-            except ValueError:
-                return True
-            return len(scopes) > 1 and scopes[1] == name
-    return True
+    scopes = name_scopes(node)
+    return scopes is None or (len(scopes) > 1 and scopes[1] == name)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from decodet.deploy.machine import cpu_has_vnni
+from decodet.deploy.scopes import name_scopes
 from decodet.errors import DecodetError
 from decodet.io.atomic import atomic_path
 
@@ -114,20 +115,10 @@ class QuantResult:
 # ----------------------------------------------------------------------------- groups
 
 
-def _scopes(node: Any) -> list[str]:
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            try:
-                return list(json.loads(prop.value.replace("'", '"')))
-            except ValueError:
-                return []
-    return []
-
-
 def group_of(node: Any) -> str:
     """The layer group of an ONNX node: the deepest module path among its name scopes, cut at
     ``GROUP_DEPTH`` components (``model.decoder.layers.0``); ``(unscoped)`` without scopes."""
-    paths = [s for s in _scopes(node) if s.startswith("model.") or s == "model"]
+    paths = [s for s in (name_scopes(node) or []) if s.startswith("model.") or s == "model"]
     if not paths:
         return "(unscoped)"
     return ".".join(max(paths, key=len).split(".")[:GROUP_DEPTH])
