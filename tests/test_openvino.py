@@ -126,10 +126,13 @@ def test_int8_schemes_smoothquant_and_full(trained, reference, tmp_path):
     weights, data = trained
     layouts = {}
     for scheme in ("smoothquant", "full"):
-        xml = export_openvino(
-            weights, tmp_path / f"{scheme}.xml", precision="int8", calib_images=data / "train", calib_count=4,
-            int8_scheme=scheme,
-        )  # fmt: skip
+        xml = tmp_path / f"{scheme}.xml"
+        if scheme == "full":  # through the CLI
+            args = ["export", "--weights", str(weights), "--format", "openvino", "--precision", "int8"]
+            args += ["--out", str(xml), "--calib", str(data / "train"), "--calib-count", "4", "--int8-scheme", "full"]
+            assert main(args) == 0
+        else:
+            export_openvino(weights, xml, precision="int8", calib_images=data / "train", calib_count=4)
         model, _ = read_model(xml)
         assert model.get_rt_info()["framework"]["int8_scheme"].astype(str) == scheme
         layouts[scheme] = _int8_layout(model)
