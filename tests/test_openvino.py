@@ -78,18 +78,17 @@ def test_nncf_int8_runs_int8_kernels_with_float_heads(ov_int8, trained):
     assert all(r["boxes"].shape == (30, 4) and bool((r["scores"][:-1] >= r["scores"][1:]).all()) for r in got)
 
 
-def test_nncf_int8_leaves_the_stem_and_heads_float(trained, tmp_path):
+def test_nncf_int8_leaves_the_stem_and_heads_float(ov_int8, trained, tmp_path):
     """Which convolutions and matrix products NNCF quantised (a FakeQuantize on their input):
     not the backbone's stem and the heads, and most others.  Catches an ignored scope that
     names the bias ``Add`` instead of the convolution (OpenVINO's ``NAME/WithoutBiases``)."""
-    pytest.importorskip("nncf")
     from decodet.deploy.export import export_onnx
-    from decodet.deploy.openvino import _float_node_names, load_for_precision
+    from decodet.deploy.openvino import _float_node_names
 
     weights, data = trained
-    onnx_path = export_onnx(weights, tmp_path / "m.onnx", dynamic_batch=True)
+    onnx_path = export_onnx(weights, tmp_path / "m.onnx", dynamic_batch=True)  # the names ov_int8's export had
     float_names = set(_float_node_names(onnx_path))
-    model, _ = load_for_precision(onnx_path, "int8", calib_images=data / "train", calib_count=4)
+    model = ov_int8._ort._model  # the quantised openvino.Model
     quantised, kept = set(), set()
     for op in model.get_ops():
         if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul"):
@@ -116,29 +115,24 @@ def _int8_layout(model) -> tuple[int, int]:
     return adds, smooth
 
 
-def test_int8_schemes_smoothquant_and_full(trained, reference, tmp_path):
-    """``smoothquant`` (default) scales the matrix products' inputs and keeps elementwise ops
-    float; ``full`` feeds the residual adds int8 as well.  Both stay within int8's margins; the
-    IR records its scheme; an unknown scheme fails before any export."""
-    pytest.importorskip("nncf")
-    from decodet.deploy.openvino import export_openvino, load_for_precision, read_model
+def test_int8_schemes_smoothquant_and_full(ov_int8, trained, reference, tmp_path):
+    """``smoothquant`` (default; ``ov_int8``) scales the matrix products' inputs and keeps
+    elementwise ops float; ``full`` feeds the residual adds int8 as well and stays within int8's
+    margins.  The IR records its scheme; an unknown scheme fails before any export."""
+    from decodet.deploy.openvino import load_for_precision, read_model
 
     weights, data = trained
-    layouts = {}
-    for scheme in ("smoothquant", "full"):
-        xml = tmp_path / f"{scheme}.xml"
-        if scheme == "full":  # through the CLI
-            args = ["export", "--weights", str(weights), "--format", "openvino", "--precision", "int8"]
-            args += ["--out", str(xml), "--calib", str(data / "train"), "--calib-count", "4", "--int8-scheme", "full"]
-            assert main(args) == 0
-        else:
-            export_openvino(weights, xml, precision="int8", calib_images=data / "train", calib_count=4)
-        model, _ = read_model(xml)
-        assert model.get_rt_info()["framework"]["int8_scheme"].astype(str) == scheme
-        layouts[scheme] = _int8_layout(model)
-        assert_close(reference, run(Detector(xml, score_threshold=0.0, max_det=30), val_images(data)), INT8)
-    assert layouts["smoothquant"][0] == 0 and layouts["smoothquant"][1] > 0
-    assert layouts["full"][0] > 0 and layouts["full"][1] == 0
+    adds, smooth = _int8_layout(ov_int8._ort._model)
+    assert adds == 0 and smooth > 0
+    xml = tmp_path / "full.xml"
+    args = ["export", "--weights", str(weights), "--format", "openvino", "--precision", "int8"]
+    args += ["--out", str(xml), "--calib", str(data / "train"), "--calib-count", "4", "--int8-scheme", "full"]
+    assert main(args) == 0
+    model, _ = read_model(xml)
+    assert model.get_rt_info()["framework"]["int8_scheme"].astype(str) == "full"
+    adds, smooth = _int8_layout(model)
+    assert adds > 0 and smooth == 0
+    assert_close(reference, run(Detector(xml, score_threshold=0.0, max_det=30), val_images(data)), INT8)
     with pytest.raises(DecodetError, match="unknown OpenVINO int8 scheme 'fast'"):
         load_for_precision(weights, "int8", int8_scheme="fast")
     assert not list(tmp_path.glob("*.onnx"))
@@ -191,6 +185,9 @@ def test_export_int8_ir_equals_quantising_on_load(trained, ov_int8, tmp_path):
     assert main([*args, "--imgsz", "64", "64", "--calib", str(data / "train")]) == 0
     det8 = Detector(int8, score_threshold=0.0, max_det=30)
     assert det8.precision == "int8" and runtime_precisions(det8) == runtime_precisions(ov_int8)
+    from decodet.deploy.openvino import read_model
+
+    assert read_model(int8)[0].get_rt_info()["framework"]["int8_scheme"].astype(str) == "smoothquant"
     images = val_images(data)
     assert_close(run(ov_int8, images), run(det8, images), FP32)  # NNCF is deterministic: same graph
     with pytest.raises(DecodetError, match="this file is int8"):
