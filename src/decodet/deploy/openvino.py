@@ -35,6 +35,8 @@ Precisions:
     full          -0.64 / -0.88    8.3 ms            90 ms (3.9x eager)
     ============  ===============  ================  =====================
 
+    On a second demo model (fresh ``make demo``, val only): smoothquant -0.64, full -0.92.
+
 OpenVINO and NNCF are optional (``pip install openvino nncf``).
 """
 
