@@ -78,30 +78,37 @@ def test_nncf_int8_runs_int8_kernels_with_float_heads(ov_int8, trained):
     assert all(r["boxes"].shape == (30, 4) and bool((r["scores"][:-1] >= r["scores"][1:]).all()) for r in got)
 
 
-def test_nncf_int8_leaves_the_stem_and_heads_float(ov_int8, trained, tmp_path):
-    """Which convolutions and matrix products NNCF quantised (a FakeQuantize on their input):
-    not the backbone's stem and the heads, and most others.  Catches an ignored scope that
-    names the bias ``Add`` instead of the convolution (OpenVINO's ``NAME/WithoutBiases``)."""
-    from decodet.deploy.export import export_onnx
-    from decodet.deploy.openvino import _float_node_names
+def _quantised_ops(model, onnx_path) -> tuple[set[str], set[str], set[str]]:
+    """(quantised, float, stem) convolutions and matrix products of an NNCF model by OpenVINO
+    name: quantised ones have a FakeQuantize on their input; ``stem``: ResNet-D's three stem
+    convolutions, found in ``onnx_path`` (the export the model came from)."""
+    import onnx
 
-    weights, data = trained
-    onnx_path = export_onnx(weights, tmp_path / "m.onnx", dynamic_batch=True)  # the names ov_int8's export had
-    float_names = set(_float_node_names(onnx_path))
-    model = ov_int8._ort._model  # the quantised openvino.Model
     quantised, kept = set(), set()
     for op in model.get_ops():
         if op.get_type_name() in ("Convolution", "GroupConvolution", "MatMul"):
             producer = op.input_value(0).get_node()
             (quantised if producer.get_type_name() == "FakeQuantize" else kept).add(op.get_friendly_name())
-    import onnx
-
     stem = [n.name for n in onnx.load(str(onnx_path)).graph.node if n.op_type == "Conv" and any(
         p.key == "pkg.torch.onnx.name_scopes" and "backbone.conv1" in p.value for p in n.metadata_props)]  # fmt: skip
-    ops = quantised | kept
-    stem_ops = {name for n in stem for name in (n, f"{n}/WithoutBiases") if name in ops}
-    assert len(stem) == 3 and len(stem_ops) == 3 and stem_ops <= kept  # ResNet-D's 3 stem convolutions
-    assert not quantised & float_names
+    stem_ops = {name for n in stem for name in (n, f"{n}/WithoutBiases") if name in quantised | kept}
+    assert len(stem) == 3 and len(stem_ops) == 3
+    return quantised, kept, stem_ops
+
+
+def test_nncf_int8_leaves_the_heads_float(ov_int8, trained, tmp_path):
+    """Default (``smoothquant``) scheme: the heads stay float, the stem and most others are int8.
+    Catches an ignored scope that names the bias ``Add`` instead of the convolution
+    (OpenVINO's ``NAME/WithoutBiases``)."""
+    from decodet.deploy.export import export_onnx
+    from decodet.deploy.openvino import _float_node_names
+
+    weights, data = trained
+    onnx_path = export_onnx(weights, tmp_path / "m.onnx", dynamic_batch=True)  # the names ov_int8's export had
+    heads = set(_float_node_names(onnx_path, stem=False))
+    quantised, kept, stem = _quantised_ops(ov_int8._ort._model, onnx_path)
+    assert heads & kept and not heads & quantised
+    assert stem <= quantised
     assert len(quantised) > len(kept)  # most are int8 (NNCF itself leaves some float)
 
 
@@ -132,10 +139,16 @@ def test_int8_schemes_smoothquant_and_full(ov_int8, trained, reference, tmp_path
     assert model.get_rt_info()["framework"]["int8_scheme"].astype(str) == "full"
     adds, smooth = _int8_layout(model)
     assert adds > 0 and smooth == 0
+    from decodet.deploy.export import export_onnx
+    from decodet.deploy.openvino import _float_node_names
+
+    onnx_path = export_onnx(weights, tmp_path / "m.onnx", dynamic_batch=True)
+    quantised, kept, stem = _quantised_ops(model, onnx_path)
+    assert stem <= kept and not set(_float_node_names(onnx_path)) & quantised  # full: the stem float too
     assert_close(reference, run(Detector(xml, score_threshold=0.0, max_det=30), val_images(data)), INT8)
     with pytest.raises(DecodetError, match="unknown OpenVINO int8 scheme 'fast'"):
         load_for_precision(weights, "int8", int8_scheme="fast")
-    assert not list(tmp_path.glob("*.onnx"))
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == ["m.onnx"]  # only the test's own export
 
 
 def test_each_batch_size_gets_a_static_compilation(trained):

@@ -13,9 +13,9 @@ Precisions:
     products in bf16 and keeps its own fp32 islands; weights stay fp32 in the file.
   * ``int8`` — NNCF post-training quantisation (``nncf.quantize``, the ``MIXED`` preset:
     symmetric per-channel int8 weights, asymmetric activations) calibrated on real images;
-    the class and box heads (:data:`~decodet.deploy.precision.FP32_HEADS`), the backbone's
-    stem (:data:`FLOAT_STEM`, measured) and the post-processing stay float.  Two schemes
-    (:data:`INT8_SCHEMES`):
+    the class and box heads (:data:`~decodet.deploy.precision.FP32_HEADS`) and the
+    post-processing stay float, and under ``full`` the backbone's stem (:data:`FLOAT_STEM`,
+    measured).  Two schemes (:data:`INT8_SCHEMES`):
 
     - ``smoothquant`` (default): NNCF's transformer scheme.  SmoothQuant moves activation
       outliers of the matrix products (the LayerNorm -> Linear pairs of DECO's ConvNeXt-style
@@ -91,20 +91,23 @@ def read_model(path: str | os.PathLike) -> tuple[Any, OnnxInfo]:
 
 
 # The backbone's stem (ResNet's ``conv1``, ResNet-D's ``conv1.conv1_1..3``) stays float in
-# OpenVINO int8.  Measured on the demo's deco_tiny (fp32 AP 0.556, 300 validation images): all
-# int8 0.451; stem float 0.549; of the stem's three convolutions ``conv1_2`` alone accounts for
-# it (0.548 with only that one float).  Calibration choices did not help (128 images, histogram
-# or quantile ranges, symmetric activations, bias correction off or full, the 7-bit overflow fix:
-# 0.437-0.455).  On deco_r50 at 640 the float stem costs 5% of the int8 latency.
+# OpenVINO int8 under the ``full`` scheme.  Measured there on the demo's deco_tiny (fp32 AP
+# 0.556, 300 validation images): all int8 0.451; stem float 0.549; of the stem's three
+# convolutions ``conv1_2`` alone accounts for it (0.548 with only that one float); calibration
+# choices did not help (128 images, histogram or quantile ranges, symmetric activations, bias
+# correction off or full, the 7-bit overflow fix: 0.437-0.455).  On deco_r50 at 640 the float
+# stem costs 5% of the int8 latency.  Under ``smoothquant`` the stem is int8: a float stem
+# measured no better on that model (0.5559 float, 0.5557 int8, fp32 0.5557) and worse on a
+# second demo model (0.5566 float, 0.5630 int8, fp32 0.5630).
 FLOAT_STEM = re.compile(r"\bbackbone(\.body)?\.(conv1|bn1|stem)\b")
 
 #: OpenVINO int8 schemes (module docstring): name -> NNCF model type.
 INT8_SCHEMES = {"smoothquant": "TRANSFORMER", "full": None}
 
 
-def _float_node_names(onnx_path: Path) -> list[str]:
-    """OpenVINO names of the nodes NNCF must leave float: the class and box heads and the
-    backbone's stem, found through the exporter's name scopes (:func:`name_scopes`).
+def _float_node_names(onnx_path: Path, stem: bool = True) -> list[str]:
+    """OpenVINO names of the nodes NNCF must leave float: the class and box heads and (``stem``)
+    the backbone's stem, found through the exporter's name scopes (:func:`name_scopes`).
 
     OpenVINO keeps an ONNX node's name as its friendly name, except that a convolution or
     matrix product with a bias becomes ``NAME/WithoutBiases`` followed by an ``Add`` called
@@ -116,7 +119,7 @@ def _float_node_names(onnx_path: Path) -> list[str]:
     for node in proto.graph.node:
         scopes = name_scopes(node) or []
         head = any(part in FP32_HEADS for scope in scopes for part in scope.split("."))
-        if head or any(FLOAT_STEM.search(scope) for scope in scopes):
+        if head or (stem and any(FLOAT_STEM.search(scope) for scope in scopes)):
             names += [node.name, f"{node.name}/WithoutBiases"]
     return names
 
@@ -191,7 +194,7 @@ def load_for_precision(
         if info.precision == "fp16":
             raise DecodetError("fp16 files are meant for GPUs; give OpenVINO the fp32 export", src)
         if want == "int8" and info.precision != "int8":
-            ignored = [] if is_xml else _float_node_names(src)
+            ignored = [] if is_xml else _float_node_names(src, stem=int8_scheme == "full")
             model = quantize_int8(model, info, calib_images, calib_count, ignored, int8_scheme)
         info.precision = want
     return model, info
