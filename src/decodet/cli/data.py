@@ -55,7 +55,9 @@ def register_formats(data: argparse._SubParsersAction) -> None:
     convert.add_argument("--to", required=True, choices=["coco", "yolo"])
     convert.add_argument("--link", action="store_true", help="hard-link images instead of copying them")
     convert.set_defaults(func=_cmd_data_convert)
-    check = data.add_parser("check", help="validate a dataset, print a summary and its problems (exit 1 if any)")
+    check = data.add_parser(
+        "check", help="validate a dataset, print a summary, its warnings and problems (exit 1 if any problem)"
+    )
     check.add_argument("data", help="dataset folder or data.yaml (COCO, YOLO or VOC)")
     check.add_argument("--plot", type=Path, default=Path("data_check.png"), help="PNG of class and size histograms")
     check.set_defaults(func=_cmd_data_check)

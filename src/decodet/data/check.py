@@ -4,15 +4,18 @@ The summary: images and boxes per split and class, boxes per image, box sizes in
 ranges (small < 32², medium < 96², large), crowd / difficult boxes. Problems are listed one by one:
 file and line for YOLO label files, file for VOC XML files, annotation id for COCO JSON files
 (the same problems training counts and skips), plus image files that are missing, unreadable or
-of another size than annotated.
+of another size than annotated. Warnings (logged, and listed after the summary) say what training
+would lack without being a problem of the files: no ``val`` split, so no evaluation
+(:meth:`~decodet.data.spec.DataSpec.no_val_warning`, the line ``decodet train`` logs too).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,8 @@ from decodet.io.atomic import atomic_path
 
 SMALL, MEDIUM = 32**2, 96**2  # COCO's area ranges
 MAX_LISTED = 100
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,10 +46,13 @@ class SplitStats:
 
 @dataclass
 class CheckResult:
+    """``text`` the printable report; ``warnings`` one line each (no problem of the files: exit status 0)."""
+
     text: str
     problems: Problems
     class_names: list[str]
     splits: dict[str, SplitStats]
+    warnings: list[str] = field(default_factory=list)
 
 
 def check_dataset(data: str | os.PathLike, plot: str | os.PathLike | None = None) -> CheckResult:
@@ -54,6 +62,9 @@ def check_dataset(data: str | os.PathLike, plot: str | os.PathLike | None = None
     problems.extend(spec.problems)
     for name, why in spec.missing.items():
         problems.add(f"unusable split {name!r}", spec.source, detail=why)
+    warnings = [w for w in (spec.no_val_warning(),) if w]
+    for warning in warnings:
+        logger.warning("%s", warning)
     stats: dict[str, SplitStats] = {}
     class_names: list[str] = []
     for name, split in spec.splits.items():
@@ -63,11 +74,11 @@ def check_dataset(data: str | os.PathLike, plot: str | os.PathLike | None = None
             _annotation_problems(split.ann_file, parsed.images, problems)
         _image_problems(split.images_dir, parsed.images, split.ann_file if spec.format == "coco" else None, problems)
         stats[name] = _split_stats(parsed.images)
-    text = _format(spec, stats, class_names, problems)
+    text = _format(spec, stats, class_names, problems, warnings)
     if plot is not None:
         _plot(stats, class_names, Path(plot))
         text += f"\nhistograms written to {plot}"
-    return CheckResult(text, problems, class_names, stats)
+    return CheckResult(text, problems, class_names, stats, warnings)
 
 
 def _annotation_problems(ann_file: Path, images: list[ImageRecord], problems: Problems) -> None:
@@ -122,7 +133,9 @@ def _split_stats(images: list[ImageRecord]) -> SplitStats:
     return SplitStats(len(images), per_image, labels, areas, sum(rec.num_crowd for rec in images))
 
 
-def _format(spec: Any, stats: dict[str, SplitStats], class_names: list[str], problems: Problems) -> str:
+def _format(
+    spec: Any, stats: dict[str, SplitStats], class_names: list[str], problems: Problems, warnings: list[str]
+) -> str:
     lines = [f"dataset {spec.source} ({spec.format}): {len(stats)} splits, {len(class_names)} classes"]
     for name, s in stats.items():
         per = s.boxes_per_image
@@ -140,6 +153,7 @@ def _format(spec: Any, stats: dict[str, SplitStats], class_names: list[str], pro
     for label, cname in enumerate(class_names):
         counts = "".join(f"{int((s.labels == label).sum()):>10}" for s in stats.values())
         lines.append(f"  {cname:<{width}}{counts}")
+    lines += [f"warning: {w}" for w in warnings]
     if not problems:
         lines.append("problems: none")
     else:

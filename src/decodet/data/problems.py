@@ -23,13 +23,18 @@ class Problem:
     annotation_id: int | None = None
     detail: str = ""
 
-    def __str__(self) -> str:
+    @property
+    def where(self) -> str:
+        """``file``, ``file:line`` or ``file: annotation <id>``."""
         where = str(self.file)
         if self.line is not None:
             where += f":{self.line}"
         if self.annotation_id is not None:
             where += f": annotation {self.annotation_id}"
-        return f"{where}: {self.kind}" + (f" ({self.detail})" if self.detail else "")
+        return where
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.kind}" + (f" ({self.detail})" if self.detail else "")
 
 
 class Problems:
@@ -61,11 +66,15 @@ class Problems:
         return bool(self.items)
 
     def summary(self) -> str:
-        """``"3 label lines with ..., 1 ... (first: file:line)"`` or ``""``."""
-        if not self.items:
-            return ""
-        counts = ", ".join(f"{n} {kind}" for kind, n in self.counts().items())
-        return f"{counts} (first: {self.items[0]})"
+        """``"3 label lines with ... (first: file:line), 1 ... (first: file)"`` or ``""``: each kind names its first."""
+        first: dict[str, Problem] = {}
+        for p in self.items:
+            first.setdefault(p.kind, p)
+        counts = self.counts()
+        return ", ".join(
+            f"{counts[kind]} {kind} (first: {p.where}" + (f": {p.detail})" if p.detail else ")")
+            for kind, p in first.items()
+        )
 
     def log(self, logger: logging.Logger, source: Path, action: str = "skipped") -> None:
         """One warning for the whole dataset (nothing when there is no problem)."""

@@ -12,9 +12,9 @@ Three ways to point at a dataset:
          train2017/  val2017/           train/  val/
 
 2. **A dataset file** (YAML or JSON) naming each split's image folder and annotation file.
-   Relative paths resolve against ``path`` (default ``.``), itself relative to the file::
+   Relative paths resolve against ``path``, itself relative to the file (absent: the file's folder)::
 
-       path: .                 # optional dataset root
+       path: .                 # optional dataset root (as YOLO files: see decodet.data.yolo)
        train:
          images: train
          annotations: annotations/instances_train.json
@@ -40,6 +40,9 @@ JSON whatever the format; ``DataSpec.format`` says which format it was.
 
 Split aliases: ``spec.split("train")`` also finds ``train2017``/``train2014`` when no split is
 called exactly ``train`` (likewise ``val``/``test``).
+
+A dataset without a usable ``val`` split trains without evaluation: :meth:`DataSpec.no_val_warning`
+is the one line that ``decodet train`` and ``decodet data check`` log about it.
 """
 
 from __future__ import annotations
@@ -107,6 +110,27 @@ class DataSpec:
         """Whether :meth:`split` would succeed for ``name``."""
         return any(c in self.splits for c in (name, f"{name}2017", f"{name}2014"))
 
+    def no_val_warning(self, name: str = "val") -> str:
+        """The one-line warning that training on this dataset runs without evaluation; ``""`` with a ``name`` split.
+
+        It names the file that would hold the split (VOC ``ImageSets/Main/<name>.txt``, COCO
+        ``annotations/instances_<name>.json``, the dataset file's ``<name>:`` entry), or why it is unusable.
+        """
+        if self.has_split(name):
+            return ""
+        consequence = "training runs without evaluation"
+        for candidate in (name, f"{name}2017", f"{name}2014"):
+            if candidate in self.missing:
+                return f"{self.source}: split {candidate!r} is unusable ({self.missing[candidate]}): {consequence}"
+        if self.format == "voc":
+            expected = f"no ImageSets/Main/{name}.txt"
+        elif self.source.is_file():
+            expected = f"no '{name}:' entry"
+        else:
+            expected = f"no annotations/instances_{name}.json with an image folder {name}/"
+        have = ", ".join(sorted(self.splits)) or "none"
+        return f"{self.source}: no {name!r} split ({expected}; splits: {have}): {consequence}"
+
 
 def resolve_data(data: str | os.PathLike) -> DataSpec:
     """Resolve a dataset folder or dataset file (see the module docstring) into a :class:`DataSpec`.
@@ -169,11 +193,11 @@ def _from_file(file: Path) -> DataSpec:
             "naming each split's images and annotations",
             file,
         )
-    base = file.parent
-    root_value = content.get("path", ".")
-    if not isinstance(root_value, str):
+    root_value = content.get("path")
+    if root_value is not None and not isinstance(root_value, str):
         raise DecodetError(f"'path' must be a folder name, got {root_value!r}", file)
-    root = _under(base, root_value)
+    # absent or empty: the file's folder; relative: relative to it (the YOLO reader's rule)
+    root = _under(file.parent, root_value) if root_value else file.parent
 
     splits: dict[str, SplitSpec] = {}
     for name, value in content.items():

@@ -426,7 +426,7 @@ def _write_split(out: Path, split: str, count: int, draw: Callable, seed: int, i
 def _write_data_yaml(out: Path, splits: dict[str, int], S: int, seed: int) -> None:
     lines = [
         f"# decodet synthetic shapes dataset: {S}x{S} images, seed {seed}",
-        "path: .",
+        "# no 'path' key: the dataset root is this file's folder",
         f"names: [{', '.join(CLASS_NAMES)}]",
     ]
     for split in splits:

@@ -2,12 +2,18 @@
 
 Layout::
 
-    data.yaml            path: .                 # dataset root, relative to this file (default: its folder)
-                         train: images/train     # image folder (searched recursively), a .txt list of
+    data.yaml            train: images/train     # image folder (searched recursively), a .txt list of
                          val: images/val         #   image paths, or a list of those
                          names: [cat, dog]       # or {0: cat, 1: dog}
+                         # path: ...             # optional dataset root; absent: this file's folder
     images/train/a.jpg
     labels/train/a.txt   one object per line: ``class cx cy w h``, centre and size divided by the image size
+
+Without ``path`` the root is the file's own folder, for decodet and for ultralytics alike
+(``check_det_dataset``), so such a file works from any working directory; ``decodet data convert
+--to yolo`` writes none. A relative ``path`` is the one place where the two differ: decodet reads it
+relative to this file's folder, ultralytics relative to the working directory (then its
+``datasets_dir`` setting).
 
 An image's label file is its path with the last ``images`` folder replaced by ``labels`` and the
 suffix by ``.txt``; an image without one has no objects. A polygon line (``class x1 y1 x2 y2 ...``,
@@ -19,7 +25,8 @@ Fatal (:class:`DecodetError` naming ``data.yaml``): malformed YAML, no usable ``
 path that does not exist, a split without images. Counted, skipped and listed (file and line) by
 ``decodet data check``: label lines with a wrong number of fields, a non-numeric or non-finite
 value, a class not in ``names``, a box of zero size or entirely outside the image; images that
-are missing or unreadable; label files that cannot be read (their image is skipped). Boxes
+are missing or unreadable; label files that cannot be read (their image is skipped); label files
+with no image beside them (orphans, e.g. an image deleted but not its labels: ignored). Boxes
 reaching more than a pixel outside the image are clipped and listed.
 """
 
@@ -56,6 +63,8 @@ def read_yolo(file: Path, content: dict[str, Any]) -> ConvertedDataset:
     root_value = content.get("path")
     if root_value is not None and not isinstance(root_value, str):
         raise DecodetError(f"'path' must be a folder name, got {root_value!r}", file)
+    # a relative path is relative to this file's folder (ultralytics: to the working directory, then its
+    # datasets_dir; decodet keeps the file's folder, which does not depend on where a command runs)
     root = _under(file.parent, root_value) if root_value else file.parent
     if not root.is_dir():
         raise DecodetError(f"dataset root (path) not found: {root}", file)
@@ -68,6 +77,7 @@ def read_yolo(file: Path, content: dict[str, Any]) -> ConvertedDataset:
             file,
         )
     dataset = ConvertedDataset("yolo", file, root)
+    label_dirs: dict[Path, tuple[Path, bool]] = {}  # label folder -> (its image folder, recursive)
     for split in YOLO_SPLITS:
         value = content.get(split)
         if value is None:
@@ -75,7 +85,7 @@ def read_yolo(file: Path, content: dict[str, Any]) -> ConvertedDataset:
         entries = [value] if isinstance(value, str) else value
         if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
             raise DecodetError(f"split {split!r} must be a path or a list of paths, got {value!r}", file)
-        images = _list_images(entries, root, file, split, dataset.problems)
+        images = _list_images(entries, root, file, split, dataset.problems, label_dirs)
         if not images:
             raise DecodetError(f"split {split!r} has no images ({', '.join(entries)})", file)
         images_dir = Path(os.path.commonpath([p.parent for p in images]))
@@ -95,18 +105,43 @@ def read_yolo(file: Path, content: dict[str, Any]) -> ConvertedDataset:
         dataset.splits[split] = (images_dir, builder.to_dict(f"YOLO dataset {file}, {split} split"))
     if not dataset.splits:
         raise DecodetError("dataset file names no split (expected train/val/test image folders)", file)
+    _orphan_labels(label_dirs, dataset.problems)
     dataset.problems.log(logger, file)
     return dataset
 
 
 def label_path(image: Path) -> Path:
     """``.../images/x/a.jpg`` -> ``.../labels/x/a.txt`` (the last ``images`` folder; else beside the image)."""
-    parts = list(image.parts)
-    for i in range(len(parts) - 2, -1, -1):
+    return (_labels_folder(image.parent) or image.parent) / image.with_suffix(".txt").name
+
+
+def _labels_folder(folder: Path) -> Path | None:
+    """``.../images/x`` -> ``.../labels/x`` (the last ``images`` component); None without one."""
+    parts = list(folder.parts)
+    for i in range(len(parts) - 1, -1, -1):
         if parts[i] == "images":
             parts[i] = "labels"
-            break
-    return Path(*parts).with_suffix(".txt")
+            return Path(*parts)
+    return None
+
+
+def _orphan_labels(label_dirs: dict[Path, tuple[Path, bool]], problems: Problems) -> None:
+    """Record each ``.txt`` file of ``label_dirs`` with no image of the same name in the matching image folder."""
+    image_stems: dict[Path, set[str]] = {}
+    orphans: set[Path] = set()
+    for labels, (images, recursive) in label_dirs.items():
+        if not labels.is_dir():
+            continue
+        for label in labels.rglob("*.txt") if recursive else labels.glob("*.txt"):
+            rel = label.relative_to(labels)
+            folder = images / rel.parent
+            if folder not in image_stems:
+                found = folder.iterdir() if folder.is_dir() else ()
+                image_stems[folder] = {p.stem for p in found if p.suffix.lower() in IMAGE_SUFFIXES}
+            if rel.stem not in image_stems[folder] and label.is_file():
+                orphans.add(label)
+    for label in sorted(orphans):
+        problems.add("label files without an image", label)
 
 
 def _names(content: dict[str, Any], file: Path) -> dict[int, str]:
@@ -130,7 +165,15 @@ def _names(content: dict[str, Any], file: Path) -> dict[int, str]:
     raise DecodetError("'names' must be a list of class names or a {index: name} mapping", file)
 
 
-def _list_images(entries: list[str], root: Path, file: Path, split: str, problems: Problems) -> list[Path]:
+def _list_images(
+    entries: list[str],
+    root: Path,
+    file: Path,
+    split: str,
+    problems: Problems,
+    label_dirs: dict[Path, tuple[Path, bool]],
+) -> list[Path]:
+    """The split's images, each once, in order; adds the label folders to search for orphans to ``label_dirs``."""
     images: list[Path] = []
     for entry in entries:
         path = _under(root, entry)
@@ -138,12 +181,17 @@ def _list_images(entries: list[str], root: Path, file: Path, split: str, problem
             path = root / entry[3:]  # exports that name splits from a sub-folder (``train: ../train/images``)
         if path.is_dir():
             images += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if (labels := _labels_folder(path)) is not None:
+                label_dirs[labels] = (path, True)  # the whole label tree, even where no image is left
         elif path.is_file() and path.suffix.lower() == ".txt":
             images += _read_image_list(path, problems)
         elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             images.append(path)
         else:
             raise DecodetError(f"split {split!r}: {path} not found (expected an image folder or a .txt list)", file)
+    for folder in {p.parent for p in images}:  # each image's label folder (not below it)
+        if (labels := _labels_folder(folder)) is not None:
+            label_dirs.setdefault(labels, (folder, False))
     return list(dict.fromkeys(images))  # each image once, in order
 
 
@@ -266,9 +314,17 @@ def copy_image(src: Path, dst: Path, link: bool) -> None:
 
 
 def write_data_yaml(out: Path, splits: list[str], names: list[str]) -> None:
-    content = {"path": ".", **{s: f"images/{s}" for s in splits}, "names": dict(enumerate(names))}
-    text = "# YOLO dataset written by decodet data convert\n" + yaml.safe_dump(content, sort_keys=False)
-    (out / "data.yaml").write_text(text, encoding="utf-8")
+    """``out/data.yaml`` naming ``images/<split>`` folders, without ``path``: its root is its own folder.
+
+    ``path: .`` would be read by ultralytics relative to the working directory (then its
+    ``datasets_dir``), so the dataset would only be found from inside its folder.
+    """
+    content = {**{s: f"images/{s}" for s in splits}, "names": dict(enumerate(names))}
+    header = (
+        "# YOLO dataset written by decodet data convert\n"
+        "# no 'path' key: the dataset root is this file's folder, wherever a command runs from\n"
+    )
+    (out / "data.yaml").write_text(header + yaml.safe_dump(content, sort_keys=False), encoding="utf-8")
 
 
 def _fmt(value: float) -> str:
