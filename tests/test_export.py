@@ -4,6 +4,7 @@ int8 / fp16 / bf16, and the ONNX Runtime backend of Detector."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from decodet.deploy.export import export_onnx, parse_metadata  # noqa: E402
 from decodet.deploy.ort import OrtModel  # noqa: E402
 from decodet.deploy.runtime import DeployModel, prepare_model  # noqa: E402
 from decodet.errors import DecodetError  # noqa: E402
-from decodet.registry import build_model  # noqa: E402
+from decodet.registry import build_model, get_config, list_models  # noqa: E402
 
 SIZE = 128
 NAMES = ["cat", "dog", "bird"]
@@ -215,6 +216,35 @@ def test_fp16_runs_close_to_fp32(tiny, tiny_onnx, tmp_path):
     f = OrtModel(tiny_onnx, threads=1)(images=x.numpy(), orig_sizes=sizes.numpy())
     assert h["scores"].dtype == np.float32
     assert np.abs(h["scores"] - f["scores"]).max() < 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "arch"), [("deco_r18", "deco"), ("deco_tiny", "decoplus")])
+def test_metadata_inputs_text_agrees_with_mean_std(name, arch, tmp_path):
+    """The ``inputs`` text says what the graph takes, as ``normalize_mean``/``normalize_std`` (and
+    the web page's model.json) do: DECO ImageNet-normalised, DECO+ plain [0, 1] pixels."""
+    from decodet.config import IMAGENET_MEAN, IMAGENET_STD, normalization
+    from decodet.deploy.web import page_config
+
+    assert name in list_models() and get_config(name).arch == arch
+    model = build_model(name, num_classes=2, num_decoder_layers=1, query_grid=(4, 4)).eval()  # small for 64x64
+    path = export_onnx(model, tmp_path / "m.onnx", imgsz=64, num_top=10)
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    mean, std = tuple(json.loads(meta["normalize_mean"])), tuple(json.loads(meta["normalize_std"]))
+    assert (mean, std) == normalization(model.config)
+    text = meta["inputs"]
+    stated = re.search(r"mean \[([^]]*)\], std \[([^]]*)\]", text)
+    if arch == "deco":
+        assert (mean, std) == (IMAGENET_MEAN, IMAGENET_STD)
+        assert "ImageNet-normalised" in text and "[0,1]" not in text
+        assert stated, text
+        for said, value in zip(stated.groups(), (mean, std)):
+            np.testing.assert_allclose([float(v) for v in said.split(",")], value, rtol=1e-6)
+    else:
+        assert (mean, std) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        assert "scaled to [0,1]" in text and "ImageNet" not in text and not stated
+    page = page_config(parse_metadata(meta, path), 0.25)
+    assert (tuple(page["mean"]), tuple(page["std"])) == (mean, std)
 
 
 def test_bf16_and_unknown_precision_are_refused(tmp_path):

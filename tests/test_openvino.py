@@ -5,6 +5,10 @@ Skipped when openvino (or nncf, for int8) is not installed.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -189,6 +193,13 @@ def test_export_openvino_ir_carries_the_metadata(trained, reference, tmp_path):
     assert det.class_names == {3: "red", 7: "green"}
     assert_close(reference, run(det, val_images(data)), FP32)
     assert not list((tmp_path / "ir").glob(".decodet-ir-*"))  # the temporary folder is gone
+    from decodet.deploy.openvino import read_model
+
+    # deco_tiny is DECO+: [0, 1] pixels, and the IR's inputs text says so, as its mean/std do
+    section = read_model(xml)[0].get_rt_info()["framework"]
+    meta = {k: section[k].astype(str) for k in section.keys()}  # noqa: SIM118 (RTMap has no items())
+    assert (meta["normalize_mean"], meta["normalize_std"]) == ("[0.0, 0.0, 0.0]", "[1.0, 1.0, 1.0]")
+    assert "scaled to [0,1]" in meta["inputs"] and "ImageNet" not in meta["inputs"]
 
 
 def test_export_int8_ir_equals_quantising_on_load(trained, ov_int8, tmp_path):
@@ -228,3 +239,117 @@ def test_bad_files_and_combinations(trained, tmp_path):
         from decodet.deploy.openvino import export_openvino
 
         export_openvino(weights, tmp_path / "model.onnx")
+
+
+# A sitecustomize that every Python process started with it on PYTHONPATH loads, forked and
+# spawned children included: connections and name look-ups beyond loopback / unix sockets are
+# refused and appended to $NET_GUARD_LOG (a file, so that children's attempts are seen too).
+NET_GUARD = """
+import errno, os, socket
+
+_LOG = os.environ.get("NET_GUARD_LOG")
+
+
+def _local(family, address):
+    if family == getattr(socket, "AF_UNIX", object()):
+        return True
+    host = str(address[0] if isinstance(address, tuple) else address)
+    return host in ("localhost", "::1", "") or host.startswith("127.")
+
+
+def _refuse(what, address):
+    with open(_LOG, "a") as f:
+        f.write(f"pid {os.getpid()}: {what} {address!r}\\n")
+    return OSError(errno.ENETUNREACH, "network blocked by the test")
+
+
+if _LOG:
+    _connect, _connect_ex, _getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+    def connect(self, address):
+        if not _local(self.family, address):
+            raise _refuse("connect", address)
+        return _connect(self, address)
+
+    def connect_ex(self, address):
+        if not _local(self.family, address):
+            return _refuse("connect_ex", address).errno
+        return _connect_ex(self, address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host is not None and not _local(None, host if isinstance(host, str) else host.decode()):
+            _refuse("getaddrinfo", host)
+            raise socket.gaierror(socket.EAI_NONAME, "network blocked by the test")
+        return _getaddrinfo(host, *args, **kwargs)
+
+    socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
+"""
+
+
+def _guarded(tmp_path: Path, code: str, *args: str) -> tuple[subprocess.CompletedProcess, str]:
+    """Run ``python -c code args`` under :data:`NET_GUARD`, with a fresh home (no OpenVINO consent
+    file: the libraries' default) and no CI variables; ``(process, what it tried to reach)``."""
+    (tmp_path / "guard").mkdir(exist_ok=True)
+    (tmp_path / "guard" / "sitecustomize.py").write_text(NET_GUARD)
+    (tmp_path / "home").mkdir(exist_ok=True)
+    log = tmp_path / "net.log"
+    log.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL", "NNCF_CI", "NNCF_DEV")}
+    path = os.pathsep.join([str(tmp_path / "guard"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env |= {"PYTHONPATH": path, "NET_GUARD_LOG": str(log), "HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path
+    )
+    return proc, log.read_text() if log.exists() else ""
+
+
+def test_int8_export_opens_no_network_connection(trained, tmp_path):
+    """``decodet export --format openvino --precision int8`` reaches nothing beyond the machine.
+    Without decodet's switch (``deploy.openvino._no_telemetry``) it looked up
+    www.google-analytics.com six times (once at ``import openvino``, five in ``nncf.quantize``),
+    each from a forked process, and wrote a client id to ~/intel.  In a fresh interpreter:
+    NNCF turns its telemetry off by itself when pytest is imported, and here openvino is."""
+    probe = textwrap.dedent("""
+        import multiprocessing, socket
+        def look_up():
+            try:
+                socket.getaddrinfo("www.example.com", 443)
+            except OSError:
+                pass
+        child = multiprocessing.Process(target=look_up)
+        child.start()
+        child.join()
+    """)
+    proc, reached = _guarded(tmp_path, probe)
+    assert proc.returncode == 0 and "getaddrinfo 'www.example.com'" in reached  # the guard sees a child's look-up
+    weights, _ = trained
+    xml = tmp_path / "out" / "m.xml"
+    cli = "import sys; from decodet.cli import main; sys.exit(main(sys.argv[1:]))"
+    args = ["export", "--weights", str(weights), "--format", "openvino", "--precision", "int8"]
+    proc, reached = _guarded(tmp_path, cli, *args, "--imgsz", "64", "64", "--calib-count", "2", "--out", str(xml))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert xml.is_file()
+    assert reached == ""
+    assert not (tmp_path / "home" / "intel").exists()  # no telemetry client id written either
+
+
+def test_telemetry_switch_leaves_an_explicit_opt_in_alone(tmp_path, monkeypatch):
+    """The switch holds only while OpenVINO / NNCF are imported; a user's own ``NNCF_CI`` is kept,
+    and one who opted in (``opt_in_out --opt_in``: the consent file holds 1) keeps telemetry."""
+    pytest.importorskip("openvino_telemetry")
+    from decodet.deploy.openvino import _no_telemetry
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setenv("NNCF_CI", "yes")
+    with _no_telemetry():
+        assert (os.environ["CI"], os.environ["NNCF_CI"]) == ("true", "yes")
+    assert "CI" not in os.environ and os.environ["NNCF_CI"] == "yes"
+    monkeypatch.delenv("NNCF_CI")
+    with _no_telemetry():
+        assert os.environ["NNCF_CI"] == "1"
+    assert "NNCF_CI" not in os.environ
+    (tmp_path / "intel").mkdir()
+    (tmp_path / "intel" / "openvino_telemetry").write_text("1")
+    with _no_telemetry():
+        assert "CI" not in os.environ and "NNCF_CI" not in os.environ

@@ -102,9 +102,26 @@ def build_metadata(info: OnnxInfo) -> dict[str, str]:
         "opset": str(info.opset),
         "normalize_mean": json.dumps(list(info.mean)),
         "normalize_std": json.dumps(list(info.std)),
-        "inputs": "images [B,3,H,W] float32 ImageNet-normalised; orig_sizes [B,2] float32 (h, w)",
+        "inputs": describe_inputs(info.mean, info.std),
         "outputs": "boxes [B,K,4] xyxy pixels; scores [B,K] sorted; labels [B,K] int64 category ids",
     }
+
+
+def describe_inputs(mean: tuple[float, ...], std: tuple[float, ...]) -> str:
+    """The metadata's ``inputs`` text for a graph whose ``images`` are ``(x / 255 - mean) / std``:
+    written from the same ``mean``/``std`` as ``normalize_mean``/``normalize_std`` (the config's
+    :func:`~decodet.config.normalization`), so it cannot disagree with them."""
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if all(m == 0.0 for m in mean) and all(s == 1.0 for s in std):
+        how = "scaled to [0,1] (x/255, no mean/std)"
+    else:
+        name = "ImageNet-normalised" if (mean, std) == (IMAGENET_MEAN, IMAGENET_STD) else "normalised"
+        how = f"{name} ((x/255 - mean) / std, mean {_numbers(mean)}, std {_numbers(std)})"
+    return f"images [B,3,H,W] float32 RGB {how}; orig_sizes [B,2] float32 (h, w)"
+
+
+def _numbers(values: tuple[float, ...]) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
 def parse_metadata(meta: dict[str, str], path: str | os.PathLike | None = None) -> OnnxInfo:

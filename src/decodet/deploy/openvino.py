@@ -38,16 +38,26 @@ Precisions:
     On a second demo model (fresh ``make demo``, val only): smoothquant -0.64, full -0.92.
 
 OpenVINO and NNCF are optional (``pip install openvino nncf``).
+
+Telemetry: both report usage to Google Analytics through ``openvino-telemetry`` unless the user
+declined (``opt_in_out --opt_out``): ``import openvino`` sends one event (its model converter's
+import hook) and ``nncf.quantize`` five, each from a forked process, and a client id is written
+to ``~/intel``.  decodet imports them with the switches both libraries honour set (:func:`_no_telemetry`),
+so an export or a detector phones nobody; a user who opted in explicitly (``opt_in_out --opt_in``)
+is left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +75,54 @@ _HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 def _require(module: str = "openvino") -> Any:
+    if module in sys.modules:
+        return sys.modules[module]
     try:
-        return __import__(module)
+        with _no_telemetry():
+            return __import__(module)
     except ImportError:
         raise DecodetError(f"the openvino backend needs {module}: pip install openvino nncf") from None
+
+
+# Read when the libraries are imported: openvino-telemetry declines for tools that pass it
+# ``disable_in_ci`` (OpenVINO's model converter, imported by ``import openvino``, and NNCF do)
+# when ``CI=true``; NNCF swaps its telemetry for a stub under ``NNCF_CI`` (nncf.definitions).
+# Measured (``decodet export --format openvino --precision int8``, no consent file): 6 look-ups
+# of www.google-analytics.com before, none after, and no ~/intel client id.
+_TELEMETRY_OFF = {"CI": "true", "NNCF_CI": "1"}
+
+
+@contextlib.contextmanager
+def _no_telemetry() -> Iterator[None]:
+    """Import OpenVINO / NNCF inside this to keep their telemetry off: the variables of
+    :data:`_TELEMETRY_OFF` set for the import only (``NNCF_CI`` only where unset), unless the
+    user opted in explicitly (:func:`_telemetry_opted_in`)."""
+    if _telemetry_opted_in():
+        yield
+        return
+    saved = {name: os.environ.get(name) for name in _TELEMETRY_OFF}
+    os.environ["CI"] = _TELEMETRY_OFF["CI"]
+    os.environ.setdefault("NNCF_CI", _TELEMETRY_OFF["NNCF_CI"])
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _telemetry_opted_in() -> bool:
+    """Whether the user's OpenVINO consent file (``opt_in_out --opt_in``) says yes; no file,
+    ``--opt_out`` or no ``openvino-telemetry``: no."""
+    try:
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+
+        result = OptInChecker().check(enable_opt_in_dialog=False, disable_in_ci=False)
+    except Exception:  # absent, or another version's internals: treat as not opted in
+        return False
+    return result == ConsentCheckResult.ACCEPTED
 
 
 def read_model(path: str | os.PathLike) -> tuple[Any, OnnxInfo]:
