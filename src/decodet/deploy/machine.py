@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,24 +89,44 @@ def format_header(info: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def peak_calls(n: int = 2048) -> dict[str, tuple[Callable[[], object], float]]:
+def peak_calls(n: int = 2048, target_s: float = 0.25) -> dict[str, tuple[Callable[[], object], float]]:
     """``{precision: (call, GFLOPs of one call)}`` for the matmul peaks (module docstring);
-    a precision whose kernel does not run here is left out."""
+    a precision whose kernel does not run here is left out.
+
+    Each precision's matrix side doubles from 256 up to ``n`` while one product stays within
+    ``target_s``: where a precision has no native kernel (bf16 and int8 on an AVX2-only CPU run
+    about 60x slower than fp32: 15 s for one 2048 bf16 product on one thread) its peak is timed
+    on a smaller product instead of stalling the benchmark for minutes."""
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    ai = torch.randint(-127, 128, (n, n), dtype=torch.int8, generator=g)
-    bi = torch.randint(-127, 128, (n, n), dtype=torch.int8, generator=g)
-    a16, b16 = a.bfloat16(), b.bfloat16()
-    candidates: dict[str, Callable[[], object]] = {
-        "fp32": lambda: torch.mm(a, b),
-        "bf16": lambda: torch.mm(a16, b16),
-        "int8": lambda: torch._int_mm(ai, bi),
+    makers: dict[str, Callable[[int], Callable[[], object]]] = {
+        "fp32": lambda m: _product(torch.mm, torch.randn(m, m, generator=g)),
+        "bf16": lambda m: _product(torch.mm, torch.randn(m, m, generator=g).bfloat16()),
+        "int8": lambda m: _product(torch._int_mm, torch.randint(-127, 128, (m, m), dtype=torch.int8, generator=g)),
     }
     out = {}
-    for name, call in candidates.items():
+    for name, make in makers.items():
+        m = min(256, n)
         try:
-            call()
+            call = make(m)
+            seconds = _timed(call)
+            while 2 * m <= n and 8 * seconds <= target_s:  # a product of twice the side costs 8x
+                m *= 2
+                call = make(m)
+                seconds = _timed(call)
         except (RuntimeError, NotImplementedError):
             continue
-        out[name] = (call, 2 * n**3 / 1e9)
+        out[name] = (call, 2 * m**3 / 1e9)
     return out
+
+
+def _product(op: Callable[..., object], a: torch.Tensor) -> Callable[[], object]:
+    b = a.flip(0).contiguous()
+    return lambda: op(a, b)
+
+
+def _timed(call: Callable[[], object]) -> float:
+    """Seconds of one call after a first (warm-up) call."""
+    call()
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start

@@ -26,7 +26,9 @@ class ModelEMA:
     Args:
         model: the live model (a DDP wrapper is unwrapped).
         decay: the asymptotic decay.
-        warmup: updates over which the decay ramps up; ``0`` uses ``decay`` from the start.
+        warmup: updates over which the decay ramps up; ``0`` uses ``decay`` from the start.  A
+            plain attribute: a run planned to a time budget re-sizes it as the plan changes
+            (:mod:`decodet.engine.run_plan`); the weights do not jump, only later updates' decay.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: int = 2000) -> None:

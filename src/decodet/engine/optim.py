@@ -106,6 +106,12 @@ class LRFactor:
 
     Warm-up multiplies by ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps.
     A plain object (not a lambda) so ``LambdaLR.state_dict()`` saves its settings.
+
+    A schedule sized to a time budget (:mod:`decodet.engine.budget`) is re-planned while it runs:
+    :meth:`replan` maps the cosine's remaining progress onto a new number of remaining steps
+    and :meth:`resize_warmup` the warm-up's remaining ramp onto a new length, each from an
+    anchor (a step and the value reached there), so the rate never jumps.  ``max_total`` (the
+    configured total) bounds every plan.
     """
 
     def __init__(
@@ -121,21 +127,68 @@ class LRFactor:
             raise DecodetError(f"unknown lr schedule {schedule!r}; expected step, cosine or constant")
         self.schedule = schedule
         self.total_steps = max(1, int(total_steps))
+        self.max_total = self.total_steps  # the configured total: an upper bound of any plan
         self.warmup_steps = max(0, int(warmup_steps))
         self.drop_steps = tuple(int(s) for s in drop_steps)
         self.drop_factor = float(drop_factor)
         self.min_ratio = float(min_ratio)
         self.fitted = False  # total_steps was fixed from measured step times (see fit_total_steps)
+        # the cosine's anchor: progress ``anchor_progress`` at step ``anchor_step`` (None: 0 at the warm-up's end)
+        self.anchor_step: int | None = None
+        self.anchor_progress = 0.0
+        # the warm-up's anchor: the factor ``warm_value`` at ``warm_from`` = step + 1 (0, 0: a plain ramp)
+        self.warm_from = 0
+        self.warm_value = 0.0
+        # a plan sized to a time budget (decodet.engine.run_plan): the recipe's lr warm-up and the EMA
+        # warm-up cap when the user left them unset (sized to the plan), else None; the budget's clock
+        self.auto_warmup: int | None = None
+        self.auto_ema_warmup: int | None = None
+        self.spent_s = 0.0  # training seconds of the run at the last step (a resumed run continues the clock)
+
+    def warm(self, step: int) -> float:
+        """The warm-up multiplier at ``step`` (1 after the warm-up)."""
+        x = step + 1
+        if not self.warmup_steps or x >= self.warmup_steps:
+            return 1.0
+        return self.warm_value + (1.0 - self.warm_value) * (x - self.warm_from) / (self.warmup_steps - self.warm_from)
+
+    def progress(self, step: int) -> float:
+        """How far the cosine has gone at ``step``: 0 at the warm-up's end, 1 at ``total_steps``."""
+        s0, q0 = (self.warmup_steps, 0.0) if self.anchor_step is None else (self.anchor_step, self.anchor_progress)
+        if step >= self.total_steps > s0:
+            return 1.0  # exactly the floor at the end (no rounding left over from the anchor)
+        span = max(1, self.total_steps - s0)
+        return min(1.0, max(0.0, q0 + (1.0 - q0) * (step - s0) / span))
 
     def __call__(self, step: int) -> float:
-        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        warm = self.warm(step)
         if self.schedule == "constant":
             return warm
         if self.schedule == "step":
             return warm * self.drop_factor ** sum(step >= s for s in self.drop_steps)
-        span = max(1, self.total_steps - self.warmup_steps)
-        t = min(1.0, max(0.0, (step - self.warmup_steps) / span))
+        t = self.progress(step)
         return warm * (self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    def replan(self, step: int, total_steps: int) -> None:
+        """End the schedule at ``total_steps`` (at most ``max_total``, at least ``step + 1``) instead,
+        continuing from the value at ``step``: the rest of the cosine is spread over the new
+        remaining steps."""
+        total = max(step + 1, min(int(total_steps), self.max_total))
+        if step > self.warmup_steps:  # the cosine has begun: anchor its progress here
+            self.anchor_step, self.anchor_progress = step, self.progress(step)
+        self.total_steps = total
+
+    def resize_warmup(self, step: int, warmup_steps: int) -> None:
+        """Re-aim a running warm-up to end at ``warmup_steps``, ramping from the value at ``step``
+        at most twice as steeply as a warm-up of that length would (so it may end later); no
+        change once the warm-up is (nearly) over."""
+        x = step + 1
+        if not self.warmup_steps or x >= self.warmup_steps - 1:
+            return
+        value = self.warm(step)
+        end = max(int(warmup_steps), x + 1, x + round((1.0 - value) * max(1, int(warmup_steps)) / 2))
+        if end != self.warmup_steps:
+            self.warm_from, self.warm_value, self.warmup_steps = x, value, end
 
 
 def build_scheduler(
@@ -175,8 +228,8 @@ def build_scheduler(
 def fit_total_steps(planned: int, steps_done: int, seconds_per_step: float, seconds_left: float) -> int:
     """The schedule's total steps that end within ``seconds_left`` at ``seconds_per_step``.
 
-    Never more than ``planned`` (a fast machine runs the configured schedule) and never fewer than
-    ``steps_done + 1``.
+    Never more than ``planned`` (the configured total: a fast machine runs the configured
+    schedule) and never fewer than ``steps_done + 1``.
     """
     affordable = steps_done + int(seconds_left / max(seconds_per_step, 1e-9))
     return max(steps_done + 1, min(int(planned), affordable))

@@ -34,7 +34,7 @@ from decodet.io.files import read_mapping
 from decodet.registry import train_recipe
 
 SCHEDULES = ("step", "cosine", "constant")
-AMP_MODES = ("none", "bf16", "fp16")
+AMP_MODES = ("none", "bf16", "fp16", "auto")
 
 
 @dataclass
@@ -55,8 +55,8 @@ class TrainConfig:
     epochs: int = 12
     max_steps: int | None = None  # stop after this many optimizer steps in total
     time_budget_min: float | None = None  # stop cleanly after this many minutes of training steps
-    # Size the lr schedule to time_budget_min: time the first steps, then fix the total so the
-    # schedule completes (cosine reaches its floor) within the budget on this machine.
+    # Plan the lr schedule to time_budget_min: time the steps and re-plan the rest of the schedule
+    # as they run, so it completes (cosine reaches its floor) within the budget on this machine.
     fit_schedule: bool = False
 
     # optimisation
@@ -73,10 +73,11 @@ class TrainConfig:
     min_lr_ratio: float = 0.05  # cosine floor, as a fraction of the initial lr
     warmup_steps: int | None = None  # linear warm-up, in optimizer steps
     clip_grad: float = 0.1  # max gradient norm; 0 disables clipping
-    amp: str = "none"  # none | bf16 | fp16 (fp16 on CUDA only, with a GradScaler)
+    amp: str = "none"  # none | bf16 | fp16 (fp16 on CUDA only, with a GradScaler) | auto (engine.amp_probe)
     ema: bool | None = None
     ema_decay: float = 0.9999
-    ema_warmup: int = 2000  # decay * (1 - exp(-updates / ema_warmup))
+    # decay * (1 - exp(-updates / ema_warmup)); None: sized to the run (10% of its steps, at most 2000)
+    ema_warmup: int | None = None
 
     # data
     imgsz: int | None = None  # square side (light / rtdetr recipes) or short side (detr)
@@ -155,6 +156,7 @@ class TrainConfig:
             (self.time_budget_min is None or self.time_budget_min > 0, "time_budget_min must be > 0"),
             (self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}"),
             (0.0 <= self.ema_decay < 1.0, f"ema_decay must lie in [0, 1), got {self.ema_decay}"),
+            (self.ema_warmup is None or self.ema_warmup >= 0, f"ema_warmup must be >= 0, got {self.ema_warmup}"),
             (self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}"),
             (self.eval_subset >= 0, f"eval_subset must be >= 0, got {self.eval_subset}"),
             (not self.fit_schedule or self.time_budget_min is not None, "fit_schedule needs time_budget_min"),
@@ -271,10 +273,12 @@ _HELP = {
     "model_overrides": "model config override KEY=VALUE (repeatable), e.g. drop_path=0.1",
     "loss_overrides": "criterion option KEY=VALUE (repeatable), e.g. weight_class=2 (decodet.build_criterion)",
     "time_budget_min": "stop after this many minutes of training steps (evaluation not counted), then evaluate",
-    "fit_schedule": "with --time-budget-min: time the first steps, then size the lr schedule to end in the budget",
+    "fit_schedule": "with --time-budget-min: time the steps and re-plan the lr schedule to end in the budget",
     "eval_subset": "evaluate on the first N validation images between epochs (the final evaluation uses all)",
     "resume": "continue a run: its folder or its last_state.pt",
-    "amp": "mixed precision: none | bf16 | fp16 (CUDA)",
+    "amp": "mixed precision: none | bf16 | fp16 (CUDA) | auto (bf16 where it trains faster, timed at start)",
+    "ema_warmup": "EMA warm-up in updates (when unset: 10%% of the run's steps, at most 2000)",
+    "warmup_steps": "linear lr warm-up in steps (when unset: the recipe's, at most 5%% of the run's steps)",
     "schedule": "lr schedule: step | cosine | constant",
     "transforms": "augmentation recipe: detr | light | rtdetr",
     "lr_encoder": "DECO encoder's learning rate (none: same as --lr)",

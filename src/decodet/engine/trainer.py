@@ -45,13 +45,14 @@ from decodet.data.spec import resolve_data
 from decodet.data.transforms import MultiScaleCollate, build_transforms, collate, multiscale_sizes
 from decodet.engine import distributed as D
 from decodet.engine import faults
+from decodet.engine.amp_probe import resolve_amp
 from decodet.engine.budget import TrainingBudget
 from decodet.engine.early_stopping import EarlyStopping
-from decodet.engine.ema import ModelEMA
 from decodet.engine.evaluate import autocast, check_labels_fit, eval_batch_size, evaluate
 from decodet.engine.logging import MetricsLogger, log_run_start, plot_curves
-from decodet.engine.optim import build_optimizer, build_scheduler
-from decodet.engine.run_state import STATE_FILE, STATE_VERSION, load_state, restore_scheduler
+from decodet.engine.optim import build_optimizer
+from decodet.engine.run_plan import build_schedule, restore_schedule
+from decodet.engine.run_state import STATE_FILE, STATE_VERSION, load_state
 from decodet.engine.seeding import epoch_seed, get_rng_state, seed_everything, set_determinism, set_rng_state
 from decodet.engine.tensorboard import TensorBoardLogger, require_tensorboard
 from decodet.engine.train_config import TrainConfig, parse_train_args, resolve
@@ -126,7 +127,7 @@ class Trainer:
 
         cfg = faults.continue_elastic_run(cfg)  # restarted by torchrun: resume the job's run folder
         state = load_state(cfg.resume) if cfg.resume else None
-        self.cfg = cfg = resolve(cfg)
+        self.cfg = cfg = resolve(given := cfg)  # ``given``: what the user left unset is sized to the run
         self.is_main = self.info.is_main
 
         # ---- data
@@ -171,7 +172,7 @@ class Trainer:
             tf = build_transforms(cfg.transforms, train=False, imgsz=cfg.imgsz, normalize=normalize)
             self.val_set = CocoDetection(val_split.images_dir, val_split.ann_file, transforms=tf, skip_bad_images=True)
         else:
-            log.warning("no %r split in %s: training without evaluation", cfg.val_split, spec.source)
+            log.warning("%s", spec.no_val_warning(cfg.val_split))  # names the missing file (decodet data check too)
 
         model = build_from_config(mcfg)
         if cfg.weights and state is None:
@@ -184,6 +185,7 @@ class Trainer:
         self.model_cfg = mcfg
         self.raw_model = model
         self.criterion = build_criterion(mcfg, **cfg.loss_overrides).to(self.device)
+        self.cfg = cfg = resolve_amp(cfg, model, self.criterion, self.train_set, self.device)  # amp auto
 
         # ---- loaders
         self.sampler = D.EpochSampler(
@@ -207,18 +209,9 @@ class Trainer:
         # ---- optimisation
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, cfg)
-        self.scheduler = build_scheduler(
-            self.optimizer,
-            cfg.schedule,
-            steps_per_epoch=self.steps_per_epoch,
-            epochs=cfg.epochs,
-            warmup_steps=cfg.warmup_steps,
-            drop_epoch=cfg.lr_drop_epoch,
-            drop_factor=cfg.lr_drop_factor,
-            min_ratio=cfg.min_lr_ratio,
-        )  # max_steps / the time budget only stop training; the schedule spans ``epochs``
+        self.cfg, self.scheduler, self.ema = build_schedule(given, cfg, model, self.optimizer, self.steps_per_epoch)
+        cfg = self.cfg  # with the warm-ups used
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
-        self.ema = ModelEMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None
 
         # ---- progress counters
         self.epoch = 0  # the epoch to run next (0-based)
@@ -254,7 +247,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.budget = TrainingBudget(cfg.time_budget_min, cfg.fit_schedule, self.device)
+        self.budget = TrainingBudget(cfg.time_budget_min, cfg.fit_schedule, self.device, cfg.max_steps)
         final: dict[str, Any] = {}
         stop = cfg.max_steps is not None and self.global_step >= cfg.max_steps
         while self.epoch < cfg.epochs and not stop:
@@ -407,7 +400,7 @@ class Trainer:
     def _should_stop(self) -> bool:
         cfg = self.cfg
         factor = self.scheduler.lr_lambdas[0]
-        self.budget.step(factor, self.global_step, self.is_main)
+        self.budget.step(factor, self.global_step, self.is_main, self.ema)
         why = ""
         if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
             why = "max_steps reached"
@@ -505,7 +498,7 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        restore_scheduler(self.scheduler, self.optimizer, state["scheduler"], keep_fitted=self.cfg.fit_schedule)
+        restore_schedule(self.scheduler, self.optimizer, state["scheduler"], keep_fitted=self.cfg.fit_schedule)
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             if state["ema"] is None:
