@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 CORE   := $(VENV)/.installed-core
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format bench clean
+.PHONY: demo test test-kernels test-fast lint format bench clean
 
 # The demo needs only the package itself; the tests need every optional extra too (installed on
 # top, about 20 s more), so a fresh `make demo` spends its time training.
@@ -26,14 +26,22 @@ $(STAMP): $(CORE)
 demo: $(CORE)
 	$(VENV)/bin/decodet demo
 
-# The tests of the optional native runtimes (OpenVINO, PT2E/torchao, compiled and int8 paths)
-# run in a pytest process of their own: loaded into the same process as the serving tests'
-# threads, the suite once died with a segmentation fault.
-BACKEND_TESTS := tests/test_openvino.py tests/test_precision.py tests/test_quantize.py tests/test_benchmark.py
-
 test: $(STAMP)
-	$(PY) -m pytest -q $(addprefix --ignore=,$(BACKEND_TESTS))
-	$(PY) -m pytest -q $(BACKEND_TESTS)
+	$(PY) -m pytest -q
+
+# The numerics-sensitive tests (precision, backends, int8, export, training signal) again on
+# other CPUs' kernel paths: oneDNN (torch's and OpenVINO's) capped at the two instruction sets
+# below this CPU's best (.ci/isa_caps), the second run with ATen's portable kernels too.  A
+# margin that holds only on this CPU's kernels fails here.  CI runs it after `make test`.
+NUMERIC_TESTS := tests/test_precision.py tests/test_openvino.py tests/test_quantize.py tests/test_criterion.py \
+	tests/test_matcher.py
+
+test-kernels: $(STAMP)
+	@set -e; aten=""; for cap in $$(.ci/isa_caps); do \
+	  echo "== ONEDNN_MAX_CPU_ISA=$$cap OV_CPU_MAX_ISA=$$cap $$aten"; \
+	  env ONEDNN_MAX_CPU_ISA=$$cap OV_CPU_MAX_ISA=$$cap $$aten $(PY) -m pytest -q -p no:cacheprovider $(NUMERIC_TESTS); \
+	  aten="ATEN_CPU_CAPABILITY=default"; \
+	done
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

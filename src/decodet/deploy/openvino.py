@@ -50,6 +50,7 @@ is left alone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -125,14 +126,28 @@ def _telemetry_opted_in() -> bool:
     return result == ConsentCheckResult.ACCEPTED
 
 
+@functools.cache
+def core() -> Any:
+    """The process's one ``openvino.Core``: every compilation and query goes through it.
+
+    Each ``Core`` loads its own CPU plugin, and the plugin swaps the calling thread's alternate
+    signal stack for one of its own on creation and puts back the one it found when destroyed,
+    unmapping its own.  Two Cores destroyed in the order they were made therefore leave the
+    thread on the first one's unmapped stack, and the next signal delivered to a Python handler
+    (all are ``SA_ONSTACK``; SIGCHLD under torch's DataLoader, SIGINT, SIGTERM) kills the
+    process with a SIGSEGV that faulthandler cannot report: the test suite's segmentation fault,
+    and a hazard for ``decodet serve`` (a Core per Detector).  One Core, never destroyed, makes
+    one swap for the process (tests/test_openvino.py reproduces the crash with two Cores)."""
+    return _require().Core()
+
+
 def read_model(path: str | os.PathLike) -> tuple[Any, OnnxInfo]:
     """An ``openvino.Model`` from a decodet ``.onnx`` or ``.xml`` file, and its metadata."""
-    ov = _require()
     path = Path(path)
     if not path.is_file():
         raise DecodetError("model file not found", path)
     try:
-        model = ov.Core().read_model(str(path))
+        model = core().read_model(str(path))
     except Exception as exc:  # OpenVINO raises its own RuntimeError subclasses with long text
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DecodetError(f"OpenVINO cannot read this model ({reason[:300]})", path) from None
@@ -292,6 +307,9 @@ class OvModel:
         self.info = info
         self.metadata = build_metadata(info)
         hint = _HINT[info.precision]
+        if hint == "bf16" and "BF16" not in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            # OpenVINO then ignores the hint without a word and runs fp32 (e.g. on AVX2-only CPUs)
+            log.warning("this CPU has no bf16 kernels (AVX-512 BF16 or AMX): OpenVINO runs the bf16 model in fp32")
         self._config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
         if threads is not None:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -305,7 +323,7 @@ class OvModel:
 
     def _compile(self, model: Any) -> Any:
         try:
-            return self._ov.Core().compile_model(model, self._target, self._config)
+            return core().compile_model(model, self._target, self._config)
         except Exception as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise DecodetError(f"OpenVINO cannot compile the model for {self._target} ({reason[:300]})") from None
