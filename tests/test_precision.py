@@ -1,11 +1,18 @@
 """bf16 / int8 / compiled inference: the same detections as eager fp32 within stated margins.
 
 One tiny model is trained once (``trained``, shared with tests/test_openvino.py) so that
-scores and boxes mean something.  Tolerances, for the detections eager fp32 ranks in its
-top 5 per image, reproduced in the other run by a same-label box of IoU >= 0.5 (:func:`reproduced`):
+scores and boxes mean something.  A detection of fp32's top 5 per image is reproduced in the
+other run by a same-label box of IoU >= 0.5 with its score and box corners within the stated
+margins (:func:`reproduced`); the bounds hold what a user relies on, on CPUs other than ours:
 
-* bf16 (torch, OpenVINO): all reproduced, scores within 0.05, box corners within 3% of the
-  image side (2 px at 64);
+* bf16 (torch, OpenVINO): 75% reproduced (scores within 0.05, corners within 3% of the side,
+  2 px at 64), AP within 5 points of fp32.  bf16 keeps 8 bits of mantissa and this barely
+  trained model has near-tied scores, so which ones move depends on the rounding *and* on the
+  model, which itself trains to other weights on another CPU's fp32 kernels.  Measured with
+  ``benchmarks/precision_spread.py --only bf16`` (training seeds 0-7, 1 and 2 threads, oneDNN
+  capped at AVX2 / AVX / SSE41, autocast's rounding points too): reproduced 0.93-1.00, AP
+  within 2.7 points; a 2-core Zen 4 with native bf16 kernels gave 0.88 and 0.90 (issue 18).
+  0.75 allows about twice the worst measured misses (15 of 60).
 * int8: 80% reproduced, scores within 0.15, box corners within 10% of the side.
 """
 
@@ -29,17 +36,20 @@ from test_trainer import TINY, make_tiny_coco
 
 SIZE = 64
 TOP = 5
-BF16 = {"score": 0.05, "box": 0.03, "matched": 1.0}
+BF16 = {"score": 0.05, "box": 0.03, "matched": 0.75}
+BF16_AP_POINTS = 0.05  # |AP bf16 - AP fp32| (module docstring)
 INT8 = {"score": 0.15, "box": 0.10, "matched": 0.8}
 
-_CACHE: dict[str, Path] = {}
+_CACHE: dict[tuple[int, int], tuple[Path, Path]] = {}
 pytestmark = pytest.mark.slow
 
 
-def train_tiny(root: Path) -> tuple[Path, Path]:
-    """(checkpoint, dataset) of deco_tiny (TINY) trained 150 steps on coloured rectangles; cached per session."""
-    if "weights" not in _CACHE or not _CACHE["weights"].is_file():
-        data = make_tiny_coco(root / "data", n_train=8, n_val=4, repeat=8)
+def train_tiny(root: Path, seed: int = 0, threads: int = 1) -> tuple[Path, Path]:
+    """(checkpoint, dataset) of deco_tiny (TINY) trained 150 steps on coloured rectangles; cached
+    per session and ``(seed, threads)`` (benchmarks/precision_spread.py varies both)."""
+    key = (seed, threads)
+    if key not in _CACHE or not _CACHE[key][0].is_file():
+        data = make_tiny_coco(root / "data", n_train=8, n_val=12, repeat=8)  # train first: more val, same model
         result = decodet.train(
             model="deco_tiny",
             data=data,
@@ -48,7 +58,8 @@ def train_tiny(root: Path) -> tuple[Path, Path]:
             batch_size=4,
             imgsz=SIZE,
             workers=0,
-            threads=1,
+            threads=threads,
+            seed=seed,
             lr=2e-3,
             warmup_steps=10,
             schedule="constant",
@@ -60,8 +71,8 @@ def train_tiny(root: Path) -> tuple[Path, Path]:
             project=root / "runs",
             name="tiny",
         )
-        _CACHE["weights"], _CACHE["data"] = result.best, data
-    return _CACHE["weights"], _CACHE["data"]
+        _CACHE[key] = (result.best, data)
+    return _CACHE[key]
 
 
 @pytest.fixture(scope="module")
@@ -183,11 +194,32 @@ def test_eval_and_predict_cli_take_precision(trained, tmp_path):
     stats = {k: json.loads((tmp_path / k / "stats.json").read_text()) for k in ("default", "fp32", "bf16")}
     # the light recipe's square resize is the Detector's: the deployed fp32 run scores the same
     assert stats["fp32"]["AP"] == pytest.approx(stats["default"]["AP"], abs=0.01)
-    assert stats["bf16"]["AP"] == pytest.approx(stats["fp32"]["AP"], abs=0.03)
+    assert stats["bf16"]["AP"] == pytest.approx(stats["fp32"]["AP"], abs=BF16_AP_POINTS)
     dets = json.loads((tmp_path / "bf16" / "detections.json").read_text())
-    assert dets and {d["image_id"] for d in dets} == {10, 11, 12, 13}
+    assert dets and {d["image_id"] for d in dets} == set(range(10, 22))  # the 12 validation images
 
     out = tmp_path / "pred"
     args = ["predict", str(data / "val"), "--weights", str(weights), "--precision", "bf16", "--out", str(out)]
     assert main(args) == 0
     assert (out / "predictions.json").is_file() and (out / "000.jpg").is_file()
+
+
+def test_an_instruction_set_cap_reaches_torchs_kernels():
+    """``make test-kernels`` (run by CI) re-runs the numerics-sensitive tests with
+    ``ONEDNN_MAX_CPU_ISA`` set below this CPU's best; this checks that the cap really changes the
+    convolution kernel torch dispatches to (oneDNN reads it once, at its first call)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "x = torch.randn(2, 64, 56, 56).contiguous(memory_format=torch.channels_last)\n"
+        "conv = torch.nn.Conv2d(64, 64, 3).to(memory_format=torch.channels_last)\n"
+        "with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON), torch.no_grad():\n"
+        "    conv(x)\n"
+    )
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "SSE41"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    if "onednn_verbose" not in out:
+        pytest.skip("this torch build runs the convolution without oneDNN")
+    assert "isa:Intel SSE4.1" in out and ",jit:sse41," in out
