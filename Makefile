@@ -27,7 +27,7 @@ demo: $(CORE)
 	$(VENV)/bin/decodet demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The numerics-sensitive tests (precision, backends, int8, export, training signal) again on
 # other CPUs' kernel paths: oneDNN (torch's and OpenVINO's) capped at the two instruction sets
