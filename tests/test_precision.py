@@ -10,9 +10,11 @@ margins (:func:`reproduced`); the bounds hold what a user relies on, on CPUs oth
   trained model has near-tied scores, so which ones move depends on the rounding *and* on the
   model, which itself trains to other weights on another CPU's fp32 kernels.  Measured with
   ``benchmarks/precision_spread.py --only bf16`` (training seeds 0-7, 1 and 2 threads, oneDNN
-  capped at AVX2 / AVX / SSE41, autocast's rounding points too): reproduced 0.93-1.00, AP
-  within 2.7 points; a 2-core Zen 4 with native bf16 kernels gave 0.88 and 0.90 (issue 18).
-  0.75 allows about twice the worst measured misses (15 of 60).
+  capped at AVX2 / AVX / SSE41, ATen's portable kernels, autocast's rounding points): reproduced
+  0.93-1.00 (a 2-core Zen 4 with native bf16 kernels: 0.88 and 0.90, issue 18), so 0.75 allows
+  about twice the worst measured misses (15 of 80).  AP on the 12 validation images: within 0.3
+  points over 6 seeds and kernel paths (on the former 4 images one detection moved AP by up to
+  10 points under ATen's portable kernels, hence 12).
 * int8: 80% reproduced, scores within 0.15, box corners within 10% of the side.
 """
 
