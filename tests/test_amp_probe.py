@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from decodet.engine import amp_probe
 from decodet.engine.amp_probe import faster_of, fastest_amp, resolve_amp, time_alternating
 from decodet.engine.train_config import TrainConfig
 from decodet.engine.trainer import Trainer
@@ -90,12 +91,18 @@ def test_fastest_amp_leaves_the_model_as_it_was() -> None:
     assert torch.equal(torch.get_rng_state(), rng)
 
 
-def test_amp_auto_in_a_training_config(tmp_path: Path, caplog) -> None:
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_amp_auto_in_a_training_config(tmp_path: Path, caplog, monkeypatch, native_bf16) -> None:
+    """Timed where the CPU has bf16 kernels; fp32 without a probe where bf16 would be emulated."""
+    monkeypatch.setattr(amp_probe, "cpu_has_bf16", lambda: native_bf16)
     data = make_tiny_coco(tmp_path / "data")
     cfg = tiny_config(tmp_path, data, amp="auto")
     with caplog.at_level(logging.INFO, logger="decodet.engine.amp_probe"):
         trainer = Trainer(cfg)
-    assert trainer.cfg.amp in ("bf16", "none") and "amp auto: a training step takes" in caplog.text
+    if native_bf16:
+        assert trainer.cfg.amp in ("bf16", "none") and "amp auto: a training step takes" in caplog.text
+    else:
+        assert trainer.cfg.amp == "none" and "this CPU has no bf16 instructions" in caplog.text
     assert TrainConfig.load(trainer.run_dir / "train_config.yaml").amp == trainer.cfg.amp  # resume keeps it
     trainer.close()
     assert resolve_amp(TrainConfig(amp="bf16"), None, None, None, torch.device("cpu")).amp == "bf16"

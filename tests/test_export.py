@@ -3,6 +3,7 @@ int8 / fp16 / bf16, and the ONNX Runtime backend of Detector."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -285,3 +286,21 @@ def test_foreign_and_incompatible_onnx_files_are_refused(tmp_path):
         Detector(junk)
     with pytest.raises(DecodetError, match="not found"):
         Detector(tmp_path / "missing.onnx")
+
+
+def test_an_identical_export_is_copied_not_redone(tiny, tiny_onnx, tmp_path, monkeypatch):
+    """The fp32 graph of the same weights and settings is exported once per process
+    (deploy/export_memo.py); other weights, size or K export afresh."""
+    from decodet.deploy import export as export_module
+
+    calls = []
+    real = export_module._torch_export
+    monkeypatch.setattr(export_module, "_torch_export", lambda *a, **k: (calls.append(a[2]), real(*a, **k)))
+    again = export_onnx(tiny, tmp_path / "again.onnx", imgsz=SIZE, dynamic_batch=True, num_top=20)
+    assert calls == [] and again.read_bytes() == tiny_onnx.read_bytes()  # same weights and settings: a copy
+    export_onnx(tiny, tmp_path / "k10.onnx", imgsz=SIZE, dynamic_batch=True, num_top=10)
+    changed = copy.deepcopy(tiny)
+    with torch.no_grad():
+        changed.decoder.enc_score_head.bias.add_(1.0)
+    export_onnx(changed, tmp_path / "changed.onnx", imgsz=SIZE, dynamic_batch=True, num_top=20)
+    assert len(calls) == 2  # other K, other weights: exported again

@@ -23,6 +23,11 @@ from test_precision import BF16, INT8, assert_close, run, train_tiny, val_images
 
 pytestmark = pytest.mark.slow
 FP32 = {"score": 1e-3, "box": 1e-3, "matched": 1.0}
+# The ``full`` int8 scheme (residual adds int8 too) is the less accurate one (README: -0.63 AP on
+# the demo model): 80% or more of fp32's top detections on this CPU's default kernels, but 65% and
+# 69% where the test model was trained and compared under ATen's portable kernels (make
+# test-kernels: SSE41 and AVX2 caps), so its bound sits below those.
+INT8_FULL = {**INT8, "matched": 0.55}
 
 
 def runtime_precisions(det: Detector) -> dict[str, set[str]]:
@@ -157,7 +162,7 @@ def test_int8_schemes_smoothquant_and_full(ov_int8, trained, reference, tmp_path
     onnx_path = export_onnx(weights, tmp_path / "m.onnx", dynamic_batch=True)
     quantised, kept, stem = _quantised_ops(model, onnx_path)
     assert stem <= kept and not set(_float_node_names(onnx_path)) & quantised  # full: the stem float too
-    assert_close(reference, run(Detector(xml, score_threshold=0.0, max_det=30), val_images(data)), INT8)
+    assert_close(reference, run(Detector(xml, score_threshold=0.0, max_det=30), val_images(data)), INT8_FULL)
     with pytest.raises(DecodetError, match="unknown OpenVINO int8 scheme 'fast'"):
         load_for_precision(weights, "int8", int8_scheme="fast")
     assert sorted(p.name for p in tmp_path.glob("*.onnx")) == ["m.onnx"]  # only the test's own export

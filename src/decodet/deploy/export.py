@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 import decodet
 from decodet.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, config_from_dict, config_to_dict, normalization
+from decodet.deploy import export_memo
 from decodet.deploy.runtime import DeployModel, as_size, prepare_model
 from decodet.deploy.scopes import name_scopes
 from decodet.errors import DecodetError
@@ -229,7 +230,10 @@ def export_onnx(
 
     with tempfile.TemporaryDirectory(prefix="decodet-export-") as tmp:
         fp32_path = Path(tmp) / "fp32.onnx"
-        _torch_export(wrapper, fp32_path, size, opset, dynamic_batch, max(1, int(batch)))
+        key = export_memo.digest(wrapper, repr(cfg), k, size, opset, dynamic_batch, max(1, int(batch)))
+        export_memo.export_once(
+            key, fp32_path, lambda p: _torch_export(wrapper, p, size, opset, dynamic_batch, max(1, int(batch)))
+        )
         extra_meta: dict[str, str] = {}
         if precision == "int8":
             final = Path(tmp) / "int8.onnx"

@@ -1,8 +1,9 @@
 """``amp="auto"``: train in bf16 autocast where it is faster than fp32 on this machine.
 
 On a CPU, bf16 autocast is about twice as fast as fp32 with AMX or a fast AVX-512-BF16 unit and
-slower on others (0.53 vs 0.42 s per step on one AVX-512-BF16 Xeon), so a few training steps of
-each are timed (a few seconds) instead of guessing from CPU flags.  The two precisions
+slower on others (0.53 vs 0.42 s per step on one AVX-512-BF16 Xeon), so where the CPU has bf16
+kernels at all a few training steps of each are timed (a few seconds) instead of guessing from
+its flags; where it has none (AVX2 only), bf16 is emulated and fp32 is taken without a probe.  The two precisions
 alternate step by step (bf16, fp32, bf16, fp32, ...) and the choice is the median of the
 rounds' bf16/fp32 ratios: a transient load (a ``pip install``, a CPU hog at the start) slows
 both precisions of a round alike and cannot decide the choice.  (Timed one precision after the
@@ -102,20 +103,33 @@ def fastest_amp(
     return faster_of(times), times
 
 
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (AVX-512 BF16 / AMX; AVX-512 cores emulate
+    them).  Without, bf16 autocast runs ATen's emulation, several times slower than fp32 (on a
+    2-core AVX2 EPYC a 2,048 bf16 matrix product took 60x the fp32 one), so no probe is needed."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_amp(
     cfg: TrainConfig, model: nn.Module, criterion: nn.Module, dataset: Dataset, device: torch.device
 ) -> TrainConfig:
     """``cfg`` with ``amp="auto"`` replaced by the precision to train in (other values unchanged).
 
-    CUDA: ``bf16`` where the device supports it, else ``none``.  CPU: :func:`fastest_amp` on the
-    run's model and a batch of its training data (every process times; rank 0's choice is
-    taken).  Other devices: ``none``.  One log line gives the choice and the times measured.
+    CUDA: ``bf16`` where the device supports it, else ``none``.  CPU: ``none`` where it has no
+    bf16 kernels (:func:`cpu_has_bf16`), else :func:`fastest_amp` on the run's model and a batch of
+    its training data (every process times; rank 0's choice is taken).  Other devices: ``none``.
+    One log line gives the choice and the times measured.
     """
     if cfg.amp != "auto":
         return cfg
     if device.type == "cuda":
         amp = "bf16" if torch.cuda.is_bf16_supported() else "none"
         why = "bf16 supported" if amp == "bf16" else "no bf16 on this GPU"
+    elif device.type == "cpu" and not cpu_has_bf16():
+        amp, why = "none", "this CPU has no bf16 instructions (AVX-512 BF16 or AMX): bf16 would be emulated, slower"
     elif device.type == "cpu":
         rng = get_rng_state()  # the dataset's augmentation draws from the global RNGs
         try:
