@@ -31,3 +31,17 @@ def read_reference(name: str) -> dict[str, tuple[int, ...]]:
         key, shape = line.split("\t")
         out[key] = () if shape == "scalar" else tuple(int(s) for s in shape.split("x"))
     return out
+
+
+@pytest.fixture
+def cache_in_tmp(tmp_path, monkeypatch):
+    """Converted annotations go to a cache folder: keep it inside the test's temp folder."""
+    monkeypatch.setenv("DECODET_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """A tiny synthetic dataset (4 train, 2 val images at 64 px) for the format tests."""
+    from decodet.data import generate_synthetic
+
+    return generate_synthetic(tmp_path_factory.mktemp("d") / "synth", train=4, val=2, image_size=64, seed=3)

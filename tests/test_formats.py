@@ -11,19 +11,10 @@ import pytest
 from PIL import Image
 
 from decodet.cli import main
-from decodet.data import generate_synthetic, parse_coco, resolve_data
+from decodet.data import parse_coco, resolve_data
 from decodet.errors import DecodetError
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    """Converted annotations go to a cache folder: keep it inside the test's temp folder."""
-    monkeypatch.setenv("DECODET_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return generate_synthetic(tmp_path_factory.mktemp("d") / "synth", train=4, val=2, image_size=64, seed=3)
+pytestmark = pytest.mark.usefixtures("cache_in_tmp")  # synth: tests/conftest.py
 
 
 def _image(path: Path, size: tuple[int, int]) -> None:
