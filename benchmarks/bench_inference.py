@@ -13,7 +13,7 @@ import platform
 
 import torch
 
-from decodet.deploy.benchmark import format_table, rows_to_dicts, run_benchmark
+from decodet.bench.benchmark import format_table, rows_to_dicts, run_benchmark
 
 
 def main() -> None:

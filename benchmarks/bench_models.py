@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 
-from decodet.deploy.benchmark import format_table, rows_to_dicts, survey_models
+from decodet.bench.benchmark import format_table, rows_to_dicts, survey_models
 from decodet.registry import list_models
 
 

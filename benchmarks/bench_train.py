@@ -3,7 +3,7 @@ with each row's achieved GFLOP/s and its share of the matching matmul peak.
 
 FLOPs of one step: ``torch.utils.flop_counter`` over forward plus backward (convolutions and
 matrix products; a multiply-add = 2 FLOPs).  Peaks: the best 2048x2048 fp32 / bf16 matmul
-(``decodet.deploy.machine.peak_calls``), timed in the same run; fp32 rows are judged against
+(``decodet.utils.machine.peak_calls``), timed in the same run; fp32 rows are judged against
 the fp32 peak, bf16 autocast rows against the bf16 peak.
 
 Each step is the real thing: forward, the preset's criterion (Hungarian matching and all
@@ -28,7 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import decodet
-from decodet.deploy.machine import peak_calls
+from decodet.utils.machine import peak_calls
 
 
 def _batch(b: int, size: int, num_classes: int, gen: torch.Generator):

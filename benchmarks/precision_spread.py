@@ -40,7 +40,7 @@ def child(seed: int, threads: int, only: str) -> dict:
 
     torch.set_num_threads(threads)
     from decodet.cli import main
-    from decodet.deploy.detector import Detector
+    from decodet.runtime.detector import Detector
     from test_precision import BF16, INT8, reproduced, run, train_tiny, val_images
 
     out: dict = {}

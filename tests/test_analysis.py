@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from decodet.engine.analysis import (
+from decodet.evaluation.analysis import (
     PER_CLASS_CSV,
     confusion_matrix,
     per_class_stats,
     read_per_class_csv,
 )
-from decodet.engine.evaluator import STAT_NAMES, evaluate_coco, run_coco_eval
+from decodet.evaluation.evaluator import STAT_NAMES, evaluate_coco, run_coco_eval
 
 
 def _random_dataset(seed: int = 0, n_images: int = 12):

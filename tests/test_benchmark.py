@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from decodet.bench.benchmark import PEAK_RUNTIME, Row, count_gflops, finish, format_table, run_benchmark
 from decodet.cli import main
-from decodet.deploy.benchmark import PEAK_RUNTIME, Row, count_gflops, finish, format_table, run_benchmark
-from decodet.deploy.machine import format_header, machine_info, peak_calls
+from decodet.utils.machine import format_header, machine_info, peak_calls
 
 
 def test_peak_fraction_uses_the_rows_own_precision():
@@ -42,7 +42,7 @@ def test_machine_header_fields():
 def test_benchmark_rows_columns_and_ap(tmp_path):
     data = tmp_path / "synth"
     assert main(["data", "synth", str(data), "--train", "2", "--val", "3", "--image-size", "96", "--seed", "4"]) == 0
-    from decodet.engine.evaluate_deployed import RunnerEvaluator
+    from decodet.evaluation.deployed import RunnerEvaluator
 
     rows = run_benchmark(
         "deco_tiny", imgsz=96, threads=1, warmup=0, iters=1, include_hf=False, include_compile=False,
@@ -71,7 +71,7 @@ def test_benchmark_rows_columns_and_ap(tmp_path):
 
 def test_only_builds_just_the_selected_rows(monkeypatch):
     """Rows left out by ``only`` cost nothing: no export, no int8 calibration, no compile."""
-    from decodet.deploy import bench_rows
+    from decodet.bench import rows as bench_rows
 
     def must_not_run(*_a, **_k):
         raise AssertionError("an excluded row was built")

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from decodet.cli import main
-from decodet.engine.evaluator import evaluate_coco
+from decodet.evaluation.evaluator import evaluate_coco
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from decodet.data.synthetic import generate_synthetic
 from decodet.engine import trainer as trainer_mod
-from decodet.engine.logging import read_metrics
+from decodet.engine.metrics_log import read_metrics
 from decodet.engine.train_config import TrainConfig
 from decodet.io.checkpoint import read_checkpoint
 from test_trainer import make_tiny_coco, tiny_config

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from decodet.deploy import inputs as detector_module
-from decodet.deploy.detector import Detector, iter_images, preprocess
-from decodet.deploy.runtime import DeployModel, normalization, prepare_model
 from decodet.errors import DecodetError
+from decodet.inference import inputs as detector_module
+from decodet.inference.graph import DeployModel, normalization, prepare_model
 from decodet.io.checkpoint import save_model
 from decodet.registry import build_model
+from decodet.runtime.detector import Detector, iter_images, preprocess
 
 SIZE = 128
 NAMES = ["cat", "dog", "bird"]
@@ -157,7 +157,7 @@ def test_unreadable_image_in_folder_is_skipped(det, tmp_path, caplog):
     paths = write_images(tmp_path / "f", [(40, 60), (50, 50)])
     bad = tmp_path / "f" / "img01_broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    with caplog.at_level(logging.WARNING, logger="decodet.deploy.detector"):
+    with caplog.at_level(logging.WARNING, logger="decodet.runtime.detector"):
         results = det(tmp_path / "f")
     assert [r["path"] for r in results] == [str(paths[0]), str(paths[1])]
     assert any("img01_broken.jpg" in rec.getMessage() for rec in caplog.records)

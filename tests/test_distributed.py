@@ -21,8 +21,8 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from decodet.data.transforms import build_transforms
 from decodet.engine import trainer as trainer_mod
-from decodet.engine.distributed import EpochSampler, ShardSampler
-from decodet.engine.evaluate import evaluate_checkpoint
+from decodet.evaluation.evaluate import evaluate_checkpoint
+from decodet.utils.distributed import EpochSampler, ShardSampler
 from test_trainer import TINY, make_tiny_coco, tiny_config
 
 TESTS = Path(__file__).resolve().parent
@@ -147,7 +147,7 @@ def hook(event, args):
 sys.addaudithook(hook)
 sys.path.insert(0, sys.argv[1])
 from test_distributed import train_for_parity
-from decodet.engine import distributed
+from decodet.utils import distributed
 final = train_for_parity(json.loads(sys.argv[2]))
 final.pop("images_per_s")
 distributed.cleanup()

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from decodet.deploy.draw import class_color, class_name, draw_detections, save_image_atomic
 from decodet.errors import DecodetError
+from decodet.inference.draw import class_color, class_name, draw_detections, save_image_atomic
 
 DETS = {
     "boxes": torch.tensor([[10.0, 20.0, 120.0, 100.0], [150.0, 40.0, 400.0, 300.0], [5.0, 200.0, 60.0, 260.0]]),

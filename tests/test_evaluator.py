@@ -15,14 +15,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DistributedSampler
 
-from decodet.engine.evaluator import (
+from decodet.errors import DecodetError
+from decodet.evaluation.evaluator import (
     STAT_NAMES,
     CocoEvaluator,
     evaluate_coco,
     format_stats,
     merge_detections,
 )
-from decodet.errors import DecodetError
 from decodet.io.coco_results import detections_to_coco
 
 CATEGORY_IDS = [1, 3, 7, 18]  # non-contiguous on purpose

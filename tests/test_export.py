@@ -18,12 +18,13 @@ pytest.importorskip("onnxscript")
 import onnx  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
-from decodet.deploy.detector import Detector  # noqa: E402
-from decodet.deploy.export import export_onnx, parse_metadata  # noqa: E402
-from decodet.deploy.ort import OrtModel  # noqa: E402
-from decodet.deploy.runtime import DeployModel, prepare_model  # noqa: E402
 from decodet.errors import DecodetError  # noqa: E402
+from decodet.export.onnx import export_onnx  # noqa: E402
+from decodet.inference.graph import DeployModel, prepare_model  # noqa: E402
+from decodet.inference.metadata import parse_metadata  # noqa: E402
+from decodet.inference.ort import OrtModel  # noqa: E402
 from decodet.registry import build_model, get_config, list_models  # noqa: E402
+from decodet.runtime.detector import Detector  # noqa: E402
 
 SIZE = 128
 NAMES = ["cat", "dog", "bird"]
@@ -180,7 +181,7 @@ def test_int8_quantises_convs_and_keeps_postprocessing_float(tiny, tiny_onnx, tm
     the graph is quantised where it should be and nowhere else, it runs, and its score
     distribution stays within 0.02 of fp32's (a broken calibration saturates or flattens it)."""
     calib = [np.random.default_rng(i).integers(0, 255, (96, 128, 3), dtype=np.uint8) for i in range(4)]
-    from decodet.deploy.quantize import Int8Options
+    from decodet.export.quantize import Int8Options
 
     path = export_onnx(
         tiny, tmp_path / "int8.onnx", imgsz=SIZE, precision="int8", calib_images=calib, num_top=20, dynamic_batch=True,
@@ -225,7 +226,7 @@ def test_metadata_inputs_text_agrees_with_mean_std(name, arch, tmp_path):
     """The ``inputs`` text says what the graph takes, as ``normalize_mean``/``normalize_std`` (and
     the web page's model.json) do: DECO ImageNet-normalised, DECO+ plain [0, 1] pixels."""
     from decodet.config import IMAGENET_MEAN, IMAGENET_STD, normalization
-    from decodet.deploy.web import page_config
+    from decodet.export.web import page_config
 
     assert name in list_models() and get_config(name).arch == arch
     model = build_model(name, num_classes=2, num_decoder_layers=1, query_grid=(4, 4)).eval()  # small for 64x64
@@ -290,8 +291,8 @@ def test_foreign_and_incompatible_onnx_files_are_refused(tmp_path):
 
 def test_an_identical_export_is_copied_not_redone(tiny, tiny_onnx, tmp_path, monkeypatch):
     """The fp32 graph of the same weights and settings is exported once per process
-    (deploy/export_memo.py); other weights, size or K export afresh."""
-    from decodet.deploy import export as export_module
+    (export/memo.py); other weights, size or K export afresh."""
+    from decodet.export import onnx as export_module
 
     calls = []
     real = export_module._torch_export

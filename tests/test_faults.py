@@ -202,7 +202,7 @@ def test_a_worker_killed_under_torchrun_restarts_and_resumes_from_the_last_check
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    from decodet.engine.logging import read_metrics
+    from decodet.engine.metrics_log import read_metrics
 
     assert [r["step"] for r in read_metrics(runs / "elastic")] == [2, 4, 6]  # the lost epoch was replayed
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from decodet.engine.logging import MetricsLogger, plot_curves, read_metrics
+from decodet.engine.metrics_log import MetricsLogger, plot_curves, read_metrics
 from decodet.errors import DecodetError
 from decodet.utils.console import progress, setup_logging
 

@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("openvino")
 
 from decodet.cli import main  # noqa: E402
-from decodet.deploy.detector import Detector  # noqa: E402
-from decodet.deploy.export import export_onnx  # noqa: E402
 from decodet.errors import DecodetError  # noqa: E402
+from decodet.export.onnx import export_onnx  # noqa: E402
+from decodet.runtime.detector import Detector  # noqa: E402
 from test_precision import BF16, INT8, assert_close, run, train_tiny, val_images  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ def test_fp32_from_checkpoint_and_onnx_equals_torch(trained, reference, tmp_path
 def test_bf16_hint_matches_fp32(trained, reference, caplog):
     """bf16 kernels where the CPU has them (OpenVINO's ``OPTIMIZATION_CAPABILITIES``); elsewhere
     OpenVINO runs fp32 and decodet says so in one warning."""
-    from decodet.deploy.openvino import core
+    from decodet.export.openvino import core
 
     weights, data = trained
     det = Detector(weights, backend="openvino", precision="bf16", score_threshold=0.0, max_det=30)
@@ -117,8 +117,8 @@ def test_nncf_int8_leaves_the_heads_float(ov_int8, trained, tmp_path):
     """Default (``smoothquant``) scheme: the heads stay float, the stem and most others are int8.
     Catches an ignored scope that names the bias ``Add`` instead of the convolution
     (OpenVINO's ``NAME/WithoutBiases``)."""
-    from decodet.deploy.export import export_onnx
-    from decodet.deploy.openvino import _float_node_names
+    from decodet.export.onnx import export_onnx
+    from decodet.export.openvino import _float_node_names
 
     weights, data = trained
     onnx_path = export_onnx(weights, tmp_path / "m.onnx", dynamic_batch=True)  # the names ov_int8's export had
@@ -143,7 +143,7 @@ def test_int8_schemes_smoothquant_and_full(ov_int8, trained, reference, tmp_path
     """``smoothquant`` (default; ``ov_int8``) scales the matrix products' inputs and keeps
     elementwise ops float; ``full`` feeds the residual adds int8 as well and stays within int8's
     margins.  The IR records its scheme; an unknown scheme fails before any export."""
-    from decodet.deploy.openvino import load_for_precision, read_model
+    from decodet.export.openvino import load_for_precision, read_model
 
     weights, data = trained
     adds, smooth = _int8_layout(ov_int8._ort._model)
@@ -156,8 +156,8 @@ def test_int8_schemes_smoothquant_and_full(ov_int8, trained, reference, tmp_path
     assert model.get_rt_info()["framework"]["int8_scheme"].astype(str) == "full"
     adds, smooth = _int8_layout(model)
     assert adds > 0 and smooth == 0
-    from decodet.deploy.export import export_onnx
-    from decodet.deploy.openvino import _float_node_names
+    from decodet.export.onnx import export_onnx
+    from decodet.export.openvino import _float_node_names
 
     onnx_path = export_onnx(weights, tmp_path / "m.onnx", dynamic_batch=True)
     quantised, kept, stem = _quantised_ops(model, onnx_path)
@@ -173,7 +173,7 @@ def test_each_batch_size_gets_a_static_compilation(trained):
     to MAX_SHAPES, then shares the dynamic one; all give the same detections."""
     import numpy as np
 
-    from decodet.deploy.openvino import OvModel
+    from decodet.runtime.openvino import OvModel
 
     weights, _ = trained
     ov = OvModel(weights, "fp32", threads=1)
@@ -206,7 +206,7 @@ def test_export_openvino_ir_carries_the_metadata(trained, reference, tmp_path):
     assert det.class_names == {3: "red", 7: "green"}
     assert_close(reference, run(det, val_images(data)), FP32)
     assert not list((tmp_path / "ir").glob(".decodet-ir-*"))  # the temporary folder is gone
-    from decodet.deploy.openvino import read_model
+    from decodet.export.openvino import read_model
 
     # deco_tiny is DECO+: [0, 1] pixels, and the IR's inputs text says so, as its mean/std do
     section = read_model(xml)[0].get_rt_info()["framework"]
@@ -222,7 +222,7 @@ def test_export_int8_ir_equals_quantising_on_load(trained, ov_int8, tmp_path):
     assert main([*args, "--imgsz", "64", "64", "--calib", str(data / "train")]) == 0
     det8 = Detector(int8, score_threshold=0.0, max_det=30)
     assert det8.precision == "int8" and runtime_precisions(det8) == runtime_precisions(ov_int8)
-    from decodet.deploy.openvino import read_model
+    from decodet.export.openvino import read_model
 
     assert read_model(int8)[0].get_rt_info()["framework"]["int8_scheme"].astype(str) == "smoothquant"
     images = val_images(data)
@@ -249,7 +249,7 @@ def test_bad_files_and_combinations(trained, tmp_path):
     with pytest.raises(DecodetError, match="runs on onnxruntime or openvino, not torch"):
         Detector(tmp_path / "missing.xml", backend="torch")
     with pytest.raises(DecodetError, match="IR is written as NAME.xml"):
-        from decodet.deploy.openvino import export_openvino
+        from decodet.export.openvino import export_openvino
 
         export_openvino(weights, tmp_path / "model.onnx")
 
@@ -319,7 +319,7 @@ def _guarded(tmp_path: Path, code: str, *args: str) -> tuple[subprocess.Complete
 _FREED_OUT_OF_ORDER = """
 import gc, os, signal, sys
 import openvino as ov
-from decodet.deploy.detector import Detector
+from decodet.runtime.detector import Detector
 signal.signal(signal.SIGUSR1, lambda *_: print("handled", flush=True))  # SA_ONSTACK, as every Python handler
 weights, calib = sys.argv[1:]
 first = Detector(weights, backend="openvino")
@@ -348,7 +348,7 @@ def test_detectors_freed_in_any_order_leave_signals_deliverable(trained):
 
 def test_int8_export_opens_no_network_connection(trained, tmp_path):
     """``decodet export --format openvino --precision int8`` reaches nothing beyond the machine.
-    Without decodet's switch (``deploy.openvino._no_telemetry``) it looked up
+    Without decodet's switch (``export.openvino._no_telemetry``) it looked up
     www.google-analytics.com six times (once at ``import openvino``, five in ``nncf.quantize``),
     each from a forked process, and wrote a client id to ~/intel.  In a fresh interpreter:
     NNCF turns its telemetry off by itself when pytest is imported, and here openvino is."""
@@ -380,7 +380,7 @@ def test_telemetry_switch_leaves_an_explicit_opt_in_alone(tmp_path, monkeypatch)
     """The switch holds only while OpenVINO / NNCF are imported; a user's own ``NNCF_CI`` is kept,
     and one who opted in (``opt_in_out --opt_in``: the consent file holds 1) keeps telemetry."""
     pytest.importorskip("openvino_telemetry")
-    from decodet.deploy.openvino import _no_telemetry
+    from decodet.export.openvino import _no_telemetry
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("CI", raising=False)

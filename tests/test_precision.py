@@ -31,9 +31,9 @@ from torchvision.ops import box_iou
 
 import decodet
 from decodet.cli import main
-from decodet.deploy.detector import Detector
-from decodet.deploy.precision import Bf16Model
 from decodet.errors import DecodetError
+from decodet.runtime.detector import Detector
+from decodet.runtime.precision import Bf16Model
 from test_trainer import TINY, make_tiny_coco
 
 SIZE = 64
@@ -152,16 +152,16 @@ def test_onnxruntime_int8_calibrated_on_real_images_matches_fp32(trained, refere
     assert_close(reference, run(det, val_images(data)), INT8)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("decodet.deploy.pt2e") is None, reason="decodet.deploy.pt2e absent")
+@pytest.mark.skipif(importlib.util.find_spec("decodet.runtime.pt2e") is None, reason="decodet.runtime.pt2e absent")
 def test_torch_pt2e_int8_matches_fp32(trained, reference):
     weights, data = trained
     det = Detector(weights, precision="int8", calib=data / "train", score_threshold=0.0, max_det=30)
     assert_close(reference, run(det, val_images(data)), INT8)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("decodet.deploy.pt2e") is not None, reason="decodet.deploy.pt2e present")
+@pytest.mark.skipif(importlib.util.find_spec("decodet.runtime.pt2e") is not None, reason="decodet.runtime.pt2e present")
 def test_torch_int8_without_pt2e_is_one_clear_error(trained):
-    with pytest.raises(DecodetError, match="int8 on the torch backend needs decodet.deploy.pt2e"):
+    with pytest.raises(DecodetError, match="int8 on the torch backend needs decodet.runtime.pt2e"):
         Detector(trained[0], precision="int8")
 
 

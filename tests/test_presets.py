@@ -17,9 +17,9 @@ import torch
 import decodet
 from decodet.config import config_from_dict, config_to_dict
 from decodet.data.transforms import RECIPES
-from decodet.deploy.runtime import as_size
 from decodet.engine.train_config import _RECIPE_FIELDS, TrainConfig, resolve
 from decodet.errors import DecodetError
+from decodet.inference.graph import as_size
 from decodet.io.checkpoint import load_model, save_model
 from decodet.models.layers import FrozenBatchNorm2d
 from decodet.registry import (

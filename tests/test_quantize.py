@@ -1,5 +1,5 @@
 """int8 that keeps accuracy: ONNX Runtime static int8 with a measured per-layer-group sweep
-(``deploy/quantize.py``), PT2E int8 (``deploy/pt2e.py``), and where calibration images come
+(``export/quantize.py``), PT2E int8 (``runtime/pt2e.py``), and where calibration images come
 from (``cli/int8.py``).  All on a deco_tiny trained briefly on a tiny generated dataset.
 
 Tolerance: the model is trained for a few steps only, so its scores are nearly tied and
@@ -27,11 +27,12 @@ import onnx  # noqa: E402
 
 from decodet.cli import main  # noqa: E402
 from decodet.cli.int8 import calibration_source  # noqa: E402
-from decodet.deploy.export import calibration_batches, export_onnx  # noqa: E402
-from decodet.deploy.ort import OrtModel  # noqa: E402
-from decodet.deploy.quantize import Int8Options, detection_error, layer_groups, quantize_onnx  # noqa: E402
-from decodet.deploy.runtime import prepare_model  # noqa: E402
 from decodet.errors import DecodetError  # noqa: E402
+from decodet.export.onnx import export_onnx  # noqa: E402
+from decodet.export.quantize import Int8Options, detection_error, layer_groups, quantize_onnx  # noqa: E402
+from decodet.inference.calibration import calibration_batches  # noqa: E402
+from decodet.inference.graph import prepare_model  # noqa: E402
+from decodet.inference.ort import OrtModel  # noqa: E402
 from decodet.io.checkpoint import load_model  # noqa: E402
 
 SIZE = 96
@@ -169,7 +170,7 @@ def test_calibration_defaults(data, tmp_path, monkeypatch, caplog):
     assert calibration_source("my/folder", str(data)) == "my/folder"
     assert calibration_source(None, str(data)) == str(data / "train")
     assert calibration_source(None, None) is None
-    with caplog.at_level(logging.WARNING, logger="decodet.deploy.export"):
+    with caplog.at_level(logging.WARNING, logger="decodet.export.onnx"):
         export_onnx(
             prepare_model(load_model_or_tiny()), tmp_path / "s.onnx", imgsz=SIZE, num_top=5, precision="int8",
             calib_count=1, int8=Int8Options(exclude=None),
@@ -199,7 +200,7 @@ def test_cli_export_int8_with_data_writes_report(trained, data, tmp_path):
 def test_pt2e_refuses_too_few_calibration_images(model):
     """PT2E's numerics are checked through Detector(precision="int8") in tests/test_precision.py."""
     pytest.importorskip("torchao")
-    from decodet.deploy.pt2e import quantize_pt2e
+    from decodet.runtime.pt2e import quantize_pt2e
 
     with pytest.raises(DecodetError, match="calibration images"):
         quantize_pt2e(model, torch.zeros(3, SIZE, SIZE))

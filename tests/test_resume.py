@@ -54,7 +54,7 @@ def test_resume_continues_exactly(tmp_path: Path, data: Path, stop_after: int) -
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     # the metrics file continues: one record per (partial) epoch, steps increasing
-    from decodet.engine.logging import read_metrics
+    from decodet.engine.metrics_log import read_metrics
 
     steps = [r["step"] for r in read_metrics(resumed["run_dir"])]
     assert steps == sorted(steps) and steps[-1] == 6

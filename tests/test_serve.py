@@ -25,7 +25,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from decodet.cli import main as cli_main
-from decodet.deploy.detector import Detector
+from decodet.runtime.detector import Detector
 from decodet.serve import create_app
 from serve_support import IDS, NAMES, SIZE, ServerThread, png_bytes, tiny_checkpoint, wait_healthy
 

@@ -19,11 +19,11 @@ from decodet.data.coco import CocoDetection
 from decodet.data.transforms import build_transforms, collate
 from decodet.engine import trainer as trainer_mod
 from decodet.engine.ema import ModelEMA
-from decodet.engine.evaluate import evaluate
 from decodet.engine.optim import LRFactor, build_scheduler, param_groups
 from decodet.engine.train_config import TrainConfig, parse_train_args, resolve
 from decodet.engine.trainer import Trainer, train
 from decodet.errors import DecodetError
+from decodet.evaluation.evaluate import evaluate
 from decodet.registry import train_recipe
 
 # deco_tiny shrunk further so a training step takes milliseconds at 64 px
@@ -405,7 +405,7 @@ def test_evaluate_maps_padded_canvas_boxes_to_original_pixels(tmp_path: Path) ->
 
 
 def test_evaluate_checkpoint_writes_detections(tmp_path: Path, data: Path) -> None:
-    from decodet.engine.evaluate import evaluate_checkpoint
+    from decodet.evaluation.evaluate import evaluate_checkpoint
 
     final = train(tiny_config(tmp_path, data, epochs=1))
     out = tmp_path / "eval"

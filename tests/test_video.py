@@ -20,10 +20,10 @@ from PIL import Image
 av = pytest.importorskip("av")
 
 from decodet.cli import main  # noqa: E402
-from decodet.deploy.detector import Detector  # noqa: E402
 from decodet.errors import DecodetError  # noqa: E402
 from decodet.io.checkpoint import save_model  # noqa: E402
 from decodet.registry import build_model  # noqa: E402
+from decodet.runtime.detector import Detector  # noqa: E402
 
 W, H, FPS, SECONDS = 128, 96, 10, 10
 FRAMES = FPS * SECONDS
@@ -256,7 +256,7 @@ def test_stream_is_lazy(ckpt, truncated, caplog):
 
 def test_supervision_round_trip(ckpt, monkeypatch):
     sv = pytest.importorskip("supervision")
-    from decodet.deploy.interop import from_supervision, to_supervision
+    from decodet.predict.interop import from_supervision, to_supervision
 
     det = Detector(ckpt, imgsz=int(IMGSZ), score_threshold=0.0, max_det=5)
     frame = make_frame(7)

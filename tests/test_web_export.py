@@ -33,12 +33,12 @@ pytest.importorskip("onnxscript")
 import onnx  # noqa: E402
 
 from decodet.cli import main  # noqa: E402
-from decodet.deploy.detector import Detector  # noqa: E402
-from decodet.deploy.inputs import preprocess  # noqa: E402
-from decodet.deploy.web import ORT_WEB_FILES, export_web, ort_web_files  # noqa: E402
 from decodet.errors import DecodetError  # noqa: E402
+from decodet.export.web import ORT_WEB_FILES, export_web, ort_web_files  # noqa: E402
+from decodet.inference.inputs import preprocess  # noqa: E402
 from decodet.io.checkpoint import save_model  # noqa: E402
 from decodet.registry import build_model  # noqa: E402
+from decodet.runtime.detector import Detector  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 128

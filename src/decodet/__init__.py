@@ -15,8 +15,7 @@ from typing import Any
 
 from decodet.errors import DecodetError
 from decodet.registry import build_model, list_models
-
-__version__ = "0.1.0"
+from decodet.version import __version__
 
 # Heavier parts load on first use so `import decodet` stays quick.
 _LAZY = {
@@ -25,13 +24,13 @@ _LAZY = {
     "convert_official": "decodet.io.checkpoint",
     "build_criterion": "decodet.losses",
     "postprocess": "decodet.models.postprocess",
-    "evaluate_coco": "decodet.engine.evaluator",
-    "Detector": "decodet.deploy.detector",
+    "evaluate_coco": "decodet.evaluation.evaluator",
+    "Detector": "decodet.runtime.detector",
     "train": "decodet.engine.api",
     "TrainResult": "decodet.engine.api",
 }
 
-__all__ = ["DecodetError", "build_model", "list_models", *_LAZY]
+__all__ = ["__version__", "DecodetError", "build_model", "list_models", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

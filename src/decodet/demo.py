@@ -105,8 +105,8 @@ def run_demo(
     threads: int | None = None,
 ) -> dict:
     """Run the demo; returns the final metrics."""
-    from decodet.deploy.predict import predict_to_folder
     from decodet.engine.trainer import train
+    from decodet.predict.images import predict_to_folder
 
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if not (data_dir / "data.yaml").exists():

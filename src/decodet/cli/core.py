@@ -32,7 +32,7 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     cfg = parse_train_args(rest)
     metrics = train(cfg)
     if metrics:
-        from decodet.engine.distributed import is_main
+        from decodet.utils.distributed import is_main
 
         if is_main():
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
@@ -40,8 +40,8 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from decodet.engine.evaluate import evaluate_checkpoint
-    from decodet.engine.evaluator import format_stats
+    from decodet.evaluation.evaluate import evaluate_checkpoint
+    from decodet.evaluation.evaluator import format_stats
 
     if args.plots and args.out is None:
         args.out = Path("runs/eval")
@@ -61,12 +61,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         calib=args.calib,
         compile=args.compile,
     )
-    from decodet.engine.distributed import is_main
+    from decodet.utils.distributed import is_main
 
     if is_main():
         print(format_stats(stats))
         if args.plots:
-            from decodet.engine.analysis import PER_CLASS_CSV, format_per_class, read_per_class_csv
+            from decodet.evaluation.analysis import PER_CLASS_CSV, format_per_class, read_per_class_csv
 
             print(format_per_class(read_per_class_csv(args.out / PER_CLASS_CSV)))
             print(f"per-class table, PR curves, confusion matrix and worst images written to {args.out}")
@@ -74,7 +74,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from decodet.deploy.predict import predict_to_folder
+    from decodet.predict.images import predict_to_folder
 
     out = predict_to_folder(
         args.source,
@@ -94,7 +94,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         calib=args.calib,
         compile=args.compile,
     )
-    from decodet.deploy.video import is_video
+    from decodet.inference.video import is_video
 
     if is_video(args.source) or args.as_video or args.fps is not None:
         print(f"drawn video and per-frame detections (JSON Lines) written to {out}")
@@ -105,12 +105,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from decodet.cli.int8 import calibration_source, int8_kwargs, int8_options, report_path
-    from decodet.deploy.export import export_onnx
+    from decodet.export.onnx import export_onnx
 
     calib = calibration_source(args.calib, args.data) if args.precision == "int8" else args.calib
     out_path = args.out or args.dest
     if args.format == "web":
-        from decodet.deploy.web import export_web
+        from decodet.export.web import export_web
 
         w = Path(args.weights)
         out_dir = out_path or (w if w.is_dir() else w.parent) / f"{w.name if w.is_dir() else w.stem}_web"
@@ -126,7 +126,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         ext = ".xml" if args.format == "openvino" else ".onnx"
         out_path = (w if w.is_dir() else w.parent) / f"{stem}{suffix}{ext}"
     if args.format == "openvino":
-        from decodet.deploy.openvino import export_openvino
+        from decodet.export.openvino import export_openvino
 
         if args.precision == "fp16" or args.dynamic_batch or args.opset is not None:
             log.warning("--format openvino: fp16, --dynamic-batch and --opset do not apply (IRs have a dynamic batch)")
@@ -155,15 +155,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from decodet.bench.benchmark import format_table, rows_to_dicts, run_benchmark
     from decodet.cli.int8 import calibration_source
-    from decodet.deploy.benchmark import format_table, rows_to_dicts, run_benchmark
-    from decodet.deploy.machine import format_header, machine_info
+    from decodet.utils.machine import format_header, machine_info
 
     accuracy = None
     if args.data is not None:
         if args.weights is None:
             log.warning("--data without --weights: AP of random weights says nothing; pass --weights")
-        from decodet.engine.evaluate_deployed import RunnerEvaluator
+        from decodet.evaluation.deployed import RunnerEvaluator
 
         accuracy = RunnerEvaluator(args.data, "val", limit=args.ap_images, batch_size=max(1, args.throughput_batch))
     info = machine_info(args.threads)

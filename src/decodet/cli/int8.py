@@ -29,7 +29,7 @@ def calibration_source(calib: str | None, data: str | None) -> str | list[Path] 
 
 
 def int8_options(args: argparse.Namespace) -> Any:
-    from decodet.deploy.quantize import Int8Options
+    from decodet.export.quantize import Int8Options
 
     exclude: str | list[str] = args.int8_exclude
     if exclude not in ("auto", "none"):
@@ -53,8 +53,8 @@ def int8_kwargs(args: argparse.Namespace, out_path: Path) -> dict:
     if args.data is not None and (args.sensitivity_report or args.int8_exclude == "auto"):
         import torch
 
-        from decodet.deploy.runtime import as_size, normalization
-        from decodet.engine.evaluate_deployed import RunnerEvaluator
+        from decodet.evaluation.deployed import RunnerEvaluator
+        from decodet.inference.graph import as_size, normalization
         from decodet.io.checkpoint import load_model
 
         cfg = load_model(args.weights).config

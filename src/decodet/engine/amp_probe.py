@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from decodet.data.transforms import collate
-from decodet.engine import distributed as D
-from decodet.engine.evaluate import autocast
 from decodet.engine.seeding import get_rng_state, set_rng_state
 from decodet.engine.train_config import TrainConfig
+from decodet.evaluation.evaluate import autocast
+from decodet.utils import distributed as D
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from decodet.engine import distributed as D
 from decodet.engine.ema import ModelEMA
 from decodet.engine.optim import LRFactor, fit_total_steps
 from decodet.engine.run_plan import ema_warmup_for, lr_warmup_for
+from decodet.utils import distributed as D
 
 log = logging.getLogger(__name__)
 

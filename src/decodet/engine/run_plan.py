@@ -19,11 +19,11 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from decodet.engine import distributed as D
 from decodet.engine.ema import ModelEMA
 from decodet.engine.optim import LRFactor, build_scheduler
 from decodet.engine.run_state import restore_scheduler
 from decodet.engine.train_config import TrainConfig
+from decodet.utils import distributed as D
 
 log = logging.getLogger(__name__)
 

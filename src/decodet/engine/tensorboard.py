@@ -10,7 +10,7 @@ optimizer step as x axis:
     speed/images_per_s, speed/epoch_time
 
 and after each evaluation ``val_images/<file name>``: a few validation images with the model's
-detections drawn (:func:`decodet.deploy.draw.draw_detections`).
+detections drawn (:func:`decodet.inference.draw.draw_detections`).
 
 ``tensorboard`` is an optional dependency (``pip install 'decodet[tensorboard]'``).
 """
@@ -89,8 +89,8 @@ class TensorBoardLogger:
     ) -> None:
         """Draw ``model``'s detections (score >= 0.3) on the first ``num`` images of ``dataset``
         (a ``CocoDetection``: ``load_image(i)``, ``image_path(i)``); ``model`` is not changed."""
-        from decodet.deploy.detector import Detector
-        from decodet.deploy.draw import draw_detections
+        from decodet.inference.draw import draw_detections
+        from decodet.runtime.detector import Detector
 
         count = min(num, len(dataset))
         if count == 0:

@@ -8,7 +8,7 @@ accumulation, DDP, evaluation, atomic checkpoints and exact resume.
     last.safetensors    weights after the latest epoch (the EMA weights when EMA is on)
     best.safetensors    weights of the best evaluation (COCO AP)
     last_state.pt       optimizer, scheduler, scaler, EMA, RNG states, epoch/step: for --resume
-    metrics.jsonl/.csv  one record per epoch (decodet.engine.logging); loss.png, map.png: curves
+    metrics.jsonl/.csv  one record per epoch (decodet.engine.metrics_log); loss.png, map.png: curves
 
 Determinism: the data order is a function of ``(seed, epoch)`` (a seeded sampler), and the
 global RNGs (augmentation, drop path) are re-seeded from ``(seed, epoch, rank)`` at each epoch
@@ -43,13 +43,11 @@ from decodet.config import config_from_dict, config_to_dict, input_normalized, r
 from decodet.data.coco import CocoDetection
 from decodet.data.spec import resolve_data
 from decodet.data.transforms import MultiScaleCollate, build_transforms, collate, multiscale_sizes
-from decodet.engine import distributed as D
 from decodet.engine import faults
 from decodet.engine.amp_probe import resolve_amp
 from decodet.engine.budget import TrainingBudget
 from decodet.engine.early_stopping import EarlyStopping
-from decodet.engine.evaluate import autocast, check_labels_fit, eval_batch_size, evaluate
-from decodet.engine.logging import MetricsLogger, log_run_start, plot_curves
+from decodet.engine.metrics_log import MetricsLogger, log_run_start, plot_curves
 from decodet.engine.optim import build_optimizer
 from decodet.engine.run_plan import build_schedule, restore_schedule
 from decodet.engine.run_state import STATE_FILE, STATE_VERSION, load_state
@@ -57,9 +55,11 @@ from decodet.engine.seeding import epoch_seed, get_rng_state, seed_everything, s
 from decodet.engine.tensorboard import TensorBoardLogger, require_tensorboard
 from decodet.engine.train_config import TrainConfig, parse_train_args, resolve
 from decodet.errors import DecodetError
+from decodet.evaluation.evaluate import autocast, check_labels_fit, eval_batch_size, evaluate
 from decodet.io.atomic import atomic_open, remove_stale_temp_files
 from decodet.losses import build_criterion
 from decodet.registry import build_from_config, get_config, trained_size_fields
+from decodet.utils import distributed as D
 from decodet.utils.console import progress
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ CONFIG_FILE = "train_config.yaml"
 LAST_WEIGHTS = "last.safetensors"
 BEST_WEIGHTS = "best.safetensors"
 BEST_METRIC = "AP"
-PLOTS_DIR = "eval"  # per-class table, PR curves, confusion matrix, worst images (decodet.engine.analysis)
+PLOTS_DIR = "eval"  # per-class table, PR curves, confusion matrix, worst images (decodet.evaluation.analysis)
 
 
 # ----------------------------------------------------------------------------- public API

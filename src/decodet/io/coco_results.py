@@ -1,7 +1,7 @@
 """Detections -> the COCO *results* format: ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``.
 
-The one conversion, used by evaluation (:mod:`decodet.engine.evaluator`), ``decodet predict``
-(:mod:`decodet.deploy.predict`) and the benchmarks.
+The one conversion, used by evaluation (:mod:`decodet.evaluation.evaluator`), ``decodet predict``
+(:mod:`decodet.predict.images`) and the benchmarks.
 """
 
 from __future__ import annotations

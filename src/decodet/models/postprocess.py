@@ -1,7 +1,7 @@
 """Model outputs -> detections (torchvision style), no NMS.
 
 :func:`top_detections` is the one implementation: batched, fixed shapes, so it exports to
-ONNX inside :class:`~decodet.deploy.runtime.DeployModel`.  :func:`postprocess` wraps it into
+ONNX inside :class:`~decodet.inference.graph.DeployModel`.  :func:`postprocess` wraps it into
 one dict per image with a score threshold (evaluation, the Python API).
 """
 

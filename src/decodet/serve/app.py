@@ -34,13 +34,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import nn
 
-import decodet
-from decodet.deploy.detector import Detector
-from decodet.deploy.inputs import preprocess
+from decodet.inference.inputs import preprocess
+from decodet.runtime.detector import Detector
 from decodet.serve.batcher import Batcher, QueueFull, Stopped
 from decodet.serve.config import ServeConfig
 from decodet.serve.metrics import ServeMetrics
 from decodet.serve.uploads import ApiError, decode_image, image_bytes
+from decodet.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class DetectionService:
             "max_wait_ms": cfg.max_wait_ms,
             "max_upload_mb": cfg.max_upload_mb,
             "auth": cfg.api_key is not None,
-            "version": decodet.__version__,
+            "version": __version__,
         }
 
 
@@ -207,7 +207,7 @@ def create_app(
 
     app = FastAPI(
         title="decodet detection service",
-        version=decodet.__version__,
+        version=__version__,
         description="DECO object detection over HTTP, with dynamic batching.",
         lifespan=lifespan,
     )

@@ -1,6 +1,6 @@
 """What a process shows on the terminal: progress bars, the ``decodet`` logger, memory use.
 
-Shared by training (``decodet.engine``), inference (``decodet.deploy``) and the CLI:
+Shared by training (``decodet.engine``), inference (``decodet.runtime``, ``decodet.predict``) and the CLI:
 
 - :func:`progress`: a tqdm bar on rank 0 when stderr is a TTY, otherwise a log line every
   ``log_every`` steps (ETA included); other ranks show nothing.

@@ -1,0 +1,157 @@
+"""COCO AP of a deployed model: a :class:`~decodet.runtime.detector.Detector` on any backend and
+precision, or any *runner* (:class:`RunnerEvaluator`: the AP column of ``decodet benchmark`` and
+the AP ranking of the int8 sensitivity sweep).
+
+A runner is what every backend offers (``Detector.predict_batch``, ``DeployModel``, an ONNX
+session wrapped to tensors): ``run(images [B, 3, H, W] preprocessed, orig_sizes [B, 2]) ->
+(boxes [B, K, 4] xyxy original pixels, scores [B, K], labels [B, K] category ids)``.  Images
+are read and preprocessed as ``Detector`` does (one fixed size, the deploy mean/std), so every
+backend is scored on the same inputs through pycocotools.
+
+``decodet eval --backend B --precision P`` comes here (via
+:func:`~decodet.evaluation.evaluate.evaluate_checkpoint`): the images of the split are read from
+their files, resized to the Detector's fixed size, run through ``Detector.predict_batch``
+(torch eager / compiled, bf16, int8, ONNX Runtime, OpenVINO, an exported ``.onnx`` / ``.xml``)
+and the boxes, already in original-image pixels, are scored with pycocotools by
+:class:`~decodet.evaluation.evaluator.CocoEvaluator`.  One process (no sharding).
+
+For presets evaluated with a square resize (``light``, ``rtdetr`` recipes) the fp32 torch
+run equals the default ``decodet eval`` up to float rounding; DECO's keep-aspect ``detr``
+evaluation differs (the Detector resizes to its fixed deploy size), so compare precisions
+and backends with each other through this path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from decodet.data.images import load_image
+from decodet.data.spec import resolve_data
+from decodet.errors import DecodetError
+from decodet.evaluation.evaluator import evaluate_coco
+from decodet.inference.inputs import preprocess
+from decodet.io.atomic import atomic_write_text
+from decodet.io.coco_results import detections_to_coco
+from decodet.io.files import read_json
+
+log = logging.getLogger(__name__)
+
+
+Runner = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+class RunnerEvaluator:
+    """``evaluator(run, imgsz, mean, std) -> COCO stats`` on one split of a dataset.
+
+    Args:
+        data: a dataset folder or ``data.yaml`` (:func:`decodet.data.spec.resolve_data`).
+        split: which split's images and ground truth (default ``val``).
+        limit: score only the first ``limit`` images of the split (``None``: all).
+        batch_size: images per runner call (the last call is padded to it with copies).
+
+    After a call, ``detections`` holds the last run's ``{image_id: boxes / scores / labels}``.
+    """
+
+    def __init__(
+        self, data: str | os.PathLike, split: str = "val", limit: int | None = None, batch_size: int = 8
+    ) -> None:
+        split_spec = resolve_data(data).split(split)
+        self.ann_file = Path(split_spec.ann_file)
+        gt = read_json(self.ann_file)
+        images = list(gt.get("images", []))
+        if limit is not None:
+            images = images[: max(1, int(limit))]
+        if not images:
+            raise DecodetError(f"split {split!r} has no images", self.ann_file)
+        self.images = [(int(im["id"]), Path(split_spec.images_dir) / im["file_name"]) for im in images]
+        self.batch_size = max(1, int(batch_size))
+        self.detections: dict[int, dict[str, Tensor]] = {}
+
+    def __call__(
+        self, run: Runner, imgsz: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]
+    ) -> dict[str, float]:
+        dets: dict[int, dict[str, Tensor]] = {}
+        for start in range(0, len(self.images), self.batch_size):
+            chunk = self.images[start : start + self.batch_size]
+            tensors, sizes = zip(*(preprocess(load_image(path), imgsz, mean, std) for _, path in chunk))
+            x, s = torch.stack(tensors), torch.tensor(sizes, dtype=torch.float32)
+            if len(chunk) < self.batch_size:  # pad the last batch: compiled runners see one batch size
+                pad = self.batch_size - len(chunk)
+                x, s = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)]), torch.cat([s, s[-1:].expand(pad, -1)])
+            boxes, scores, labels = run(x, s)
+            for i, (image_id, _) in enumerate(chunk):
+                dets[image_id] = {"boxes": boxes[i].float(), "scores": scores[i].float(), "labels": labels[i].long()}
+        self.detections = dets
+        return evaluate_coco(self.ann_file, dets, image_ids=[i for i, _ in self.images])
+
+
+def evaluate_detector(
+    detector: Any,
+    data: str | os.PathLike,
+    split: str = "val",
+    batch_size: int = 4,
+    out: str | os.PathLike | None = None,
+) -> dict[str, float]:
+    """The 12 COCO stats of ``detector`` (a ``Detector``) on a split; with ``out``, also writes
+    ``detections.json`` and ``stats.json`` into that folder."""
+    evaluator = RunnerEvaluator(data, split, batch_size=batch_size)
+    stats = evaluator(detector.predict_batch, detector.imgsz, detector.mean, detector.std)
+    if out is not None:
+        out_dir = Path(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        detections = detections_to_coco(evaluator.detections, max_dets=None)
+        atomic_write_text(out_dir / "detections.json", json.dumps(detections))
+        atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def evaluate_deployed(
+    weights: Any,
+    data: str | os.PathLike,
+    split: str = "val",
+    imgsz: int | None = None,
+    batch_size: int = 4,
+    device: str = "cpu",
+    out: str | os.PathLike | None = None,
+    backend: str | None = None,
+    precision: str | None = None,
+    calib: Any = None,
+    compile: bool = False,
+) -> dict[str, float]:
+    """COCO stats of ``weights`` (checkpoint, ``.onnx`` or ``.xml``) on a split, run by a
+    ``Detector(weights, backend=..., precision=...)`` with score threshold 0 and 100 detections.
+
+    int8 without ``calib`` calibrates on (up to 32 images of) the dataset's ``train`` split
+    when it has one: real images of the domain, never the split being evaluated.
+    """
+    from decodet.runtime.detector import Detector
+
+    spec = resolve_data(data)
+    if precision == "int8" and calib is None:
+        try:
+            calib = spec.split("train").images_dir
+            log.info("calibrating int8 on the training images in %s", calib)
+        except DecodetError:  # no train split: Detector warns about synthetic calibration
+            calib = None
+    detector = Detector(
+        weights,
+        device=("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device,
+        backend=backend,
+        imgsz=imgsz,
+        score_threshold=0.0,
+        max_det=100,
+        batch_size=batch_size,
+        precision=precision,
+        calib=calib,
+        compile=compile,
+    )
+    log.info("evaluating %r", detector)
+    return evaluate_detector(detector, data, split, batch_size, out)

@@ -1,0 +1,253 @@
+"""Evaluation API: COCO box AP of a model on a dataset, or of a checkpoint on a dataset split.
+
+:func:`evaluate` runs a model over a dataset (every process its shard under ``torchrun``),
+post-processes (:func:`~decodet.models.postprocess.postprocess`), maps the boxes back to the
+original images and scores them with :class:`~decodet.evaluation.evaluator.CocoEvaluator`.
+:func:`evaluate_checkpoint` does the same for a checkpoint with its preset's evaluation
+transform (``decodet eval``).  The trainer calls :func:`evaluate` after its epochs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from decodet.config import ModelConfig, input_normalized
+from decodet.data.coco import CocoDetection
+from decodet.data.spec import resolve_data
+from decodet.data.transforms import build_transforms, collate
+from decodet.errors import DecodetError
+from decodet.evaluation.evaluator import CocoEvaluator, merge_detections
+from decodet.io.atomic import atomic_write_text
+from decodet.io.coco_results import detections_to_coco
+from decodet.models.postprocess import postprocess
+from decodet.registry import data_recipe
+from decodet.utils import distributed as D
+from decodet.utils.console import progress
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: Dataset | DataLoader,
+    gt: Any = None,
+    *,
+    device: torch.device | str | None = None,
+    batch_size: int = 1,
+    workers: int = 0,
+    amp: str = "none",
+    num_top: int = 100,
+    category_ids: list[int] | None = None,
+    channels_last: bool = False,
+    show_progress: bool = True,
+    detections_out: str | os.PathLike | None = None,
+    plots_out: str | os.PathLike | None = None,
+    plot_threshold: float = 0.3,
+) -> dict[str, float]:
+    """COCO box AP of ``model`` on ``data``; every process evaluates its shard.
+
+    Args:
+        model: a detector (``pred_logits`` / ``pred_boxes`` outputs); put in eval mode here.
+        data: a dataset with eval transforms (``CocoDetection``) or a loader of :func:`collate` batches.
+        gt: COCO ground truth (path / dict / ``COCO``); default: the dataset's ``ann_file``.
+        batch_size, workers: for the loader built when ``data`` is a dataset.
+        amp: ``none`` | ``bf16`` | ``fp16`` autocast for the forward pass.
+        num_top: detections kept per image (COCO's maxDets is 100).
+        category_ids: logit index -> category id; default: the model config's ``category_ids``
+            (``None`` there means the logit index is the id).
+        detections_out: also write the COCO results JSON here (rank 0).
+        plots_out: also write the per-class table, PR curves, confusion matrix (at score
+            ``plot_threshold``) and worst images into this folder (rank 0; decodet.evaluation.analysis).
+
+    Returns:
+        The 12 COCO stats (``AP``, ``AP50``, ...) on every process.
+    """
+    inner = D.unwrap(model)
+    device = torch.device(device) if device is not None else next(inner.parameters()).device
+    if isinstance(data, DataLoader):
+        loader = data
+    else:
+        sampler = D.ShardSampler(len(data), D.get_rank(), D.get_world_size())
+        loader = DataLoader(
+            data,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
+        )
+    if gt is None:
+        gt = getattr(loader.dataset, "ann_file", None)
+        if gt is None:
+            raise ValueError("evaluate: pass gt (COCO ground truth) for a dataset without ann_file")
+    if category_ids is None:
+        category_ids = getattr(getattr(inner, "config", None), "category_ids", None)
+
+    was_training = inner.training
+    inner.eval()  # the bare module: a DDP forward would sync buffers across uneven shards
+    evaluator = CocoEvaluator(max_dets=num_top)
+    kept: dict[int, dict[str, Tensor]] = {}
+    for images, targets in progress(loader, desc="eval", disable=None if show_progress else True, log_every=0):
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            outputs = inner(images)
+        canvas = [tuple(images.shape[-2:])] * images.shape[0]
+        dets = [_to_original(d, t) for d, t in zip(postprocess(outputs, canvas, num_top, category_ids), targets)]
+        ids = [int(t["image_id"]) for t in targets]
+        evaluator.update(ids, dets)
+        if detections_out is not None:
+            kept.update(zip(ids, dets))
+    inner.train(was_training)
+
+    evaluator.gather()
+    stats = None
+    if D.is_main():
+        stats = evaluator.summarize(gt)
+        if plots_out is not None:
+            from decodet.evaluation.analysis import write_analysis
+
+            dataset = loader.dataset
+            dataset = getattr(dataset, "dataset", dataset)  # a Subset's dataset
+            write_analysis(plots_out, evaluator.coco_eval, getattr(dataset, "images_dir", None), plot_threshold)
+    if detections_out is not None:
+        merged = merge_detections(D.all_gather_object(kept))
+        if D.is_main():
+            atomic_write_text(detections_out, json.dumps(detections_to_coco(merged, max_dets=None)))
+    return D.broadcast_object(stats)
+
+
+def evaluate_checkpoint(
+    weights: str | os.PathLike,
+    data: str | os.PathLike,
+    split: str = "val",
+    imgsz: int | None = None,
+    batch_size: int = 4,
+    device: str = "auto",
+    out: str | os.PathLike | None = None,
+    workers: int = 0,
+    plots: bool = False,
+    plot_threshold: float = 0.3,
+    backend: str | None = None,
+    precision: str | None = None,
+    calib: Any = None,
+    compile: bool = False,
+) -> dict[str, float]:
+    """COCO stats of a checkpoint (ours or the authors') on a dataset split.
+
+    The eval transform and size follow the model's training recipe
+    (:func:`~decodet.registry.data_recipe`) unless ``imgsz`` is given; the
+    keep-aspect ``detr`` resize evaluates one image per batch whatever ``batch_size`` says.
+    With ``out``, writes ``detections.json`` and ``stats.json`` into that folder (rank 0), and
+    with ``plots`` the per-class table, curves, confusion matrix and worst images too.
+    Under ``torchrun`` every process scores its shard of the images; all return the stats.
+
+    ``backend``, ``precision`` (and ``calib``, ``compile``), or an ``.onnx`` / ``.xml`` file,
+    evaluate the deployed model instead: a ``Detector`` at its fixed size, one process
+    (:func:`decodet.evaluation.deployed.evaluate_deployed`).
+    """
+    exported = str(weights).lower().endswith((".onnx", ".xml"))
+    if backend is not None or precision is not None or compile or exported:
+        from decodet.evaluation.deployed import evaluate_deployed
+
+        if plots:
+            log.warning("--plots applies to the default evaluation only; not written for a deployed model")
+        return evaluate_deployed(
+            weights, data, split, imgsz, batch_size, device, out, backend, precision, calib, compile
+        )
+    created_group = not D.is_dist()
+    try:
+        # under torchrun every process scores its shard of the images (joins the group here)
+        dev = D.init_distributed(device).device
+        plot_kw = {"plots": plots, "plot_threshold": plot_threshold}
+        return _evaluate_checkpoint(weights, data, split, imgsz, batch_size, dev, out, workers, **plot_kw)
+    finally:
+        if created_group:
+            D.cleanup()
+
+
+def _evaluate_checkpoint(
+    weights: str | os.PathLike,
+    data: str | os.PathLike,
+    split: str,
+    imgsz: int | None,
+    batch_size: int,
+    dev: torch.device,
+    out: str | os.PathLike | None,
+    workers: int,
+    plots: bool = False,
+    plot_threshold: float = 0.3,
+) -> dict[str, float]:
+    from decodet.io.checkpoint import load_model
+
+    model = load_model(weights, map_location=dev)
+    mcfg = model.config
+    split_spec = resolve_data(data).split(split)
+    recipe = data_recipe(mcfg)
+    tf = build_transforms(
+        recipe["transforms"], train=False, imgsz=imgsz or recipe["imgsz"], normalize=input_normalized(mcfg)
+    )
+    dataset = CocoDetection(split_spec.images_dir, split_spec.ann_file, transforms=tf)
+    check_labels_fit(mcfg, dataset)
+    out_dir = Path(out) if out is not None else None
+    stats = evaluate(
+        model,
+        dataset,
+        device=dev,
+        batch_size=eval_batch_size(recipe["transforms"], batch_size),
+        workers=workers,
+        detections_out=out_dir / "detections.json" if out_dir else None,
+        plots_out=out_dir if out_dir is not None and plots else None,
+        plot_threshold=plot_threshold,
+    )
+    if out_dir is not None and D.is_main():
+        atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``amp`` (``none`` | ``bf16`` | ``fp16``) on ``device``'s type."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def eval_batch_size(recipe: str, batch_size: int) -> int:
+    """1 for the keep-aspect ``detr`` eval resize: DECO has no padding mask, so padding a batch to a
+    common size would change its detections (the authors evaluate one image at a time)."""
+    if recipe == "detr" and batch_size > 1:
+        log.info("evaluating one image per batch: padded batches would change DECO's outputs")
+        return 1
+    return batch_size
+
+
+def _to_original(det: dict[str, Tensor], target: dict[str, Any]) -> dict[str, Tensor]:
+    """Boxes in canvas pixels -> the original image's pixels (``orig_size / size`` per axis), clamped."""
+    oh, ow = (float(v) for v in target["orig_size"])
+    h, w = (float(v) for v in target["size"])
+    boxes = det["boxes"].float().clone()
+    boxes[:, 0::2] = (boxes[:, 0::2] * (ow / w)).clamp(0, ow)
+    boxes[:, 1::2] = (boxes[:, 1::2] * (oh / h)).clamp(0, oh)
+    return {"boxes": boxes.cpu(), "scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()}
+
+
+def check_labels_fit(mcfg: ModelConfig, dataset: CocoDetection) -> None:
+    """:class:`DecodetError` when the dataset has more categories than the model has class logits."""
+    if mcfg.num_classes < dataset.num_classes:
+        raise DecodetError(
+            f"the dataset has {dataset.num_classes} categories but the model {mcfg.name} has "
+            f"{mcfg.num_classes} class logits",
+            dataset.ann_file,
+        )
