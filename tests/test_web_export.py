@@ -148,7 +148,7 @@ def test_bad_requests_are_one_line_errors(weights, ort_web, tmp_path, monkeypatc
 def test_js_preprocessing_equals_detector(tmp_path):
     """preprocess.js under Node gives the tensor Detector's preprocess gives (torchvision's
     uint8 antialiased resize, bit for bit; normalisation to float rounding)."""
-    src = REPO / "src" / "decodet" / "deploy" / "web_assets" / "preprocess.js"
+    src = REPO / "src" / "decodet" / "export" / "web_assets" / "preprocess.js"
     shutil.copyfile(src, tmp_path / "preprocess.mjs")
     rng = np.random.default_rng(0)
     cases = [(37, 53, 128, 128), (300, 200, 96, 128), (64, 64, 128, 160), (128, 50, 128, 128)]

@@ -74,48 +74,36 @@ function clip8(v) {
   return v < 0 ? 0 : v > 255 ? 255 : v;
 }
 
+/** One resampling pass over RGB bytes [h, w, 3]: along the width (to [h, outSize, 3]) or,
+ * with `vertical`, along the height (to [outSize, w, 3]); sums rounded to uint8. */
+function resamplePass(src, h, w, outSize, vertical) {
+  const t = resizeTaps(vertical ? h : w, outSize);
+  const outH = vertical ? outSize : h;
+  const outW = vertical ? w : outSize;
+  const step = vertical ? w * 3 : 3; // from one tap to the next in src
+  const half = 1 << (t.precision - 1);
+  const div = 2 ** t.precision;
+  const dst = new Uint8Array(outH * outW * 3);
+  for (let y = 0; y < outH; y++) {
+    for (let x = 0; x < outW; x++) {
+      const i = vertical ? y : x; // the output index along the resampled axis
+      const first = vertical ? (t.start[y] * w + x) * 3 : (y * w + t.start[x]) * 3;
+      for (let c = 0; c < 3; c++) {
+        let acc = half;
+        for (let j = 0; j < t.size[i]; j++) acc += src[first + j * step + c] * t.weights[i * t.ksize + j];
+        dst[(y * outW + x) * 3 + c] = clip8(Math.floor(acc / div));
+      }
+    }
+  }
+  return dst;
+}
+
 /** RGB bytes [h, w, 3] -> RGB bytes [outH, outW, 3], torchvision's uint8 antialiased
- * bilinear resize (an axis of unchanged length is not resampled, as in torch). */
+ * bilinear resize: horizontal pass, then vertical (an axis of unchanged length is not
+ * resampled, as in torch). */
 export function resizeRgb(rgb, h, w, outH, outW) {
-  let src = rgb;
-  if (outW !== w) {
-    const t = resizeTaps(w, outW);
-    const dst = new Uint8Array(h * outW * 3);
-    const half = 1 << (t.precision - 1);
-    const div = 2 ** t.precision;
-    for (let y = 0; y < h; y++) {
-      for (let x = 0; x < outW; x++) {
-        for (let c = 0; c < 3; c++) {
-          let acc = half;
-          for (let j = 0; j < t.size[x]; j++) {
-            acc += src[(y * w + t.start[x] + j) * 3 + c] * t.weights[x * t.ksize + j];
-          }
-          dst[(y * outW + x) * 3 + c] = clip8(Math.floor(acc / div));
-        }
-      }
-    }
-    src = dst;
-    w = outW;
-  }
-  if (outH !== h) {
-    const t = resizeTaps(h, outH);
-    const dst = new Uint8Array(outH * w * 3);
-    const half = 1 << (t.precision - 1);
-    const div = 2 ** t.precision;
-    for (let y = 0; y < outH; y++) {
-      for (let x = 0; x < w; x++) {
-        for (let c = 0; c < 3; c++) {
-          let acc = half;
-          for (let j = 0; j < t.size[y]; j++) {
-            acc += src[((t.start[y] + j) * w + x) * 3 + c] * t.weights[y * t.ksize + j];
-          }
-          dst[(y * w + x) * 3 + c] = clip8(Math.floor(acc / div));
-        }
-      }
-    }
-    src = dst;
-  }
-  return src;
+  const wide = outW === w ? rgb : resamplePass(rgb, h, w, outW, false);
+  return outH === h ? wide : resamplePass(wide, h, outW, outH, true);
 }
 
 /** RGB bytes [h, w, 3] -> Float32Array [3, H, W]: resized, /255, (x - mean) / std. */
