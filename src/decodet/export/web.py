@@ -5,6 +5,7 @@ The folder ``decodet export --format web`` writes::
     index.html        the page: choose or drop an image, see the boxes (no CDN, no server code)
     app.js            loads the model, runs it, draws; exposes ``window.lastDetections``
     preprocess.js     Detector's pre-processing in JS (torchvision's uint8 antialiased resize)
+    style.css         the page's style
     model.onnx        the ONNX export with post-processing inside (fp32 or int8), batch 1
     model.json        what the page needs from the file's metadata: size, mean/std, classes
     ort/              onnxruntime-web's WASM backend: ort.wasm.min.mjs, ort-wasm-simd-threaded.{mjs,wasm}
@@ -18,13 +19,19 @@ instead, for machines without npm.
 
 The page runs ONNX Runtime single-threaded, so it needs no cross-origin isolation
 (COOP/COEP headers): any static file server works.
+
+The page is decodet's one web front-end: ``decodet serve`` serves the same files
+(:data:`PAGE_ASSETS`), with :func:`page_html` pointing the page at its HTTP API instead of
+an ONNX model beside it.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -44,7 +51,8 @@ ORT_WEB_VERSION = "1.30.0"
 # The WASM backend alone: the JS API, its Emscripten glue and the SIMD binary (its threaded
 # build also runs with one thread, without SharedArrayBuffer).
 ORT_WEB_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
-PAGE_FILES = ("index.html", "app.js", "preprocess.js")
+PAGE_FILES = ("index.html", "app.js", "preprocess.js", "style.css")
+PAGE_ASSETS = ("decodet.export", "web_assets")  # (package, folder) of PAGE_FILES
 WEB_PRECISIONS = ("fp32", "int8")
 MARKER = "model.json"
 
@@ -96,8 +104,8 @@ def export_web(
                                  calib_images=calib_images, batch=1, int8=int8)  # fmt: skip
         info = parse_metadata({p.key: p.value for p in onnx.load(str(model_path)).metadata_props}, model_path)
         (tmp / MARKER).write_text(json.dumps(page_config(info, threshold), indent=1) + "\n")
-        assets = resources.files("decodet.export") / "web_assets"
-        for name in PAGE_FILES:
+        assets = resources.files(PAGE_ASSETS[0]) / PAGE_ASSETS[1]
+        for name in PAGE_FILES:  # index.html as it is: its config runs model.onnx in the page
             (tmp / name).write_bytes((assets / name).read_bytes())
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a web server may run as another user
         if out_dir.exists():
@@ -129,6 +137,20 @@ def page_config(info: Any, threshold: float) -> dict[str, Any]:
         "threshold": float(threshold),
         "class_names": {str(int(i)): str(n) for i, n in zip(ids, names)},
     }
+
+
+def page_html(config: dict[str, Any], base: str = "./") -> str:
+    """The page's ``index.html`` with ``config`` as its source of detections (``{"source":
+    "onnx"}``: model.onnx beside it, the file's default; ``{"source": "api", "root": ""}``:
+    decodet serve's HTTP API) and its other files (app.js, style.css) read from ``base``."""
+    page = (resources.files(PAGE_ASSETS[0]) / PAGE_ASSETS[1] / "index.html").read_text(encoding="utf-8")
+    data = json.dumps(config).replace("<", "\\u003c")  # no "</script>" inside the element
+    page, n = re.subn(r'(<script id="config" type="application/json">).*?(</script>)',
+                      lambda m: m[1] + data + m[2], page, count=1)  # fmt: skip
+    page, k = re.subn(r'<base href="[^"]*">', lambda _: f'<base href="{html.escape(base)}">', page, count=1)
+    if n != 1 or k != 1:
+        raise DecodetError("web_assets/index.html lacks its config <script> or its <base>")
+    return page
 
 
 # ----------------------------------------------------------------------------- runtime

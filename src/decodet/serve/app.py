@@ -7,7 +7,7 @@ Endpoints::
     GET  /v1/model    preset, classes, input size, backend, limits
     GET  /healthz     liveness: {"status": "ok"}
     GET  /metrics     Prometheus text format (see :mod:`decodet.serve.metrics`)
-    GET  /            the web page (static/, no external assets)
+    GET  /            the web page (decodet.export's web_assets/, on /static/; no external assets)
     GET  /docs        OpenAPI docs (FastAPI)
 
 Every error reaches the client as ``{"error": "<one line>"}`` with its HTTP status, never
@@ -22,18 +22,18 @@ import logging
 import os
 import secrets
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import nn
 
+from decodet.export.web import PAGE_ASSETS, page_html
 from decodet.inference.inputs import preprocess
 from decodet.runtime.detector import Detector
 from decodet.serve.batcher import Batcher, QueueFull, Stopped
@@ -44,7 +44,6 @@ from decodet.version import __version__
 
 log = logging.getLogger(__name__)
 
-STATIC = Path(__file__).resolve().parent / "static"
 ENDPOINTS = ("/v1/detect", "/v1/model", "/healthz", "/metrics", "/")
 _IMAGE_BODY = {
     "requestBody": {
@@ -239,10 +238,11 @@ def create_app(
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
     @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC / "index.html", media_type="text/html")
+    async def index(request: Request) -> HTMLResponse:  # the exported page, its detections from this API
+        root = request.scope.get("root_path", "").rstrip("/")
+        return HTMLResponse(page_html({"source": "api", "root": root}, base=f"{root}/static/"))
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", StaticFiles(packages=[PAGE_ASSETS]), name="static")
     return app
 
 
