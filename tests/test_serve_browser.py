@@ -1,4 +1,5 @@
 """The served web page in a real headless Chromium: what it draws equals the API's answer.
+It is the web export's page (decodet.export's web_assets/) with the API as its source.
 
 Needs Playwright for Python and a Chromium binary (Debian's ``chromium`` package; another
 one via ``DECODET_CHROMIUM``).  Skips with the reason when either is missing.  The
@@ -8,6 +9,7 @@ screenshot is saved as ``tests/artifacts/serve_page.png``.
 from __future__ import annotations
 
 import json
+from importlib import resources
 
 import httpx
 import pytest
@@ -68,6 +70,12 @@ def test_page_draws_the_api_answer(browser_context, server, tmp_path):
 
     page.goto(f"{server}/")
     page.wait_for_function("document.getElementById('model-info').textContent.includes('deco_tiny')")
+    # one front-end: the exported page's files, its config pointing at this API
+    assert page.evaluate("JSON.parse(document.getElementById('config').textContent)") == {"source": "api", "root": ""}
+    assets = resources.files("decodet.export") / "web_assets"
+    for name in ("app.js", "style.css", "preprocess.js"):
+        assert httpx.get(f"{server}/static/{name}").text == (assets / name).read_text(encoding="utf-8"), name
+    assert page.evaluate("window.decodetReady") is True
     page.set_input_files("#file", str(image))
     page.wait_for_selector("#status[data-state='done']", timeout=60_000)
 
@@ -79,6 +87,8 @@ def test_page_draws_the_api_answer(browser_context, server, tmp_path):
     counts = {li.get_attribute("data-name"): int(li.get_attribute("data-count")) for li in classes}
     assert counts == {n: api["names"].count(n) for n in set(api["names"])} and set(counts) <= set(NAMES)
     assert "ms" in page.locator("#latency").text_content()
+    exposed = page.evaluate("window.lastDetections")
+    assert exposed["orig_size"] == [240, 320] and exposed["scores"] == api["scores"]
 
     # the slider filters on the page, without a new request, exactly as the API's threshold does
     t = api["scores"][3]

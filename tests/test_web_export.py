@@ -1,4 +1,5 @@
-"""`decodet export --format web`: the static folder, its int8 variant, bad inputs, and — in
+"""`decodet export --format web`: the static folder, its int8 variant, bad inputs, the page's
+config (the same page is decodet serve's, see tests/test_serve_browser.py), and — in
 headless Chromium, served by a local static server — detections equal to ONNX Runtime in
 Python (``Detector(backend="onnxruntime")``) on the same image.
 
@@ -34,7 +35,7 @@ import onnx  # noqa: E402
 
 from decodet.cli import main  # noqa: E402
 from decodet.errors import DecodetError  # noqa: E402
-from decodet.export.web import ORT_WEB_FILES, export_web, ort_web_files  # noqa: E402
+from decodet.export.web import ORT_WEB_FILES, export_web, ort_web_files, page_html  # noqa: E402
 from decodet.inference.inputs import preprocess  # noqa: E402
 from decodet.io.checkpoint import save_model  # noqa: E402
 from decodet.registry import build_model  # noqa: E402
@@ -71,13 +72,14 @@ def web_fp32(weights, ort_web, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_web_folder_has_page_model_and_runtime(web_fp32, weights):
-    for name in ("index.html", "app.js", "preprocess.js", "model.onnx", "model.json"):
+    for name in ("index.html", "app.js", "preprocess.js", "style.css", "model.onnx", "model.json"):
         assert (web_fp32 / name).stat().st_size > 0, name
     for name in ORT_WEB_FILES:
         assert (web_fp32 / "ort" / name).stat().st_size > 0, name
     assert (web_fp32 / "ort" / "ort-wasm-simd-threaded.wasm").read_bytes()[:4] == b"\0asm"
     html = (web_fp32 / "index.html").read_text()
     assert 'src="app.js"' in html and "http://" not in html and "https://" not in html  # no CDN
+    assert html == page_html({"source": "onnx"})  # the page's own config: model.onnx, in the page
     assert './ort/ort.wasm.min.mjs"' in (web_fp32 / "app.js").read_text()
     meta = json.loads((web_fp32 / "model.json").read_text())
     assert meta["imgsz"] == [SIZE, SIZE] and meta["precision"] == "fp32"
@@ -142,6 +144,16 @@ def test_bad_requests_are_one_line_errors(weights, ort_web, tmp_path, monkeypatc
     monkeypatch.delenv("DECODET_ORT_WEB", raising=False)
     with pytest.raises(DecodetError, match="npm was not found.*--ort-web"):
         ort_web_files(cache=tmp_path / "cache")
+
+
+def test_page_html_sets_source_and_base():
+    """decodet serve's page: the same index.html, its config naming the API, its files under /static/."""
+    html = page_html({"source": "api", "root": "/det", "note": "</script><b>"}, base="/det/static/")
+    assert html.count('<base href="/det/static/">') == 1 and html.count("</script>") == 2  # config + app.js
+    start = html.index('<script id="config" type="application/json">')
+    config = html[html.index(">", start) + 1 : html.index("</script>", start)]
+    assert json.loads(config) == {"source": "api", "root": "/det", "note": "</script><b>"}
+    assert 'src="app.js"' in html and 'href="style.css"' in html
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node (Node.js) not installed")
@@ -238,6 +250,9 @@ def test_browser_detections_equal_onnxruntime(site, static_server, browser_page,
     page.set_input_files("#file", str(image_path))
     wait_for(page, "window.lastDetections")
     got = page.evaluate("window.lastDetections")
+    assert page.evaluate("JSON.parse(document.getElementById('config').textContent)") == {"source": "onnx"}
+    assert page.locator("#detections li").count() == int(page.locator("#canvas").get_attribute("data-drawn"))
+    assert page.locator("#detections li").count() == len(got["scores"]) and "ms" in page.inner_text("#latency")
 
     assert got["orig_size"] == [190, 290]
     boxes, scores = np.array(got["boxes"]), np.array(got["scores"])
@@ -265,6 +280,10 @@ def test_browser_detections_equal_onnxruntime(site, static_server, browser_page,
     assert kept["threshold"] == pytest.approx(cut) and all(s >= cut for s in kept["scores"])
     assert (ref_scores >= cut + 1e-3).sum() <= len(kept["scores"]) <= (ref_scores >= cut - 1e-3).sum()
     assert 0 < len(kept["scores"]) < len(scores)
+    assert page.locator("#detections li").count() == len(kept["scores"])  # one list, drawn and exposed alike
+    classes = page.locator("#classes li").all()
+    counts = {li.get_attribute("data-name"): int(li.get_attribute("data-count")) for li in classes}
+    assert counts == {n: kept["names"].count(n) for n in set(kept["names"])}
 
     shot = artifact(f"web_export_page_{site.removeprefix('web_')}.png")
     page.screenshot(path=str(shot), full_page=True)
