@@ -229,7 +229,19 @@ def parsers():
     from decodet.cli import build_parser
     from decodet.engine.train_config import build_arg_parser
 
-    return build_parser(), build_arg_parser()
+    main_parser, train_parser = build_parser(), build_arg_parser()
+    for parser in (*all_parsers(main_parser), train_parser):
+        parser.allow_abbrev = False  # the README spells flags in full: a renamed flag's prefix must not pass
+    return main_parser, train_parser
+
+
+def all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    out = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                out += all_parsers(sub)
+    return out
 
 
 def subcommand_words(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
@@ -269,13 +281,13 @@ def test_readme_has_its_commands():
 
 
 def test_cli_examples_are_in_bash_blocks():
-    """A ``decodet`` line in a fence of another language would escape the checks below."""
+    """A ``decodet`` or ``make`` line in a fence of another language would escape the checks below."""
     stray = [
         line
         for lang, block in readme_blocks()
         if lang not in ("bash", "sh", "shell", "console")
         for line in block
-        if re.match(r"^\s*(decodet|torchrun|python -m decodet)\s", line)
+        if re.match(r"^\s*(decodet|torchrun|python -m decodet|make)\s", line)
     ]
     assert not stray, f"commands outside ```bash blocks: {stray}"
 
@@ -307,6 +319,7 @@ def test_command_check_catches_breakage(parsers):
     assert parse(parsers, ["eval", "--weights", "w", "--data", "d", "--no-such-flag"]) is not None
     assert parse(parsers, ["train", "--no-such-flag"]) is not None
     assert parse(parsers, ["no-such-command"]) is not None
+    assert parse(parsers, ["serve", "--weights", "w", "--max-wait", "5"]) is not None  # a prefix of --max-wait-ms
     assert decodet_argv(shlex.split("TORCH_X=1 torchrun --nnodes 2 -m decodet train --model m")) == [
         "train",
         "--model",
