@@ -24,7 +24,7 @@ fewshot      256   300 / 100    1 to 5      12% to 45% (31-115 px)     24       
 * ``fewshot``: a few hundred images, 24 classes: 8 shapes x 3 hue families (red, green, blue),
   so the class is shape *and* colour; muted backgrounds.
 
-Numpy + Pillow (+ scikit-image for ``photo``); all three sets take a few seconds.  After
+Numpy + Pillow (+ scikit-image for ``photo``); all three sets take about 25 s of CPU.  After
 writing, each set's ``decodet data check`` summary is printed (the same function the CLI calls).
 """
 
