@@ -42,7 +42,7 @@ def _detector(row: Row, weights: Any, k: int, threads: int, **kwargs: Any) -> Ca
     build's Detector lacks the backend or precision."""
     try:
         det = Detector(weights, score_threshold=0.0, max_det=k, threads=threads, **kwargs)
-    except TypeError as exc:  # an older Detector without precision= / calib=
+    except TypeError as exc:  # an older Detector without precision= / calib_images=
         row.note = f"not available in this build ({str(exc).partition('got ')[2] or exc})"[:160]
         return Case(row)
     except (DecodetError, ImportError) as exc:
@@ -97,7 +97,7 @@ def build_cases(
         add("PT2E", "int8", lambda r: _pt2e_case(r, model, size, k, calib))
     if flags.get("openvino"):
         for precision in ("fp32", "bf16", "int8"):
-            extra = {"calib": calib} if precision == "int8" else {}
+            extra = {"calib_images": calib} if precision == "int8" else {}
             add("openvino", precision, lambda r, p=precision, e=extra: _detector(
                 r, model, k, threads, backend="openvino", precision=p, **e))  # fmt: skip
         add("openvino", "int8 full", lambda r: _openvino_full(r, model, size, k, threads, calib, tmp))
