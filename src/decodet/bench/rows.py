@@ -17,7 +17,7 @@ from decodet.bench.cases import Case, Row, fail
 from decodet.config import normalization
 from decodet.errors import DecodetError
 from decodet.export.onnx import export_onnx
-from decodet.inference.calibration import calibration_batches
+from decodet.inference.calibration import calibration_tensor
 from decodet.inference.graph import DeployModel
 from decodet.runtime.detector import Detector
 
@@ -50,11 +50,6 @@ def _detector(row: Row, weights: Any, k: int, threads: int, **kwargs: Any) -> Ca
     except Exception as exc:
         return Case(fail(row, exc))
     return Case(row, det.predict_batch)
-
-
-def _calib_tensor(calib: Any, size: tuple[int, int], norm: Any, count: int = 16) -> Tensor:
-    feeds = calibration_batches(calib, size, count, 1, norm)
-    return torch.cat([torch.from_numpy(f["images"]) for f in feeds])
 
 
 def build_cases(
@@ -160,7 +155,7 @@ def _pt2e_case(r: Row, model: nn.Module, size: tuple[int, int], k: int, calib: A
     try:
         from decodet.runtime.pt2e import quantize_pt2e
 
-        images = _calib_tensor(calib, size, normalization(model.config))
+        images = calibration_tensor(calib, size, normalization(model.config), 16)
         quantized = quantize_pt2e(model, images, num_top=k, mode="compiled")
     except Exception as exc:
         return Case(fail(r, exc, "not available" if isinstance(exc, DecodetError) else "failed"))

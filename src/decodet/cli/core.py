@@ -226,8 +226,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                     help="score threshold of the confusion matrix")  # fmt: skip
     # --backend, --precision or --compile (or an exported file): the deployed model through Detector
     # at its fixed size, every detection up to COCO's 100
-    add_options(ev, skip=("score_threshold", "max_det"))
-    ev.set_defaults(func=_cmd_eval, **EVAL_DEFAULTS)
+    add_options(ev, skip=("score_threshold", "max_det"), defaults=EVAL_DEFAULTS)
+    ev.set_defaults(func=_cmd_eval)
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -294,9 +294,9 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     be.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO rows")
     be.add_argument("--weights", default=None, help="checkpoint to benchmark (default: random weights)")
     be.add_argument("--data", default=None, help="dataset: AP on its val split; int8 calibrates on its train split")
-    add_options(be, only=("imgsz", "threads", "calib_images"))
+    add_options(be, only=("imgsz", "threads", "calib_images"), defaults={"imgsz": 640, "threads": 2})
     be.add_argument("--ap-images", type=int, default=None, help="score AP on the first N val images only")
     be.add_argument("--throughput-batch", type=int, default=8, help="batch of the images/s column (0: none)")
     be.add_argument("--only", nargs="+", default=None, help="keep rows whose 'runtime precision' contains these")
     be.add_argument("--json", type=Path, default=None, help="also write the table and header as JSON here")
-    be.set_defaults(func=_cmd_benchmark, imgsz=640, threads=2)  # calib_images default: --data's train split
+    be.set_defaults(func=_cmd_benchmark)

@@ -9,11 +9,7 @@ are read and preprocessed as ``Detector`` does (one fixed size, the deploy mean/
 backend is scored on the same inputs through pycocotools.
 
 ``decodet eval --backend B --precision P`` comes here (via
-:func:`~decodet.evaluation.evaluate.evaluate_checkpoint`): the images of the split are read from
-their files, resized to the Detector's fixed size, run through ``Detector.predict_batch``
-(torch eager / compiled, bf16, int8, ONNX Runtime, OpenVINO, an exported ``.onnx`` / ``.xml``)
-and the boxes, already in original-image pixels, are scored with pycocotools by
-:class:`~decodet.evaluation.evaluator.CocoEvaluator`.  One process (no sharding).
+:func:`~decodet.evaluation.evaluate.evaluate_checkpoint`), one process (no sharding).
 
 For presets evaluated with a square resize (``light``, ``rtdetr`` recipes) the fp32 torch
 run equals the default ``decodet eval`` up to float rounding; DECO's keep-aspect ``detr``

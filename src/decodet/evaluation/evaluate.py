@@ -179,25 +179,16 @@ def evaluate_checkpoint(
     try:
         # under torchrun every process scores its shard of the images (joins the group here)
         dev = D.init_distributed(o.device).device
-        plot_kw = {"plots": plots, "plot_threshold": plot_threshold}
-        return _evaluate_checkpoint(weights, data, split, o.imgsz, o.batch_size, dev, out, workers, **plot_kw)
+        return _evaluate_checkpoint(weights, data, split, o, dev, out, workers, plots, plot_threshold)
     finally:
         if created_group:
             D.cleanup()
 
 
 def _evaluate_checkpoint(
-    weights: str | os.PathLike,
-    data: str | os.PathLike,
-    split: str,
-    imgsz: int | None,
-    batch_size: int,
-    dev: torch.device,
-    out: str | os.PathLike | None,
-    workers: int,
-    plots: bool = False,
-    plot_threshold: float = RunOptions.score_threshold,
-) -> dict[str, float]:
+    weights: Any, data: Any, split: str, o: RunOptions, dev: torch.device, out: Any, workers: int, plots: bool,
+    plot_threshold: float,
+) -> dict[str, float]:  # fmt: skip
     from decodet.io.checkpoint import load_model
 
     model = load_model(weights, map_location=dev)
@@ -205,7 +196,7 @@ def _evaluate_checkpoint(
     split_spec = resolve_data(data).split(split)
     recipe = data_recipe(mcfg)
     tf = build_transforms(
-        recipe["transforms"], train=False, imgsz=imgsz or recipe["imgsz"], normalize=input_normalized(mcfg)
+        recipe["transforms"], train=False, imgsz=o.imgsz or recipe["imgsz"], normalize=input_normalized(mcfg)
     )
     dataset = CocoDetection(split_spec.images_dir, split_spec.ann_file, transforms=tf)
     check_labels_fit(mcfg, dataset)
@@ -214,7 +205,7 @@ def _evaluate_checkpoint(
         model,
         dataset,
         device=dev,
-        batch_size=eval_batch_size(recipe["transforms"], batch_size),
+        batch_size=eval_batch_size(recipe["transforms"], o.batch_size),
         workers=workers,
         detections_out=out_dir / "detections.json" if out_dir else None,
         plots_out=out_dir if out_dir is not None and plots else None,

@@ -55,36 +55,15 @@ _EXPORTED = (".onnx", ".xml")  # files from `decodet export` (ONNX, OpenVINO IR)
 class Detector:
     """Run a DECO / DECO+ detector on images of any size, mode and kind.
 
-    ``Detector(weights, options=RunOptions(...))`` or ``Detector(weights, backend=..., ...)``
-    with :class:`~decodet.runtime.options.RunOptions`' fields as keywords (they override
-    ``options``):
-
-    Args:
-        weights: a checkpoint (ours, the authors' ``.pth``, or a run folder), an
-            ``nn.Module`` (a copy is used; the caller's module is not changed), an ``.onnx``
-            file from :func:`~decodet.export.onnx.export_onnx` or an OpenVINO ``.xml`` from
-            :func:`~decodet.export.openvino.export_openvino`.
-        backend: ``"torch"``, ``"onnxruntime"`` or ``"openvino"``; ``None`` picks ONNX Runtime
-            for ``.onnx``, OpenVINO for ``.xml`` and torch otherwise.  ONNX Runtime or OpenVINO
-            with a checkpoint export it first (fp32, dynamic batch) — once per ``Detector``.
-        imgsz: ``(height, width)`` or an int for a square; default: the model's evaluation
-            size (module docstring).  An exported file carries its own (fixed) size.
-        score_threshold: detections scoring below it are dropped (0.0: all ``max_det``, what
-            COCO evaluation wants).
-        max_det: at most this many detections per image (top scores over query x class).
-        batch_size: images per forward pass when given many (folders, lists).
-        device: ``"cpu"``, ``"cuda"``, ``"auto"``, ... (torch device; for ONNX Runtime,
-            ``"cuda"`` selects its CUDA provider when installed).
-        threads: ONNX Runtime / OpenVINO inference threads (``None``: their default).
-        precision: ``"fp32"``, ``"bf16"`` or ``"int8"`` (``None``: an exported file's own,
-            else fp32); ONNX Runtime has no bf16; an OpenVINO IR exported with
-            ``--int8-scheme full`` runs as written.
-        calib_images, calib_count: int8 calibration images (a folder, glob or list of paths)
-            and how many to use; ``None``: synthetic noise with a loud warning.
-        int8_scheme: OpenVINO int8 of a float model (:mod:`decodet.export.openvino`).
-        compile: torch backend: ``torch.compile`` with weight freezing (first call per input
-            shape compiles); with ``precision="int8"`` the PT2E graph is compiled by Inductor,
-            otherwise it runs lowered to oneDNN int8 kernels without code generation.
+    ``weights``: a checkpoint (ours, the authors' ``.pth``, or a run folder), an ``nn.Module``
+    (a copy is used; the caller's is not changed), an ``.onnx`` file from
+    :func:`~decodet.export.onnx.export_onnx` or an OpenVINO ``.xml`` from
+    :func:`~decodet.export.openvino.export_openvino`.  How it runs: ``options`` and/or
+    :class:`~decodet.runtime.options.RunOptions`' fields as keywords (``backend``,
+    ``precision``, ``imgsz``, ``score_threshold``, ``max_det``, ``batch_size``, ``device``,
+    ``threads``, ``calib_images``, ``compile``, ...; keywords override ``options``).  ONNX
+    Runtime or OpenVINO with a checkpoint export it first (fp32, dynamic batch), once per
+    ``Detector``; an exported file carries its own fixed ``imgsz``, precision and batch.
     """
 
     def __init__(

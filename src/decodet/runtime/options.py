@@ -44,10 +44,15 @@ class RunOptions:
 
     ``backend`` ``None``: ONNX Runtime for ``.onnx`` files, OpenVINO for ``.xml``, torch
     otherwise.  ``precision`` ``None``: an exported file's own, else fp32; torch bf16 keeps the
-    heads fp32 (:mod:`decodet.runtime.precision`), torch int8 is PT2E (:mod:`decodet.runtime.pt2e`),
-    ONNX Runtime int8 a QDQ export, OpenVINO int8 NNCF's ``int8_scheme``.  ``calib_images``
-    ``None``: int8 calibrates on synthetic noise with a loud warning, fine for speed, not for
-    accuracy.  ``device`` ``"auto"``: CUDA when available.
+    heads fp32 (:mod:`decodet.runtime.precision`), torch int8 is PT2E (:mod:`decodet.runtime.pt2e`;
+    with ``compile`` compiled by Inductor, else lowered to oneDNN int8 kernels), ONNX Runtime
+    int8 a QDQ export and no bf16, OpenVINO bf16 its precision hint and int8 NNCF's
+    ``int8_scheme`` (an IR exported with ``--int8-scheme full`` runs as written).
+    ``calib_images`` ``None``: int8 calibrates on synthetic noise with a loud warning, fine for
+    speed, not for accuracy.  ``imgsz``: ``(height, width)`` or an int for a square (default:
+    the model's evaluation size).  ``score_threshold`` 0.0 keeps all ``max_det`` (what COCO
+    evaluation wants).  ``device`` ``"auto"``: CUDA when available; for ONNX Runtime ``"cuda"``
+    selects its CUDA provider.  ``threads``: ONNX Runtime / OpenVINO threads (serve: torch's too).
     """
 
     backend: str | None = option(None, "default: onnxruntime for .onnx, openvino for .xml, torch otherwise",
