@@ -96,6 +96,11 @@ class Detector:
             self._session = self._open_session(weights, exported, o)
             self._use_exported(parse_metadata(self._session.metadata, exported), o.imgsz, exported, o.max_det)
         self.class_names = _id_to_name(self.config)
+        ids = {n: i for i, n in self.class_names.items()}
+        unknown = [c for c in o.classes or () if c not in ids and not str(c).isdigit()]
+        if unknown:
+            raise DecodetError(f"unknown classes {unknown}; this model's: {', '.join(ids) or 'ids only'}")
+        self.classes = None if o.classes is None else torch.tensor([ids[c] if c in ids else int(c) for c in o.classes])
 
     def _open_session(self, weights: Any, exported: Any, o: RunOptions) -> Any:
         """The ONNX Runtime session or compiled OpenVINO model that runs ``weights``."""
@@ -194,12 +199,15 @@ class Detector:
         max_det: int | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         """One image's row of :meth:`predict_batch` -> its ``boxes``, ``scores``, ``labels`` and
-        ``names`` (module docstring): the best ``max_det`` (at most the detector's) scoring at
-        least ``score_threshold`` (default: the detector's)."""
+        ``names`` (module docstring): of the best ``max_det`` (at most the detector's), those
+        scoring at least ``score_threshold`` (default: the detector's) of ``classes``."""
         thr = self.score_threshold if score_threshold is None else score_threshold
         k = self.max_det if max_det is None else min(max_det, self.max_det)
         # float64 comparison: the same test as the web page's slider (JavaScript numbers)
-        keep = (scores[:k].double() >= thr).nonzero().flatten()
+        keep = scores[:k].double() >= thr
+        if self.classes is not None:
+            keep &= torch.isin(labels[:k].long(), self.classes)
+        keep = keep.nonzero().flatten()
         lab = labels[keep].long()
         names = [self.class_names.get(int(v), str(int(v))) for v in lab]
         return {"boxes": boxes[keep].float(), "scores": scores[keep].float(), "labels": lab, "names": names}

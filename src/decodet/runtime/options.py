@@ -73,6 +73,8 @@ class RunOptions:
     batch_size: int = option(1, "images per forward pass")
     max_det: int = option(100, "detections per image at most (top scores over query x class)")
     score_threshold: float = option(0.3, "detections scoring below it are dropped", flag=("--threshold",))
+    classes: list[str | int] | None = option(None, "keep only detections of these classes (names or ids)",
+                                             nargs="+", type=str)  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.backend is not None and self.backend not in BACKENDS:
