@@ -39,12 +39,9 @@ class _Autocast(nn.Module):
 
 def _detector(row: Row, weights: Any, k: int, threads: int, **kwargs: Any) -> Case:
     """A row run by ``Detector(weights, **kwargs).predict_batch``; 'not available' when this
-    build's Detector lacks the backend or precision."""
+    install lacks the backend or precision."""
     try:
         det = Detector(weights, score_threshold=0.0, max_det=k, threads=threads, **kwargs)
-    except TypeError as exc:  # an older Detector without precision= / calib_images=
-        row.note = f"not available in this build ({str(exc).partition('got ')[2] or exc})"[:160]
-        return Case(row)
     except (DecodetError, ImportError) as exc:
         return Case(fail(row, exc, "not available"))
     except Exception as exc:

@@ -86,13 +86,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from decodet.inference.calibration import calibration_source
 
     calib = calibration_source(args.calib_images, args.data) if args.precision == "int8" else args.calib_images
+    imgsz = tuple(args.imgsz) if args.imgsz else None
     out_path = args.out or args.dest
     if args.format == "web":
         from decodet.export.web import export_web
 
         w = Path(args.weights)
         out_dir = out_path or (w if w.is_dir() else w.parent) / f"{w.name if w.is_dir() else w.stem}_web"
-        imgsz = tuple(args.imgsz) if args.imgsz else None
         int8 = int8_options(args) if args.precision == "int8" else None
         out = export_web(args.weights, out_dir, args.precision, imgsz, calib, ort_web=args.ort_web, int8=int8)
         print(f"exported {out}/ (serve it: python -m http.server -d {out})")
@@ -108,7 +108,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         if args.precision == "fp16" or args.dynamic_batch or args.opset is not None:
             log.warning("--format openvino: fp16, --dynamic-batch and --opset do not apply (IRs have a dynamic batch)")
-        imgsz = tuple(args.imgsz) if args.imgsz else None
         out = export_openvino(
             args.weights, out_path, imgsz=imgsz, precision=args.precision, calib_images=calib,
             calib_count=args.calib_count, int8_scheme=args.int8_scheme,
@@ -118,7 +117,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = export_onnx(
         args.weights,
         out_path,
-        imgsz=tuple(args.imgsz) if args.imgsz else None,
+        imgsz=imgsz,
         opset=args.opset,
         dynamic_batch=args.dynamic_batch,
         precision=args.precision,
@@ -226,7 +225,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                     help="score threshold of the confusion matrix")  # fmt: skip
     # --backend, --precision or --compile (or an exported file): the deployed model through Detector
     # at its fixed size, every detection up to COCO's 100
-    add_options(ev, skip=("score_threshold", "max_det"), defaults=EVAL_DEFAULTS)
+    add_options(ev, skip=("score_threshold", "max_det", "classes"), defaults=EVAL_DEFAULTS)
     ev.set_defaults(func=_cmd_eval)
 
 

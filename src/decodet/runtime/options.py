@@ -83,14 +83,17 @@ class RunOptions:
             self.precision = check_precision(self.precision)
         if self.int8_scheme not in INT8_SCHEMES:
             raise DecodetError(f"unknown int8 scheme {self.int8_scheme!r}; choose one of {', '.join(INT8_SCHEMES)}")
-        checks = [
+        for ok, message in self._checks():
+            if not ok:
+                raise DecodetError(message)
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        """(whether a value is valid, the message when not) for every checked field."""
+        return [
             (self.max_det >= 1, f"max_det must be at least 1, got {self.max_det}"),
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
             (0.0 <= self.score_threshold <= 1.0, f"score_threshold must be in [0, 1], got {self.score_threshold}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise DecodetError(message)
 
     @classmethod
     def build(cls: type[T], options: RunOptions | None = None, **kwargs: Any) -> T:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from decodet.errors import DecodetError
 from decodet.runtime.options import RunOptions, option
 
 
@@ -40,21 +39,17 @@ class ServeConfig(RunOptions):
     max_pixels: int = option(40_000_000, "larger declared images get 400")
     api_key: str | None = option(None, "require this key (or set DECODET_API_KEY)")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        checks = [
+    def _checks(self) -> list[tuple[bool, str]]:
+        return [
+            *super()._checks(),
             (self.max_batch >= 1, f"max_batch must be at least 1, got {self.max_batch}"),
             (self.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {self.max_wait_ms}"),
             (self.max_queue >= 1, f"max_queue must be at least 1, got {self.max_queue}"),
             (self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s}"),
             (self.max_upload_mb > 0, f"max_upload_mb must be > 0, got {self.max_upload_mb}"),
             (self.max_pixels >= 1, f"max_pixels must be at least 1, got {self.max_pixels}"),
+            (self.api_key is None or bool(self.api_key), "api_key must not be empty (leave it unset for no key)"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise DecodetError(message)
-        if self.api_key is not None and not self.api_key:
-            raise DecodetError("api_key must not be empty (leave it unset for no key)")
 
     @property
     def max_upload_bytes(self) -> int:
