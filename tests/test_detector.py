@@ -213,6 +213,23 @@ def test_score_threshold_and_max_det(model):
     assert Detector(model).imgsz == (320, 320)  # DECO+: the config's eval_size
 
 
+@pytest.mark.parametrize("classes", [["dog"], ["cat", 7], ["5"]])
+def test_classes_keep_only_those_detections(model, classes):
+    arr = rgb(64, 64, 3)
+    everything = Detector(model, imgsz=SIZE, score_threshold=0.0, max_det=300)(arr)[0]
+    some = Detector(model, imgsz=SIZE, score_threshold=0.0, max_det=300, classes=classes)(arr)[0]
+    ids = {IDS[NAMES.index(c)] if c in NAMES else int(c) for c in classes}
+    keep = torch.tensor([int(v) in ids for v in everything["labels"]], dtype=torch.bool)
+    assert 0 < int(keep.sum()) < len(keep), "the image should have detections of these classes and others"
+    assert torch.equal(some["boxes"], everything["boxes"][keep]) and torch.equal(
+        some["scores"], everything["scores"][keep]
+    )
+    assert some["labels"].tolist() == everything["labels"][keep].tolist()
+    assert some["names"] == [n for n, k in zip(everything["names"], keep) if k]
+    with pytest.raises(DecodetError, match="unknown classes"):
+        Detector(model, imgsz=SIZE, classes=["zebra"])
+
+
 def test_checkpoint_path_and_model_untouched(model, tmp_path):
     keys = list(model.state_dict())
     det_module = Detector(model, imgsz=SIZE, score_threshold=0.0)

@@ -33,7 +33,7 @@ INT8_FULL = {**INT8, "matched": 0.55}
 def runtime_precisions(det: Detector) -> dict[str, set[str]]:
     """Layer type -> the precisions OpenVINO's CPU plugin runs those layers in."""
     out: dict[str, set[str]] = {}
-    for op in det._ort.compiled.get_runtime_model().get_ops():
+    for op in det._session.compiled.get_runtime_model().get_ops():
         rt = op.get_rt_info()
         kind = rt["layerType"].astype(str)
         if kind in ("Convolution", "FullyConnected"):
@@ -123,7 +123,7 @@ def test_nncf_int8_leaves_the_heads_float(ov_int8, trained, tmp_path):
     weights, data = trained
     onnx_path = export_onnx(weights, tmp_path / "m.onnx", dynamic_batch=True)  # the names ov_int8's export had
     heads = set(_float_node_names(onnx_path, stem=False))
-    quantised, kept, stem = _quantised_ops(ov_int8._ort._model, onnx_path)
+    quantised, kept, stem = _quantised_ops(ov_int8._session._model, onnx_path)
     assert heads & kept and not heads & quantised
     assert stem <= quantised
     assert len(quantised) > len(kept)  # most are int8 (NNCF itself leaves some float)
@@ -146,7 +146,7 @@ def test_int8_schemes_smoothquant_and_full(ov_int8, trained, reference, tmp_path
     from decodet.export.openvino import load_for_precision, read_model
 
     weights, data = trained
-    adds, smooth = _int8_layout(ov_int8._ort._model)
+    adds, smooth = _int8_layout(ov_int8._session._model)
     assert adds == 0 and smooth > 0
     xml = tmp_path / "full.xml"
     args = ["export", "--weights", str(weights), "--format", "openvino", "--precision", "int8"]

@@ -26,11 +26,10 @@ pytest.importorskip("onnxscript")
 import onnx  # noqa: E402
 
 from decodet.cli import main  # noqa: E402
-from decodet.cli.int8 import calibration_source  # noqa: E402
 from decodet.errors import DecodetError  # noqa: E402
 from decodet.export.onnx import export_onnx  # noqa: E402
 from decodet.export.quantize import Int8Options, detection_error, layer_groups, quantize_onnx  # noqa: E402
-from decodet.inference.calibration import calibration_batches  # noqa: E402
+from decodet.inference.calibration import calibration_batches, calibration_source  # noqa: E402
 from decodet.inference.graph import prepare_model  # noqa: E402
 from decodet.inference.ort import OrtModel  # noqa: E402
 from decodet.io.checkpoint import load_model  # noqa: E402

@@ -52,6 +52,7 @@ from decodet.bench.cases import Case, Row, Runner, fail
 from decodet.config import normalization
 from decodet.inference.graph import DeployModel, as_size, prepare_model
 from decodet.registry import build_model, deploy_num_top, list_models
+from decodet.runtime.options import renamed
 from decodet.utils.machine import peak_calls
 
 log = logging.getLogger(__name__)
@@ -153,9 +154,10 @@ def run_benchmark(
     weights: str | None = None,
     num_classes: int = 80,
     throughput_batch: int = 8,
-    calib: Any = None,
+    calib_images: Any = None,
     accuracy: Accuracy | None = None,
     only: list[str] | None = None,
+    **old: Any,
 ) -> list[Row]:
     """Benchmark one model every way (module docstring).
 
@@ -166,8 +168,8 @@ def run_benchmark(
     Args:
         weights: a checkpoint to load instead of the preset's random initialisation.
         throughput_batch: batch of the images/s column (0: no such column).
-        calib: int8 calibration images (a folder, list of paths, ...; ``None``: synthetic
-            noise, fine for speed only).
+        calib_images: int8 calibration images (a folder, list of paths, ...; ``None``: synthetic
+            noise, fine for speed only; ``calib``: deprecated name).
         accuracy: ``accuracy(runner, imgsz, mean, std) -> COCO stats``
             (:class:`decodet.evaluation.deployed.RunnerEvaluator`) for the AP column.
         only: keep only rows whose ``"runtime precision"`` contains one of these strings
@@ -175,6 +177,10 @@ def run_benchmark(
     """
     from decodet.bench.rows import build_cases
 
+    old = renamed(old)
+    calib_images = old.pop("calib_images", calib_images)
+    if old:
+        raise TypeError(f"run_benchmark() got unexpected keyword arguments {', '.join(sorted(old))}")
     torch.manual_seed(0)
     source = weights if weights is not None else build_model(model_name, num_classes=num_classes)
     model = prepare_model(source)
@@ -195,7 +201,7 @@ def run_benchmark(
     }
     with tempfile.TemporaryDirectory(prefix="decodet-bench-") as tmp, _no_ort_spinning():
         want = (lambda rt, prec: _selected(f"{rt} {prec}", only)) if only else (lambda _rt, _prec: True)
-        cases = build_cases(model, size, k, threads, gflops, calib, Path(tmp), flags, x1, want)
+        cases = build_cases(model, size, k, threads, gflops, calib_images, Path(tmp), flags, x1, want)
         if include_hf and want("HF", "fp32"):
             cases += _hf_cases(size, batch, num_classes)
         peaks = _peak_cases()

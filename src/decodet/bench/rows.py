@@ -17,7 +17,7 @@ from decodet.bench.cases import Case, Row, fail
 from decodet.config import normalization
 from decodet.errors import DecodetError
 from decodet.export.onnx import export_onnx
-from decodet.inference.calibration import calibration_batches
+from decodet.inference.calibration import calibration_tensor
 from decodet.inference.graph import DeployModel
 from decodet.runtime.detector import Detector
 
@@ -39,22 +39,14 @@ class _Autocast(nn.Module):
 
 def _detector(row: Row, weights: Any, k: int, threads: int, **kwargs: Any) -> Case:
     """A row run by ``Detector(weights, **kwargs).predict_batch``; 'not available' when this
-    build's Detector lacks the backend or precision."""
+    install lacks the backend or precision."""
     try:
         det = Detector(weights, score_threshold=0.0, max_det=k, threads=threads, **kwargs)
-    except TypeError as exc:  # an older Detector without precision= / calib=
-        row.note = f"not available in this build ({str(exc).partition('got ')[2] or exc})"[:160]
-        return Case(row)
     except (DecodetError, ImportError) as exc:
         return Case(fail(row, exc, "not available"))
     except Exception as exc:
         return Case(fail(row, exc))
     return Case(row, det.predict_batch)
-
-
-def _calib_tensor(calib: Any, size: tuple[int, int], norm: Any, count: int = 16) -> Tensor:
-    feeds = calibration_batches(calib, size, count, 1, norm)
-    return torch.cat([torch.from_numpy(f["images"]) for f in feeds])
 
 
 def build_cases(
@@ -97,7 +89,7 @@ def build_cases(
         add("PT2E", "int8", lambda r: _pt2e_case(r, model, size, k, calib))
     if flags.get("openvino"):
         for precision in ("fp32", "bf16", "int8"):
-            extra = {"calib": calib} if precision == "int8" else {}
+            extra = {"calib_images": calib} if precision == "int8" else {}
             add("openvino", precision, lambda r, p=precision, e=extra: _detector(
                 r, model, k, threads, backend="openvino", precision=p, **e))  # fmt: skip
         add("openvino", "int8 full", lambda r: _openvino_full(r, model, size, k, threads, calib, tmp))
@@ -160,7 +152,7 @@ def _pt2e_case(r: Row, model: nn.Module, size: tuple[int, int], k: int, calib: A
     try:
         from decodet.runtime.pt2e import quantize_pt2e
 
-        images = _calib_tensor(calib, size, normalization(model.config))
+        images = calibration_tensor(calib, size, normalization(model.config), 16)
         quantized = quantize_pt2e(model, images, num_top=k, mode="compiled")
     except Exception as exc:
         return Case(fail(r, exc, "not available" if isinstance(exc, DecodetError) else "failed"))

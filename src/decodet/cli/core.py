@@ -6,6 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from decodet.cli.options import add_options, options_from
+from decodet.runtime.options import EVAL_DEFAULTS, RunOptions
+
 log = logging.getLogger("decodet")
 
 
@@ -45,22 +48,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.plots and args.out is None:
         args.out = Path("runs/eval")
-
     stats = evaluate_checkpoint(
-        args.weights,
-        args.data,
-        split=args.split,
-        imgsz=args.imgsz,
-        batch_size=args.batch_size,
-        device=args.device,
-        out=args.out,
-        plots=args.plots,
+        args.weights, args.data, args.split, options_from(args), args.out, plots=args.plots,
         plot_threshold=args.plot_threshold,
-        backend=args.backend,
-        precision=args.precision,
-        calib=args.calib,
-        compile=args.compile,
-    )
+    )  # fmt: skip
     from decodet.utils.distributed import is_main
 
     if is_main():
@@ -77,23 +68,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from decodet.predict.images import predict_to_folder
 
     out = predict_to_folder(
-        args.source,
-        args.weights,
-        out_dir=args.out,
-        backend=args.backend,
-        threshold=args.threshold,
-        imgsz=args.imgsz,
-        device=args.device,
-        max_det=args.max_det,
-        batch_size=args.batch_size,
-        ann_file=args.ann,
-        stride=args.stride,
-        as_video=args.as_video,
-        fps=args.fps,
-        precision=args.precision,
-        calib=args.calib,
-        compile=args.compile,
-    )
+        args.source, args.weights, args.out, options_from(args), ann_file=args.ann, stride=args.stride,
+        as_video=args.as_video, fps=args.fps,
+    )  # fmt: skip
     from decodet.inference.video import is_video
 
     if is_video(args.source) or args.as_video or args.fps is not None:
@@ -104,17 +81,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from decodet.cli.int8 import calibration_source, int8_kwargs, int8_options, report_path
+    from decodet.cli.int8 import int8_kwargs, int8_options, report_path
     from decodet.export.onnx import export_onnx
+    from decodet.inference.calibration import calibration_source
 
-    calib = calibration_source(args.calib, args.data) if args.precision == "int8" else args.calib
+    calib = calibration_source(args.calib_images, args.data) if args.precision == "int8" else args.calib_images
+    imgsz = tuple(args.imgsz) if args.imgsz else None
     out_path = args.out or args.dest
     if args.format == "web":
         from decodet.export.web import export_web
 
         w = Path(args.weights)
         out_dir = out_path or (w if w.is_dir() else w.parent) / f"{w.name if w.is_dir() else w.stem}_web"
-        imgsz = tuple(args.imgsz) if args.imgsz else None
         int8 = int8_options(args) if args.precision == "int8" else None
         out = export_web(args.weights, out_dir, args.precision, imgsz, calib, ort_web=args.ort_web, int8=int8)
         print(f"exported {out}/ (serve it: python -m http.server -d {out})")
@@ -130,7 +108,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         if args.precision == "fp16" or args.dynamic_batch or args.opset is not None:
             log.warning("--format openvino: fp16, --dynamic-batch and --opset do not apply (IRs have a dynamic batch)")
-        imgsz = tuple(args.imgsz) if args.imgsz else None
         out = export_openvino(
             args.weights, out_path, imgsz=imgsz, precision=args.precision, calib_images=calib,
             calib_count=args.calib_count, int8_scheme=args.int8_scheme,
@@ -140,7 +117,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = export_onnx(
         args.weights,
         out_path,
-        imgsz=tuple(args.imgsz) if args.imgsz else None,
+        imgsz=imgsz,
         opset=args.opset,
         dynamic_batch=args.dynamic_batch,
         precision=args.precision,
@@ -156,7 +133,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from decodet.bench.benchmark import format_table, rows_to_dicts, run_benchmark
-    from decodet.cli.int8 import calibration_source
+    from decodet.inference.calibration import calibration_source
     from decodet.utils.machine import format_header, machine_info
 
     accuracy = None
@@ -180,7 +157,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         include_openvino=not args.no_openvino,
         weights=args.weights,
         throughput_batch=args.throughput_batch,
-        calib=calibration_source(args.calib, args.data),
+        calib_images=calibration_source(args.calib_images, args.data),
         accuracy=accuracy,
         only=args.only,
     )
@@ -213,40 +190,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_runtime_args(parser: argparse.ArgumentParser, deployed_note: bool = False) -> None:
-    """``--backend``, ``--precision``, ``--calib``, ``--compile``: how a Detector runs the model."""
-    note = " (given: evaluate the deployed model through Detector at its fixed size)" if deployed_note else ""
-    parser.add_argument(
-        "--backend",
-        choices=("torch", "onnxruntime", "openvino"),
-        default=None,
-        help=f"default: onnxruntime for .onnx, openvino for .xml, torch otherwise{note}",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "int8"),
-        default=None,
-        help=f"inference precision (default: fp32, or an exported file's own){note}",
-    )
-    parser.add_argument("--calib", default=None, help="int8: calibration image folder (default: synthetic noise)")
-    parser.add_argument("--compile", action="store_true", help="torch: torch.compile with weight freezing")
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the core subcommands to the ``decodet`` parser's subparsers."""
-
     sub.add_parser("models", help="list model presets and named pretrained weights").set_defaults(func=_cmd_models)
-
     tr = sub.add_parser("train", help="train a model (see `decodet train --help`)", add_help=False)
     tr.set_defaults(func=_cmd_train, passthrough=True)
+    for add in (_add_eval, _add_predict, _add_export, _add_benchmark):
+        add(sub)
+    cv = sub.add_parser("convert", help="convert the authors' .pth checkpoint to ours")
+    cv.add_argument("src", type=Path)
+    cv.add_argument("out", type=Path)
+    cv.set_defaults(func=_cmd_convert)
+    de = sub.add_parser("demo", help="generate the bundled data, train deco_tiny (~10 min CPU), evaluate, draw")
+    de.add_argument("--data", type=Path, default=Path("data/synth"))
+    de.add_argument("--out", type=Path, default=Path("runs/demo"))
+    de.add_argument("--minutes", type=float, default=None, help="training time budget in minutes (default: 12.5)")
+    de.add_argument("--threads", type=int, default=None)
+    de.set_defaults(func=_cmd_demo)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="COCO mAP of a checkpoint on a dataset split")
     ev.add_argument("--weights", required=True)
     ev.add_argument("--data", required=True)
     ev.add_argument("--split", default="val")
-    ev.add_argument("--imgsz", type=int, default=None, help="eval size (default: the model's)")
-    ev.add_argument("--batch-size", type=int, default=4)
-    ev.add_argument("--device", default="auto")
     ev.add_argument("--out", type=Path, default=None, help="also write detections JSON and stats here")
     ev.add_argument(
         "--plots",
@@ -254,26 +221,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also write a per-class table, PR curves, a confusion matrix and the worst images (to --out, "
         "default runs/eval)",
     )
-    ev.add_argument("--plot-threshold", type=float, default=0.3, help="score threshold of the confusion matrix")
-    add_runtime_args(ev, deployed_note=True)
+    ev.add_argument("--plot-threshold", type=float, default=RunOptions.score_threshold,
+                    help="score threshold of the confusion matrix")  # fmt: skip
+    # --backend, --precision or --compile (or an exported file): the deployed model through Detector
+    # at its fixed size, every detection up to COCO's 100
+    add_options(ev, skip=("score_threshold", "max_det", "classes"), defaults=EVAL_DEFAULTS)
     ev.set_defaults(func=_cmd_eval)
 
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     pr = sub.add_parser("predict", help="detect objects in images or a video, draw them, write the detections")
     pr.add_argument("source", help="image file, folder or glob; or a video file (.mp4, .mov, .mkv, ...)")
     pr.add_argument("--weights", required=True)
     pr.add_argument("--out", type=Path, default=Path("runs/predict"))
-    pr.add_argument("--threshold", type=float, default=0.3)
-    pr.add_argument("--imgsz", type=int, default=None)
-    pr.add_argument("--device", default="cpu")
-    pr.add_argument("--max-det", type=int, default=100)
-    pr.add_argument("--batch-size", type=int, default=1)
     pr.add_argument("--ann", default=None, help="COCO annotation JSON: take image ids from it (for evaluation)")
     pr.add_argument("--stride", type=int, default=1, help="video: detect every K-th frame")
     pr.add_argument("--as-video", action="store_true", help="treat a folder of images as the frames of a video")
     pr.add_argument("--fps", type=float, default=None, help="frame rate of --as-video frames (default 30; implies it)")
-    add_runtime_args(pr)
+    add_options(pr)
     pr.set_defaults(func=_cmd_predict)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     ex = sub.add_parser("export", help="export to ONNX with post-processing inside the graph")
     ex.add_argument("--weights", required=True)
     ex.add_argument(
@@ -289,24 +258,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--dynamic-batch", action="store_true")
     ex.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32")
     ex.add_argument("--imgsz", type=int, nargs=2, metavar=("H", "W"), default=None)
-    ex.add_argument(
-        "--calib", default=None, help="int8: calibration image folder (default: the training split of --data)"
-    )
     ex.add_argument("--data", default=None, help="int8: dataset; calibrate on its train split, rank layers by val AP")
-    ex.add_argument("--calib-count", type=int, default=32, help="int8: calibration images used")
+    add_options(ex, only=("calib_images", "calib_count", "int8_scheme"))  # --calib default: --data's train split
     ex.add_argument("--calib-method", choices=("minmax", "percentile", "entropy"), default="minmax")
     ex.add_argument("--int8-activations", choices=("uint8", "int8"), default="uint8")
     ex.add_argument(
         "--int8-exclude",
         default="auto",
         help="int8: layer groups kept fp32: auto (measured sweep), none, or comma-separated group/node names",
-    )
-    ex.add_argument(
-        "--int8-scheme",
-        choices=("smoothquant", "full"),
-        default="smoothquant",
-        help="openvino int8: smoothquant (more accurate on DECO's encoder/decoder) or full (residual adds "
-        "int8 too: faster on ResNet-50 backbones)",
     )
     ex.add_argument(
         "--sensitivity-report",
@@ -318,13 +277,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--sweep-images", type=int, default=50, help="int8 with --data: val images scored per sweep step")
     ex.set_defaults(func=_cmd_export)
 
+
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+
     be = sub.add_parser(
         "benchmark", help="speed (and AP) table: eager, bf16, compile, ONNX Runtime, PT2E, OpenVINO, DETR, RT-DETR"
     )
     be.add_argument("--model", default="deco_r50")
-    be.add_argument("--imgsz", type=int, default=640)
     be.add_argument("--batch", type=int, default=1)
-    be.add_argument("--threads", type=int, default=2)
     be.add_argument("--warmup", type=int, default=3)
     be.add_argument("--iters", type=int, default=10)
     be.add_argument("--no-hf", action="store_true", help="skip the Hugging Face DETR / RT-DETR rows")
@@ -333,21 +293,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     be.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO rows")
     be.add_argument("--weights", default=None, help="checkpoint to benchmark (default: random weights)")
     be.add_argument("--data", default=None, help="dataset: AP on its val split; int8 calibrates on its train split")
-    be.add_argument("--calib", default=None, help="int8 calibration image folder (overrides --data's train split)")
+    add_options(be, only=("imgsz", "threads", "calib_images"), defaults={"imgsz": 640, "threads": 2})
     be.add_argument("--ap-images", type=int, default=None, help="score AP on the first N val images only")
     be.add_argument("--throughput-batch", type=int, default=8, help="batch of the images/s column (0: none)")
     be.add_argument("--only", nargs="+", default=None, help="keep rows whose 'runtime precision' contains these")
     be.add_argument("--json", type=Path, default=None, help="also write the table and header as JSON here")
     be.set_defaults(func=_cmd_benchmark)
-
-    cv = sub.add_parser("convert", help="convert the authors' .pth checkpoint to ours")
-    cv.add_argument("src", type=Path)
-    cv.add_argument("out", type=Path)
-    cv.set_defaults(func=_cmd_convert)
-
-    de = sub.add_parser("demo", help="generate the bundled data, train deco_tiny (~10 min CPU), evaluate, draw")
-    de.add_argument("--data", type=Path, default=Path("data/synth"))
-    de.add_argument("--out", type=Path, default=Path("runs/demo"))
-    de.add_argument("--minutes", type=float, default=None, help="training time budget in minutes (default: 12.5)")
-    de.add_argument("--threads", type=int, default=None)
-    de.set_defaults(func=_cmd_demo)

@@ -1,31 +1,11 @@
-"""int8 options of ``decodet export`` and ``decodet benchmark``: where calibration images come
-from, the quantisation choices, and the sweep's AP score on a labelled split."""
+"""int8 options of ``decodet export``: the quantisation choices and the sweep's AP score on a
+labelled split (calibration images: :func:`decodet.inference.calibration.calibration_source`)."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger("decodet")
-
-
-def calibration_source(calib: str | None, data: str | None) -> str | list[Path] | None:
-    """int8 calibration images: ``--calib`` folder; else the training split of ``--data``;
-    else the bundled dataset's training split when ``decodet demo`` wrote one; else ``None``
-    (synthetic noise, with a loud warning from the exporter)."""
-    if calib is not None:
-        return calib
-    if data is None and Path("data/synth/train").is_dir():
-        data = "data/synth"  # the bundled dataset (decodet demo writes it there)
-    if data is None:
-        return None
-    from decodet.data.spec import resolve_data
-
-    split = resolve_data(data).split("train")
-    log.info("calibrating int8 on the training images in %s", split.images_dir)
-    return str(split.images_dir)
 
 
 def int8_options(args: argparse.Namespace) -> Any:

@@ -9,11 +9,7 @@ are read and preprocessed as ``Detector`` does (one fixed size, the deploy mean/
 backend is scored on the same inputs through pycocotools.
 
 ``decodet eval --backend B --precision P`` comes here (via
-:func:`~decodet.evaluation.evaluate.evaluate_checkpoint`): the images of the split are read from
-their files, resized to the Detector's fixed size, run through ``Detector.predict_batch``
-(torch eager / compiled, bf16, int8, ONNX Runtime, OpenVINO, an exported ``.onnx`` / ``.xml``)
-and the boxes, already in original-image pixels, are scored with pycocotools by
-:class:`~decodet.evaluation.evaluator.CocoEvaluator`.  One process (no sharding).
+:func:`~decodet.evaluation.evaluate.evaluate_checkpoint`), one process (no sharding).
 
 For presets evaluated with a square resize (``light``, ``rtdetr`` recipes) the fp32 torch
 run equals the default ``decodet eval`` up to float rounding; DECO's keep-aspect ``detr``
@@ -27,6 +23,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +34,13 @@ from decodet.data.images import load_image
 from decodet.data.spec import resolve_data
 from decodet.errors import DecodetError
 from decodet.evaluation.evaluator import evaluate_coco
+from decodet.inference.calibration import calibration_source
 from decodet.inference.inputs import preprocess
 from decodet.io.atomic import atomic_write_text
 from decodet.io.coco_results import detections_to_coco
 from decodet.io.files import read_json
+from decodet.runtime.detector import Detector, pad_batch
+from decodet.runtime.options import RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class RunnerEvaluator:
         data: a dataset folder or ``data.yaml`` (:func:`decodet.data.spec.resolve_data`).
         split: which split's images and ground truth (default ``val``).
         limit: score only the first ``limit`` images of the split (``None``: all).
-        batch_size: images per runner call (the last call is padded to it with copies).
+        batch_size: images per runner call (the last call is padded to it with copies, :func:`pad_batch`).
 
     After a call, ``detections`` holds the last run's ``{image_id: boxes / scores / labels}``.
     """
@@ -82,10 +82,7 @@ class RunnerEvaluator:
         for start in range(0, len(self.images), self.batch_size):
             chunk = self.images[start : start + self.batch_size]
             tensors, sizes = zip(*(preprocess(load_image(path), imgsz, mean, std) for _, path in chunk))
-            x, s = torch.stack(tensors), torch.tensor(sizes, dtype=torch.float32)
-            if len(chunk) < self.batch_size:  # pad the last batch: compiled runners see one batch size
-                pad = self.batch_size - len(chunk)
-                x, s = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)]), torch.cat([s, s[-1:].expand(pad, -1)])
+            x, s = pad_batch(torch.stack(tensors), torch.tensor(sizes, dtype=torch.float32), self.batch_size)
             boxes, scores, labels = run(x, s)
             for i, (image_id, _) in enumerate(chunk):
                 dets[image_id] = {"boxes": boxes[i].float(), "scores": scores[i].float(), "labels": labels[i].long()}
@@ -117,41 +114,17 @@ def evaluate_deployed(
     weights: Any,
     data: str | os.PathLike,
     split: str = "val",
-    imgsz: int | None = None,
-    batch_size: int = 4,
-    device: str = "cpu",
+    options: RunOptions | None = None,
     out: str | os.PathLike | None = None,
-    backend: str | None = None,
-    precision: str | None = None,
-    calib: Any = None,
-    compile: bool = False,
+    **kwargs: Any,
 ) -> dict[str, float]:
     """COCO stats of ``weights`` (checkpoint, ``.onnx`` or ``.xml``) on a split, run by a
-    ``Detector(weights, backend=..., precision=...)`` with score threshold 0 and 100 detections.
-
-    int8 without ``calib`` calibrates on (up to 32 images of) the dataset's ``train`` split
-    when it has one: real images of the domain, never the split being evaluated.
-    """
-    from decodet.runtime.detector import Detector
-
-    spec = resolve_data(data)
-    if precision == "int8" and calib is None:
-        try:
-            calib = spec.split("train").images_dir
-            log.info("calibrating int8 on the training images in %s", calib)
-        except DecodetError:  # no train split: Detector warns about synthetic calibration
-            calib = None
-    detector = Detector(
-        weights,
-        device=("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device,
-        backend=backend,
-        imgsz=imgsz,
-        score_threshold=0.0,
-        max_det=100,
-        batch_size=batch_size,
-        precision=precision,
-        calib=calib,
-        compile=compile,
-    )
+    ``Detector(weights, options=...)`` (``kwargs``: :class:`RunOptions` fields replacing
+    ``options``') with score threshold 0 and 100 detections.  int8 without ``calib_images``
+    calibrates on the dataset's ``train`` split when it has one
+    (:func:`~decodet.inference.calibration.calibration_source`)."""
+    o = RunOptions.build(options, **kwargs)
+    calib = calibration_source(o.calib_images, data) if o.precision == "int8" else o.calib_images
+    detector = Detector(weights, options=replace(o, score_threshold=0.0, max_det=100, calib_images=calib))
     log.info("evaluating %r", detector)
-    return evaluate_detector(detector, data, split, batch_size, out)
+    return evaluate_detector(detector, data, split, o.batch_size, out)

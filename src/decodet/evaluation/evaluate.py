@@ -30,6 +30,7 @@ from decodet.io.atomic import atomic_write_text
 from decodet.io.coco_results import detections_to_coco
 from decodet.models.postprocess import postprocess
 from decodet.registry import data_recipe
+from decodet.runtime.options import EVAL_DEFAULTS, RunOptions, renamed
 from decodet.utils import distributed as D
 from decodet.utils.console import progress
 
@@ -46,13 +47,14 @@ def evaluate(
     batch_size: int = 1,
     workers: int = 0,
     amp: str = "none",
-    num_top: int = 100,
+    max_det: int = 100,
     category_ids: list[int] | None = None,
     channels_last: bool = False,
     show_progress: bool = True,
     detections_out: str | os.PathLike | None = None,
     plots_out: str | os.PathLike | None = None,
-    plot_threshold: float = 0.3,
+    plot_threshold: float = RunOptions.score_threshold,
+    **old: Any,
 ) -> dict[str, float]:
     """COCO box AP of ``model`` on ``data``; every process evaluates its shard.
 
@@ -62,7 +64,7 @@ def evaluate(
         gt: COCO ground truth (path / dict / ``COCO``); default: the dataset's ``ann_file``.
         batch_size, workers: for the loader built when ``data`` is a dataset.
         amp: ``none`` | ``bf16`` | ``fp16`` autocast for the forward pass.
-        num_top: detections kept per image (COCO's maxDets is 100).
+        max_det: detections kept per image (COCO's maxDets is 100; ``num_top``: deprecated name).
         category_ids: logit index -> category id; default: the model config's ``category_ids``
             (``None`` there means the logit index is the id).
         detections_out: also write the COCO results JSON here (rank 0).
@@ -72,30 +74,22 @@ def evaluate(
     Returns:
         The 12 COCO stats (``AP``, ``AP50``, ...) on every process.
     """
+    old = renamed(old)
+    max_det = old.pop("max_det", max_det)
+    if old:
+        raise TypeError(f"evaluate() got unexpected keyword arguments {', '.join(sorted(old))}")
     inner = D.unwrap(model)
     device = torch.device(device) if device is not None else next(inner.parameters()).device
-    if isinstance(data, DataLoader):
-        loader = data
-    else:
-        sampler = D.ShardSampler(len(data), D.get_rank(), D.get_world_size())
-        loader = DataLoader(
-            data,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=workers,
-            collate_fn=collate,
-            generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
-        )
+    loader = data if isinstance(data, DataLoader) else _loader(data, batch_size, workers)
+    gt = gt if gt is not None else getattr(loader.dataset, "ann_file", None)
     if gt is None:
-        gt = getattr(loader.dataset, "ann_file", None)
-        if gt is None:
-            raise ValueError("evaluate: pass gt (COCO ground truth) for a dataset without ann_file")
+        raise ValueError("evaluate: pass gt (COCO ground truth) for a dataset without ann_file")
     if category_ids is None:
         category_ids = getattr(getattr(inner, "config", None), "category_ids", None)
 
     was_training = inner.training
     inner.eval()  # the bare module: a DDP forward would sync buffers across uneven shards
-    evaluator = CocoEvaluator(max_dets=num_top)
+    evaluator = CocoEvaluator(max_dets=max_det)
     kept: dict[int, dict[str, Tensor]] = {}
     for images, targets in progress(loader, desc="eval", disable=None if show_progress else True, log_every=0):
         images = images.to(device, non_blocking=True)
@@ -104,13 +98,33 @@ def evaluate(
         with autocast(device, amp):
             outputs = inner(images)
         canvas = [tuple(images.shape[-2:])] * images.shape[0]
-        dets = [_to_original(d, t) for d, t in zip(postprocess(outputs, canvas, num_top, category_ids), targets)]
+        dets = [_to_original(d, t) for d, t in zip(postprocess(outputs, canvas, max_det, category_ids), targets)]
         ids = [int(t["image_id"]) for t in targets]
         evaluator.update(ids, dets)
         if detections_out is not None:
             kept.update(zip(ids, dets))
     inner.train(was_training)
+    return _summarize(evaluator, gt, loader, kept, detections_out, plots_out, plot_threshold)
 
+
+def _loader(data: Dataset, batch_size: int, workers: int) -> DataLoader:
+    """This process's shard of ``data`` in :func:`collate` batches."""
+    sampler = D.ShardSampler(len(data), D.get_rank(), D.get_world_size())
+    return DataLoader(
+        data,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
+    )
+
+
+def _summarize(
+    evaluator: CocoEvaluator, gt: Any, loader: DataLoader, kept: dict, detections_out: Any, plots_out: Any,
+    plot_threshold: float,
+) -> dict[str, float]:  # fmt: skip
+    """Gather every shard's detections; stats (and plots) on rank 0, detections JSON; the stats everywhere."""
     evaluator.gather()
     stats = None
     if D.is_main():
@@ -132,63 +146,49 @@ def evaluate_checkpoint(
     weights: str | os.PathLike,
     data: str | os.PathLike,
     split: str = "val",
-    imgsz: int | None = None,
-    batch_size: int = 4,
-    device: str = "auto",
+    options: RunOptions | None = None,
     out: str | os.PathLike | None = None,
     workers: int = 0,
     plots: bool = False,
-    plot_threshold: float = 0.3,
-    backend: str | None = None,
-    precision: str | None = None,
-    calib: Any = None,
-    compile: bool = False,
+    plot_threshold: float = RunOptions.score_threshold,
+    **kwargs: Any,
 ) -> dict[str, float]:
     """COCO stats of a checkpoint (ours or the authors') on a dataset split.
 
-    The eval transform and size follow the model's training recipe
-    (:func:`~decodet.registry.data_recipe`) unless ``imgsz`` is given; the
-    keep-aspect ``detr`` resize evaluates one image per batch whatever ``batch_size`` says.
-    With ``out``, writes ``detections.json`` and ``stats.json`` into that folder (rank 0), and
-    with ``plots`` the per-class table, curves, confusion matrix and worst images too.
-    Under ``torchrun`` every process scores its shard of the images; all return the stats.
+    ``options`` (default: :data:`~decodet.runtime.options.EVAL_DEFAULTS`), with ``kwargs``
+    (:class:`~decodet.runtime.options.RunOptions` fields) replacing fields: the eval transform
+    and size follow the model's training recipe (:func:`~decodet.registry.data_recipe`) unless
+    ``imgsz`` is given; the keep-aspect ``detr`` resize evaluates one image per batch whatever
+    ``batch_size`` says.  With ``out``, writes ``detections.json`` and ``stats.json`` into that
+    folder (rank 0), and with ``plots`` the per-class table, curves, confusion matrix and worst
+    images too.  Under ``torchrun`` every process scores its shard of the images; all return the stats.
 
-    ``backend``, ``precision`` (and ``calib``, ``compile``), or an ``.onnx`` / ``.xml`` file,
-    evaluate the deployed model instead: a ``Detector`` at its fixed size, one process
+    ``backend``, ``precision`` or ``compile``, or an ``.onnx`` / ``.xml`` file, evaluate the
+    deployed model instead: a ``Detector`` at its fixed size, one process
     (:func:`decodet.evaluation.deployed.evaluate_deployed`).
     """
+    o = RunOptions.build(options or RunOptions(**EVAL_DEFAULTS), **kwargs)
     exported = str(weights).lower().endswith((".onnx", ".xml"))
-    if backend is not None or precision is not None or compile or exported:
+    if o.backend is not None or o.precision is not None or o.compile or exported:
         from decodet.evaluation.deployed import evaluate_deployed
 
         if plots:
             log.warning("--plots applies to the default evaluation only; not written for a deployed model")
-        return evaluate_deployed(
-            weights, data, split, imgsz, batch_size, device, out, backend, precision, calib, compile
-        )
+        return evaluate_deployed(weights, data, split, o, out)
     created_group = not D.is_dist()
     try:
         # under torchrun every process scores its shard of the images (joins the group here)
-        dev = D.init_distributed(device).device
-        plot_kw = {"plots": plots, "plot_threshold": plot_threshold}
-        return _evaluate_checkpoint(weights, data, split, imgsz, batch_size, dev, out, workers, **plot_kw)
+        dev = D.init_distributed(o.device).device
+        return _evaluate_checkpoint(weights, data, split, o, dev, out, workers, plots, plot_threshold)
     finally:
         if created_group:
             D.cleanup()
 
 
 def _evaluate_checkpoint(
-    weights: str | os.PathLike,
-    data: str | os.PathLike,
-    split: str,
-    imgsz: int | None,
-    batch_size: int,
-    dev: torch.device,
-    out: str | os.PathLike | None,
-    workers: int,
-    plots: bool = False,
-    plot_threshold: float = 0.3,
-) -> dict[str, float]:
+    weights: Any, data: Any, split: str, o: RunOptions, dev: torch.device, out: Any, workers: int, plots: bool,
+    plot_threshold: float,
+) -> dict[str, float]:  # fmt: skip
     from decodet.io.checkpoint import load_model
 
     model = load_model(weights, map_location=dev)
@@ -196,7 +196,7 @@ def _evaluate_checkpoint(
     split_spec = resolve_data(data).split(split)
     recipe = data_recipe(mcfg)
     tf = build_transforms(
-        recipe["transforms"], train=False, imgsz=imgsz or recipe["imgsz"], normalize=input_normalized(mcfg)
+        recipe["transforms"], train=False, imgsz=o.imgsz or recipe["imgsz"], normalize=input_normalized(mcfg)
     )
     dataset = CocoDetection(split_spec.images_dir, split_spec.ann_file, transforms=tf)
     check_labels_fit(mcfg, dataset)
@@ -205,7 +205,7 @@ def _evaluate_checkpoint(
         model,
         dataset,
         device=dev,
-        batch_size=eval_batch_size(recipe["transforms"], batch_size),
+        batch_size=eval_batch_size(recipe["transforms"], o.batch_size),
         workers=workers,
         detections_out=out_dir / "detections.json" if out_dir else None,
         plots_out=out_dir if out_dir is not None and plots else None,

@@ -1,11 +1,13 @@
-"""Calibration images for int8: batches of preprocessed images (or smooth synthetic noise) in
-the exported graph's input form, for ONNX Runtime, OpenVINO/NNCF and PT2E alike."""
+"""Calibration images for int8: where they come from (:func:`calibration_source`), and batches of
+preprocessed images (or smooth synthetic noise) in the exported graph's input form, for ONNX
+Runtime, OpenVINO/NNCF and PT2E alike."""
 
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +17,27 @@ from decodet.config import IMAGENET_MEAN, IMAGENET_STD
 from decodet.errors import DecodetError
 
 log = logging.getLogger(__name__)
+
+
+def calibration_source(calib: Any, data: str | os.PathLike | None) -> Any:
+    """int8 calibration images: ``calib`` when given; else the training split of ``data`` (real
+    images of the domain, never the split being evaluated), or of the bundled dataset when
+    ``decodet demo`` wrote one; else ``None`` (synthetic noise, with a loud warning where used)."""
+    if calib is not None:
+        return calib
+    if data is None and Path("data/synth/train").is_dir():
+        data = "data/synth"  # the bundled dataset (decodet demo writes it there)
+    if data is None:
+        return None
+    from decodet.data.spec import resolve_data
+
+    spec = resolve_data(data)
+    try:
+        images = spec.split("train").images_dir
+    except DecodetError:  # no train split
+        return None
+    log.info("calibrating int8 on the training images in %s", images)
+    return str(images)
 
 
 def calibration_batches(

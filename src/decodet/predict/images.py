@@ -26,6 +26,7 @@ from decodet.io.atomic import atomic_write_text
 from decodet.io.coco_results import detections_to_coco
 from decodet.predict.video import predict_video
 from decodet.runtime.detector import Detector
+from decodet.runtime.options import RunOptions
 from decodet.utils.console import progress
 
 log = logging.getLogger(__name__)
@@ -43,49 +44,34 @@ def predict_to_folder(
     source: Any,
     weights: str | os.PathLike,
     out_dir: str | os.PathLike = "runs/predict",
-    backend: str | None = None,
-    threshold: float = 0.3,
-    imgsz: int | None = None,
-    device: str = "cpu",
-    max_det: int = 100,
-    batch_size: int = 1,
+    options: RunOptions | None = None,
     ann_file: str | os.PathLike | None = None,
     draw: bool = True,
     stride: int = 1,
     as_video: bool = False,
     fps: float | None = None,
-    precision: str | None = None,
-    calib: Any = None,
-    compile: bool = False,
+    **kwargs: Any,
 ) -> Path:
     """Detect objects in ``source`` (image file, folder or glob; a video file; or a folder of
     frames with ``as_video``, at ``fps``); returns ``out_dir``.  ``stride`` K: every K-th frame
-    of a video.  ``precision``, ``calib``, ``compile``: as :class:`Detector`'s."""
+    of a video.  ``options`` (``kwargs``: its fields, replacing them): how the
+    :class:`Detector` runs."""
+    o = RunOptions.build(options, **kwargs)
     out = Path(out_dir)
     video = is_video(source) or as_video or fps is not None
     if not video and stride != 1:
         raise DecodetError("--stride applies to videos and --as-video frame folders only")
     if video and ann_file:
         raise DecodetError("--ann applies to image inputs only (a video gets per-frame JSON Lines)")
-    detector = Detector(
-        weights,
-        device=device,
-        backend=backend,
-        imgsz=imgsz,
-        score_threshold=threshold,
-        max_det=max_det,
-        precision=precision,
-        calib=calib,
-        compile=compile,
-    )
+    detector = Detector(weights, options=o)
     if video:
-        predict_video(source, detector, out, stride=stride, fps=fps, batch_size=batch_size, draw=draw)
+        predict_video(source, detector, out, stride=stride, fps=fps, batch_size=o.batch_size, draw=draw)
         return out
     out.mkdir(parents=True, exist_ok=True)
     known = _ids_from_annotations(ann_file) if ann_file else None
     results: list[dict[str, Any]] = []
     index: list[dict[str, Any]] = []
-    bar = progress(detector.stream(source, batch_size=batch_size), desc="predict")
+    bar = progress(detector.stream(source), desc="predict")
     for n, det in enumerate(bar, start=1):
         path = Path(det["path"]) if det.get("path") else Path(f"image_{n:06d}.jpg")
         image_id = known.get(path.name, None) if known is not None else n
@@ -95,7 +81,7 @@ def predict_to_folder(
             index.append({"id": image_id, "file_name": str(path)})
             results.extend(detections_to_coco({image_id: det}, max_dets=None))
         if draw and det.get("path"):
-            drawn = draw_detections(load_image(path), det, detector.class_names, score_threshold=threshold)
+            drawn = draw_detections(load_image(path), det, detector.class_names, score_threshold=o.score_threshold)
             save_image_atomic(drawn, out / f"{path.stem}.jpg")
         bar.set_postfix(objects=len(det["scores"]))
     atomic_write_text(out / "predictions.json", json.dumps(results))

@@ -38,14 +38,14 @@ from torch import Tensor, nn
 
 from decodet.errors import DecodetError
 from decodet.export.onnx import export_onnx
-from decodet.inference.graph import DeployModel, as_size, normalization, prepare_model  # noqa: F401
-from decodet.inference.inputs import IMAGE_SUFFIXES, ImageItem, iter_images, preprocess, to_uint8_chw  # noqa: F401
+from decodet.inference.graph import as_size, normalization, prepare_model
+from decodet.inference.inputs import ImageItem, iter_images, preprocess
 from decodet.inference.metadata import parse_metadata
-from decodet.runtime.precision import check_precision, torch_runner
+from decodet.runtime.options import RunOptions
+from decodet.runtime.precision import torch_runner
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnxruntime", "openvino")
 _EXPORTED = (".onnx", ".xml")  # files from `decodet export` (ONNX, OpenVINO IR)
 
 
@@ -55,138 +55,98 @@ _EXPORTED = (".onnx", ".xml")  # files from `decodet export` (ONNX, OpenVINO IR)
 class Detector:
     """Run a DECO / DECO+ detector on images of any size, mode and kind.
 
-    Args:
-        weights: a checkpoint (ours, the authors' ``.pth``, or a run folder), an
-            ``nn.Module`` (a copy is used; the caller's module is not changed), or an
-            ``.onnx`` file from :func:`~decodet.export.onnx.export_onnx`.
-        device: ``"cpu"``, ``"cuda"``, ... (torch device; for ONNX Runtime, ``"cuda"``
-            selects its CUDA provider when installed).
-        backend: ``"torch"`` or ``"onnxruntime"``; ``None`` picks ONNX Runtime for
-            ``.onnx`` files and torch otherwise.  ONNX Runtime with a checkpoint exports
-            it first (fp32, dynamic batch) to a temporary file — once per ``Detector``.
-        imgsz: ``(height, width)`` or an int for a square; default: the model's evaluation
-            size (module docstring).  An ONNX file carries its own (fixed) size.
-        score_threshold: detections scoring below it are dropped.  0.25 by default: a
-            user-facing cut.  Use 0.0 to get all ``max_det`` (what COCO evaluation wants).
-        max_det: at most this many detections per image (top scores over query x class).
-        batch_size: images per forward pass when given many (folders, lists).
-        threads: ONNX Runtime / OpenVINO inference threads (``None``: their default).
-        precision: ``"fp32"``, ``"bf16"`` or ``"int8"`` (``None``: an exported file's own,
-            else fp32).  torch: bf16 weights and compute, heads fp32
-            (:mod:`decodet.runtime.precision`); int8 is PT2E (:mod:`decodet.runtime.pt2e`).
-            onnxruntime: int8 is a QDQ export (:func:`export_onnx`), no bf16.  openvino: bf16 is
-            its inference-precision hint, int8 NNCF's ``smoothquant`` scheme (an IR exported
-            with ``--int8-scheme full`` runs as written; :mod:`decodet.export.openvino`).
-        calib: int8 calibration images (a folder, glob or list of paths); ``None``:
-            synthetic noise with a loud warning — fine for speed, not for accuracy.
-        compile: torch backend: ``torch.compile`` with weight freezing (first call per input
-            shape compiles); with ``precision="int8"`` the PT2E graph is compiled by Inductor,
-            otherwise it runs lowered to oneDNN int8 kernels without code generation.
+    ``weights``: a checkpoint (ours, the authors' ``.pth``, or a run folder), an ``nn.Module``
+    (a copy is used; the caller's is not changed), an ``.onnx`` file from
+    :func:`~decodet.export.onnx.export_onnx` or an OpenVINO ``.xml`` from
+    :func:`~decodet.export.openvino.export_openvino`.  How it runs: ``options`` and/or
+    :class:`~decodet.runtime.options.RunOptions`' fields as keywords (``backend``,
+    ``precision``, ``imgsz``, ``score_threshold``, ``max_det``, ``batch_size``, ``device``,
+    ``threads``, ``calib_images``, ``compile``, ...; keywords override ``options``).  ONNX
+    Runtime or OpenVINO with a checkpoint export it first (fp32, dynamic batch), once per
+    ``Detector``; an exported file carries its own fixed ``imgsz``, precision and batch.
     """
 
     def __init__(
-        self,
-        weights: str | os.PathLike | nn.Module,
-        device: str | torch.device = "cpu",
-        backend: str | None = None,
-        imgsz: int | tuple[int, int] | None = None,
-        score_threshold: float = 0.25,
-        max_det: int = 100,
-        batch_size: int = 1,
-        threads: int | None = None,
-        precision: str | None = None,
-        calib: Any = None,
-        compile: bool = False,
+        self, weights: str | os.PathLike | nn.Module, *, options: RunOptions | None = None, **kwargs: Any
     ) -> None:
+        o = RunOptions.build(options, **kwargs)
         suffix = Path(weights).suffix.lower() if isinstance(weights, str | os.PathLike) else ""
-        is_onnx = suffix == ".onnx"
-        backend = backend or {".onnx": "onnxruntime", ".xml": "openvino"}.get(suffix, "torch")
-        if backend not in BACKENDS:
-            raise DecodetError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        backend = o.backend or {".onnx": "onnxruntime", ".xml": "openvino"}.get(suffix, "torch")
         if suffix in _EXPORTED and backend == "torch":
             raise DecodetError(f"an exported {suffix} file runs on onnxruntime or openvino, not torch", weights)
         if suffix == ".xml" and backend != "openvino":
             raise DecodetError("an OpenVINO .xml file runs on backend 'openvino'", weights)
-        if precision is not None:
-            precision = check_precision(precision)
-        if compile and backend != "torch":
+        if o.compile and backend != "torch":
             raise DecodetError(f"compile=True applies to the torch backend, not {backend!r}")
-        if max_det < 1:
-            raise DecodetError(f"max_det must be at least 1, got {max_det}")
-        self.backend = backend
-        self.device = torch.device(device)
-        self.score_threshold = float(score_threshold)
-        self.batch_size = max(1, int(batch_size))
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.backend, self.device = backend, torch.device(auto if o.device == "auto" else o.device)
+        self.score_threshold, self.batch_size = float(o.score_threshold), o.batch_size
         self._fixed_batch: int | None = None
-        self.precision = precision or "fp32"
+        self.precision = o.precision or "fp32"
         if backend == "torch":
             model = prepare_model(weights)
             self.config = model.config
-            self.imgsz = as_size(imgsz, self.config)
-            self.max_det = int(max_det)
+            self.imgsz, self.max_det = as_size(o.imgsz, self.config), o.max_det
             self.mean, self.std = normalization(self.config)
             norm = (self.mean, self.std)
-            runner = torch_runner(model, self.max_det, self.precision, compile, calib, self.imgsz, norm)
-            self._model = runner.to(self.device).eval()
-        elif backend == "openvino":
+            args = (o.calib_images, self.imgsz, norm, o.calib_count)
+            self._model = torch_runner(model, o.max_det, self.precision, o.compile, *args).to(self.device).eval()
+        else:
+            exported = weights if suffix in _EXPORTED else None
+            self._session = self._open_session(weights, exported, o)
+            self._use_exported(parse_metadata(self._session.metadata, exported), o.imgsz, exported, o.max_det)
+        self.class_names = _id_to_name(self.config)
+        ids = {n: i for i, n in self.class_names.items()}
+        unknown = [c for c in o.classes or () if c not in ids and not str(c).isdigit()]
+        if unknown:
+            raise DecodetError(f"unknown classes {unknown}; this model's: {', '.join(ids) or 'ids only'}")
+        self.classes = None if o.classes is None else torch.tensor([ids[c] if c in ids else int(c) for c in o.classes])
+
+    def _open_session(self, weights: Any, exported: Any, o: RunOptions) -> Any:
+        """The ONNX Runtime session or compiled OpenVINO model that runs ``weights``."""
+        if self.backend == "openvino":
             from decodet.runtime.openvino import OvModel
 
-            self._ort = OvModel(weights, precision, threads, str(self.device), imgsz, max_det, calib)
-            self._use_exported(self._ort.info, imgsz, weights if suffix in _EXPORTED else None, max_det)
-            self.precision = self._ort.info.precision
-        else:
-            self._init_onnx(weights, is_onnx, imgsz, int(max_det), threads, precision, calib)
-        self.class_names = _id_to_name(self.config)
-
-    def _init_onnx(
-        self, weights: Any, is_onnx: bool, imgsz: Any, max_det: int, threads: int | None, precision: Any, calib: Any
-    ) -> None:
+            calib = (o.calib_images, o.calib_count, o.int8_scheme)
+            return OvModel(weights, o.precision, o.threads, str(self.device), o.imgsz, o.max_det, *calib)
         from decodet.inference.ort import OrtModel
 
-        if precision == "bf16":
+        if o.precision == "bf16":
             raise DecodetError(
                 "ONNX Runtime has no bf16 convolution kernels; use backend 'torch' or 'openvino' for bf16"
             )
-        if is_onnx:
-            self._ort = OrtModel(weights, threads=threads, device=str(self.device))
-            info = parse_metadata(self._ort.metadata, weights)
-            if precision is not None and precision != info.precision:
+        if exported is not None:
+            session = OrtModel(weights, threads=o.threads, device=str(self.device))
+            info = parse_metadata(session.metadata, weights)
+            if o.precision is not None and o.precision != info.precision:
                 raise DecodetError(
-                    f"this ONNX file is {info.precision}; export it with --precision {precision} for that", weights
+                    f"this ONNX file is {info.precision}; export it with --precision {o.precision} for that", weights
                 )
-        else:
-            with tempfile.TemporaryDirectory(prefix="decodet-ort-") as tmp:
-                log.info("exporting the model to ONNX for the onnxruntime backend (once)")
-                path = export_onnx(
-                    weights,
-                    Path(tmp) / "model.onnx",
-                    imgsz=imgsz,
-                    dynamic_batch=True,
-                    num_top=max_det,
-                    precision=precision or "fp32",
-                    calib_images=calib,
-                )
-                self._ort = OrtModel(path, threads=threads, device=str(self.device))  # the session keeps the graph
-            info = parse_metadata(self._ort.metadata, path)
-        self._use_exported(info, imgsz, weights if is_onnx else None, max_det)
-        self.precision = info.precision
+            return session
+        with tempfile.TemporaryDirectory(prefix="decodet-ort-") as tmp:
+            log.info("exporting the model to ONNX for the onnxruntime backend (once)")
+            path = export_onnx(
+                weights, Path(tmp) / "model.onnx", imgsz=o.imgsz, dynamic_batch=True, num_top=o.max_det,
+                precision=o.precision or "fp32", calib_images=o.calib_images, calib_count=o.calib_count,
+            )  # fmt: skip
+            return OrtModel(path, threads=o.threads, device=str(self.device))  # the session keeps the graph
 
     def _use_exported(self, info: Any, imgsz: Any, path: Any, max_det: int) -> None:
-        """Size, normalisation, K and batch axis from an exported graph's metadata."""
+        """Size, normalisation, K, precision and batch axis from an exported graph's metadata."""
         if path is not None and imgsz is not None and as_size(imgsz, info.config) != tuple(info.imgsz):
             raise DecodetError(
                 f"this file was exported at {info.imgsz[0]}x{info.imgsz[1]}; re-export it for "
                 f"imgsz {imgsz!r} or leave imgsz unset",
                 path,
             )
-        self.config = info.config
+        self.config, self.precision = info.config, info.precision
         self.imgsz = (int(info.imgsz[0]), int(info.imgsz[1]))
         self.mean, self.std = tuple(info.mean), tuple(info.std)
         if max_det > info.num_top:
-            log.warning("max_det %d exceeds the %d detections this ONNX file keeps", max_det, info.num_top)
+            log.warning("max_det %d exceeds the %d detections this exported file keeps", max_det, info.num_top)
         self.max_det = min(max_det, info.num_top)
         if not info.dynamic_batch:
-            batch = self._ort.input_shape("images")[0]
+            batch = self._session.input_shape("images")[0]
             self._fixed_batch = int(batch) if isinstance(batch, int) else 1
 
     # -------------------------------------------------------------------------- API
@@ -207,34 +167,60 @@ class Detector:
         size = int(batch_size or self.batch_size)
         batch: list[tuple[Tensor, tuple[int, int], ImageItem]] = []
         for item in iter_images(source):
-            tensor, orig = preprocess(item.image, self.imgsz, self.mean, self.std)
-            batch.append((tensor, orig, item))
+            batch.append((*self.prepare(item.image), item))
             if len(batch) >= size:
                 yield from self._run(batch)
                 batch = []
         if batch:
             yield from self._run(batch)
 
-    def predict_batch(self, images: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Raw batched inference: ``images [B, 3, H, W]`` preprocessed at ``imgsz``,
-        ``orig_sizes [B, 2]`` (h, w) -> ``boxes [B, K, 4]``, ``scores [B, K]``, ``labels
-        [B, K]`` (CPU tensors, K = ``max_det``, no score threshold)."""
-        if self.backend == "torch":
-            with torch.inference_mode():
-                boxes, scores, labels = self._model(images.to(self.device), orig_sizes.to(self.device))
-            return boxes.cpu(), scores.cpu(), labels.cpu()
-        return self._run_onnx(images, orig_sizes)
+    def prepare(self, image: Any) -> tuple[Tensor, tuple[int, int]]:
+        """One image (anything :func:`iter_images` yields) -> (``[3, H, W]`` model input at
+        ``imgsz``, original (h, w))."""
+        return preprocess(image, self.imgsz, self.mean, self.std)
 
-    def _run_onnx(self, images: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def predict_batch(
+        self, images: Tensor, orig_sizes: Tensor, pad_to: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Raw batched inference: ``images [B, 3, H, W]`` from :meth:`prepare`, ``orig_sizes
+        [B, 2]`` (h, w) -> ``boxes [B, K, 4]``, ``scores [B, K]``, ``labels [B, K]`` (CPU
+        tensors, K = ``max_det``, no score threshold).  ``pad_to``: run at least that many rows
+        (:func:`pad_batch`), so that an image's answer does not depend on its batch's size."""
+        n = images.shape[0]
+        images, orig_sizes = pad_batch(images, orig_sizes, pad_to or n)
+        if self.backend != "torch":
+            return tuple(t[:n] for t in self._run_session(images, orig_sizes))  # type: ignore[return-value]
+        with torch.inference_mode():
+            boxes, scores, labels = self._model(images.to(self.device), orig_sizes.to(self.device))
+        return boxes[:n].cpu(), scores[:n].cpu(), labels[:n].cpu()
+
+    def result(
+        self, boxes: Tensor, scores: Tensor, labels: Tensor, score_threshold: float | None = None,
+        max_det: int | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """One image's row of :meth:`predict_batch` -> its ``boxes``, ``scores``, ``labels`` and
+        ``names`` (module docstring): of the best ``max_det`` (at most the detector's), those
+        scoring at least ``score_threshold`` (default: the detector's) of ``classes``."""
+        thr = self.score_threshold if score_threshold is None else score_threshold
+        k = self.max_det if max_det is None else min(max_det, self.max_det)
+        # float64 comparison: the same test as the web page's slider (JavaScript numbers)
+        keep = scores[:k].double() >= thr
+        if self.classes is not None:
+            keep &= torch.isin(labels[:k].long(), self.classes)
+        keep = keep.nonzero().flatten()
+        lab = labels[keep].long()
+        names = [self.class_names.get(int(v), str(int(v))) for v in lab]
+        return {"boxes": boxes[keep].float(), "scores": scores[keep].float(), "labels": lab, "names": names}
+
+    def _run_session(self, images: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """ONNX Runtime / OpenVINO: ``predict_batch``, in calls of the file's batch when fixed."""
         step = self._fixed_batch or images.shape[0]
         outs: list[tuple[Tensor, ...]] = []
         for start in range(0, images.shape[0], step):
             x, s = images[start : start + step], orig_sizes[start : start + step]
             n = x.shape[0]
-            if n < step:  # a fixed-batch file: pad with copies of the last image
-                x = torch.cat([x, x[-1:].expand(step - n, -1, -1, -1)])
-                s = torch.cat([s, s[-1:].expand(step - n, -1)])
-            res = self._ort(images=x.float().numpy(), orig_sizes=s.float().numpy())
+            x, s = pad_batch(x, s, step)
+            res = self._session(images=x.float().numpy(), orig_sizes=s.float().numpy())
             outs.append(tuple(torch.from_numpy(res[k][:n, : self.max_det]) for k in ("boxes", "scores", "labels")))
         return tuple(torch.cat(parts) for parts in zip(*outs))  # type: ignore[return-value]
 
@@ -243,16 +229,7 @@ class Detector:
         sizes = torch.tensor([b[1] for b in batch], dtype=torch.float32)
         boxes, scores, labels = self.predict_batch(images, sizes)
         for i, (_, orig, item) in enumerate(batch):
-            keep = scores[i] >= self.score_threshold
-            lab = labels[i][keep].long()
-            result = {
-                "boxes": boxes[i][keep].float(),
-                "scores": scores[i][keep].float(),
-                "labels": lab,
-                "names": [self.class_names.get(int(v), str(int(v))) for v in lab],
-                "path": item.path,
-                "orig_size": orig,
-            }
+            result = {**self.result(boxes[i], scores[i], labels[i]), "path": item.path, "orig_size": orig}
             if item.frame is not None:
                 result.update(frame=item.frame, time=item.time)
             yield result
@@ -271,3 +248,14 @@ def _id_to_name(cfg: Any) -> dict[int, str]:
         return {}
     ids = cfg.category_ids if cfg.category_ids is not None else range(len(names))
     return {int(i): str(n) for i, n in zip(ids, names)}
+
+
+def pad_batch(images: Tensor, sizes: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """``images [B, ...]`` and ``sizes [B, 2]`` filled up to ``n`` rows with copies of the last
+    image (compiled and fixed-batch runners see one batch size); unchanged when ``B >= n``."""
+    extra = n - images.shape[0]
+    if extra <= 0:
+        return images, sizes
+    return torch.cat([images, images[-1:].expand(extra, *images.shape[1:])]), torch.cat(
+        [sizes, sizes[-1:].expand(extra, -1)]
+    )

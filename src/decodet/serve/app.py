@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -34,8 +35,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import nn
 
 from decodet.export.web import PAGE_ASSETS, page_html
-from decodet.inference.inputs import preprocess
 from decodet.runtime.detector import Detector
+from decodet.runtime.options import RunOptions
 from decodet.serve.batcher import Batcher, QueueFull, Stopped
 from decodet.serve.config import ServeConfig
 from decodet.serve.metrics import ServeMetrics
@@ -69,11 +70,10 @@ class DetectionService:
         if pad is None:  # see ServeConfig.pad_batch
             pad = detector.backend != "onnxruntime" or detector.device.type != "cpu"
         self.batcher = Batcher(
-            detector.predict_batch,
+            functools.partial(detector.predict_batch, pad_to=config.max_batch if pad else None),
             max_batch=config.max_batch,
             max_wait_ms=config.max_wait_ms,
             max_queue=config.max_queue,
-            pad_to=config.max_batch if pad else None,
             on_batch=self.metrics.observe_batch,
             on_depth=self.metrics.queue_depth.set,
         )
@@ -96,9 +96,7 @@ class DetectionService:
 
     def prepare(self, data: bytes) -> tuple[torch.Tensor, tuple[int, int]]:
         """Worker thread: bytes -> (``[3, H, W]`` model input, original (h, w))."""
-        image = decode_image(data, self.config.max_pixels)
-        det = self.detector
-        return preprocess(image, det.imgsz, det.mean, det.std)
+        return self.detector.prepare(decode_image(data, self.config.max_pixels))
 
     async def detect(self, request: Request, threshold: float | None, max_det: int | None) -> dict[str, Any]:
         start = time.perf_counter()
@@ -119,17 +117,10 @@ class DetectionService:
             raise ApiError(504, f"no answer within the request timeout of {self.config.timeout_s:g} s") from None
         except Stopped as exc:
             raise ApiError(503, str(exc), {"Retry-After": "5"}) from None
-        thr = self.config.threshold if threshold is None else threshold
-        k = self.detector.max_det if max_det is None else min(max_det, self.detector.max_det)
-        # float64 comparison: the same test as the web page's slider (JavaScript numbers)
-        keep = (answer.scores[:k].double() >= thr).nonzero().flatten()
-        labels = [int(v) for v in answer.labels[keep]]
-        names = self.detector.class_names
+        thr = self.config.score_threshold if threshold is None else threshold
+        found = self.detector.result(answer.boxes, answer.scores, answer.labels, thr, max_det)
         return {
-            "boxes": answer.boxes[keep].tolist(),
-            "scores": answer.scores[keep].tolist(),
-            "labels": labels,
-            "names": [names.get(v, str(v)) for v in labels],
+            **{key: value if key == "names" else value.tolist() for key, value in found.items()},
             "image_size": {"height": orig[0], "width": orig[1]},
             "threshold": thr,
             "batch_size": answer.batch_size,
@@ -152,7 +143,7 @@ class DetectionService:
             "precision": det.precision,
             "device": str(det.device),
             "max_det": det.max_det,
-            "threshold": cfg.threshold,
+            "threshold": cfg.score_threshold,
             "max_batch": cfg.max_batch,
             "max_wait_ms": cfg.max_wait_ms,
             "max_upload_mb": cfg.max_upload_mb,
@@ -170,31 +161,17 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def create_app(
-    weights: str | os.PathLike | nn.Module | Detector, config: ServeConfig | None = None, **options: Any
+    weights: str | os.PathLike | nn.Module | Detector, config: RunOptions | None = None, **options: Any
 ) -> FastAPI:
     """The service for ``weights`` (a checkpoint, run folder, ``.onnx`` file, module or
     :class:`Detector`) as a FastAPI app; ``options`` override ``config`` (see
-    :class:`ServeConfig`).  Serve it with any ASGI server, e.g. ``uvicorn.run(app)``; the
-    model is loaded here, the batching loop starts with the app (or on its first request
-    when mounted inside another app)."""
-    config = ServeConfig(**{**(vars(config) if config else {}), **options})
+    :class:`ServeConfig`; ``config`` may also be a :class:`RunOptions`).  Serve it with any
+    ASGI server, e.g. ``uvicorn.run(app)``; the model is loaded here, the batching loop
+    starts with the app (or on its first request when mounted inside another app)."""
+    config = ServeConfig.build(config, **options)
     if config.threads is not None:
         torch.set_num_threads(int(config.threads))
-    if isinstance(weights, Detector):
-        detector = weights
-    else:
-        detector = Detector(
-            weights,
-            device=config.device,
-            backend=config.backend,
-            imgsz=config.imgsz,
-            score_threshold=0.0,
-            max_det=config.max_det,
-            threads=config.threads,
-            precision=config.precision,
-            calib=config.calib,
-            compile=config.compile,
-        )
+    detector = weights if isinstance(weights, Detector) else Detector(weights, options=config)
     service = DetectionService(detector, config)
 
     @contextlib.asynccontextmanager

@@ -6,8 +6,9 @@ worker thread (the event loop keeps serving meanwhile; one model instance, one f
 a time).  Each request gets its own row of the batched outputs.
 
 Answers do not depend on the batch: rows of a batched forward are computed independently,
-and with ``pad_to`` every forward has the same shape, so even libraries that pick their
-kernels by batch size (oneDNN convolutions in PyTorch do) compute every image the same way.
+and padded (``Detector.predict_batch(pad_to=...)``) every forward has the same shape, so even
+libraries that pick their kernels by batch size (oneDNN convolutions in PyTorch do) compute
+every image the same way.
 A request whose caller gave up (timeout) is dropped before its forward when it can be.
 
 Hand-written: the model-serving libraries that batch (Triton, TorchServe, Ray Serve) are
@@ -69,8 +70,6 @@ class Batcher:
         max_wait_ms: how long the first queued image waits for more.
         max_queue: requests admitted and unanswered at most; :meth:`submit` raises
             :class:`QueueFull` beyond that.
-        pad_to: when set, every forward gets exactly this many rows (copies of the last
-            image fill the batch; their outputs are dropped).
         on_batch: called with the batch size and the seconds of every forward (metrics).
         on_depth: called with the new number of admitted, unanswered requests (metrics).
     """
@@ -81,7 +80,6 @@ class Batcher:
         max_batch: int = 8,
         max_wait_ms: float = 5.0,
         max_queue: int = 64,
-        pad_to: int | None = None,
         on_batch: Callable[[int, float], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
     ) -> None:
@@ -89,7 +87,6 @@ class Batcher:
         self.max_batch = int(max_batch)
         self.max_wait = float(max_wait_ms) / 1000.0
         self.max_queue = int(max_queue)
-        self.pad_to = pad_to
         self._on_batch = on_batch or (lambda n, seconds: None)
         self._on_depth = on_depth or (lambda n: None)
         self.depth = 0
@@ -198,15 +195,11 @@ class Batcher:
                     item.future.set_result(answer)
 
     def _run(self, batch: list[_Item]) -> list[Answer]:
-        """Worker thread: one forward pass for ``batch`` (padded to ``pad_to``)."""
+        """Worker thread: one forward pass for ``batch``."""
         start = time.perf_counter()
         n = len(batch)
         images = torch.stack([item.image for item in batch])
         sizes = torch.tensor([item.size for item in batch], dtype=torch.float32)
-        if self.pad_to is not None and n < self.pad_to:
-            extra = self.pad_to - n
-            images = torch.cat([images, images[-1:].expand(extra, -1, -1, -1)])
-            sizes = torch.cat([sizes, sizes[-1:].expand(extra, -1)])
         boxes, scores, labels = self.forward(images, sizes)
         infer_ms = (time.perf_counter() - start) * 1000.0
         self._on_batch(n, infer_ms / 1000.0)

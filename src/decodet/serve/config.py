@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from decodet.errors import DecodetError
+from decodet.runtime.options import RunOptions, option
 
 
 @dataclass
-class ServeConfig:
-    """Options of :func:`decodet.serve.create_app` (``decodet serve`` flags of the same names).
+class ServeConfig(RunOptions):
+    """Options of :func:`decodet.serve.create_app` (``decodet serve`` flags of the same names):
+    how the model runs (:class:`~decodet.runtime.options.RunOptions`; ``score_threshold`` is
+    the default of ``/v1/detect``, a request may pass its own, and ``max_det`` the most a
+    request may ask for), and:
 
-    Model:
-        backend: ``"torch"``, ``"onnxruntime"`` or ``"openvino"`` (``None``: ONNX Runtime for
-            ``.onnx`` files, OpenVINO for ``.xml``).
-        precision: ``"fp32"``, ``"bf16"`` or ``"int8"`` (``None``: fp32 or the file's own).
-        calib: int8 calibration image folder (``None``: synthetic noise, with a warning).
-        compile: torch backend: ``torch.compile`` with weight freezing.
-        device: torch device / ONNX Runtime provider (``"cpu"``, ``"cuda"``).
-        imgsz: the fixed inference size (``None``: the model's own).
-        max_det: detections the model keeps per image (a request may ask for fewer).
-        threads: intra-op threads for inference (``None``: the library default).
-    Answers:
-        threshold: default score threshold of ``/v1/detect`` (a request may pass its own).
     Batching:
         max_batch: at most this many images share one forward pass.
         max_wait_ms: how long the first image of a batch waits for company.
@@ -39,40 +30,26 @@ class ServeConfig:
             ``Authorization: Bearer KEY`` (401 otherwise).
     """
 
-    backend: str | None = None
-    precision: str | None = None
-    calib: str | None = None
-    compile: bool = False
-    device: str = "cpu"
-    imgsz: int | tuple[int, int] | None = None
-    max_det: int = 100
-    threads: int | None = None
-    threshold: float = 0.3
-    max_batch: int = 8
-    max_wait_ms: float = 5.0
-    pad_batch: bool | None = None
-    max_queue: int = 64
-    timeout_s: float = 30.0
-    max_upload_mb: float = 10.0
-    max_pixels: int = 40_000_000
-    api_key: str | None = None
+    max_batch: int = option(8, "images per forward pass at most")
+    max_wait_ms: float = option(5.0, "how long a batch waits to fill")
+    pad_batch: bool | None = field(default=None)
+    max_queue: int = option(64, "waiting requests at most; more get 503")
+    timeout_s: float = option(30.0, "requests not answered by then get 504")
+    max_upload_mb: float = option(10.0, "larger uploads get 413")
+    max_pixels: int = option(40_000_000, "larger declared images get 400")
+    api_key: str | None = option(None, "require this key (or set DECODET_API_KEY)")
 
-    def __post_init__(self) -> None:
-        checks = [
+    def _checks(self) -> list[tuple[bool, str]]:
+        return [
+            *super()._checks(),
             (self.max_batch >= 1, f"max_batch must be at least 1, got {self.max_batch}"),
             (self.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {self.max_wait_ms}"),
             (self.max_queue >= 1, f"max_queue must be at least 1, got {self.max_queue}"),
             (self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s}"),
             (self.max_upload_mb > 0, f"max_upload_mb must be > 0, got {self.max_upload_mb}"),
             (self.max_pixels >= 1, f"max_pixels must be at least 1, got {self.max_pixels}"),
-            (0.0 <= self.threshold <= 1.0, f"threshold must be in [0, 1], got {self.threshold}"),
-            (self.max_det >= 1, f"max_det must be at least 1, got {self.max_det}"),
+            (self.api_key is None or bool(self.api_key), "api_key must not be empty (leave it unset for no key)"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise DecodetError(message)
-        if self.api_key is not None and not self.api_key:
-            raise DecodetError("api_key must not be empty (leave it unset for no key)")
 
     @property
     def max_upload_bytes(self) -> int:
