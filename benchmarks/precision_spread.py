@@ -52,9 +52,9 @@ def child(seed: int, threads: int, only: str) -> dict:
         calib = data / "train"
         runs = {
             "torch bf16": (lambda: Detector(weights, precision="bf16", **common), BF16),
-            "torch int8": (lambda: Detector(weights, precision="int8", calib=calib, **common), INT8),
+            "torch int8": (lambda: Detector(weights, precision="int8", calib_images=calib, **common), INT8),
             "ort int8": (
-                lambda: Detector(weights, backend="onnxruntime", precision="int8", calib=calib, **common),
+                lambda: Detector(weights, backend="onnxruntime", precision="int8", calib_images=calib, **common),
                 INT8,
             ),
         }
@@ -63,7 +63,7 @@ def child(seed: int, threads: int, only: str) -> dict:
 
             runs["openvino bf16"] = (lambda: Detector(weights, backend="openvino", precision="bf16", **common), BF16)
             runs["openvino int8"] = (
-                lambda: Detector(weights, backend="openvino", precision="int8", calib=calib, **common),
+                lambda: Detector(weights, backend="openvino", precision="int8", calib_images=calib, **common),
                 INT8,
             )
         except ImportError:

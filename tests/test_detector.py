@@ -257,3 +257,14 @@ def test_iter_images_keeps_order_and_paths(tmp_path):
     paths = write_images(tmp_path, [(20, 20), (20, 30)])
     items = list(iter_images([paths[1], rgb(10, 10), paths[0]]))
     assert [i.path for i in items] == [str(paths[1]), None, str(paths[0])]
+
+
+def test_positional_options_of_earlier_releases_still_work(model):
+    """``Detector(w, "cpu", "torch", 128)`` (the order before keyword-only options) warns and
+    means the same as the keywords."""
+    with pytest.warns(DeprecationWarning, match="keyword-only"):
+        old = Detector(model, "cpu", "torch", SIZE)
+    new = Detector(model, device="cpu", backend="torch", imgsz=SIZE)
+    assert (old.backend, old.imgsz, old.device) == (new.backend, new.imgsz, new.device)
+    with pytest.raises(TypeError):
+        Detector(model, "cpu", device="cpu")

@@ -121,7 +121,7 @@ def run_demo(
     val = resolve_data(data_dir).split("val")
     images = sorted(val.images_dir.iterdir())[:24]
     predict_to_folder(
-        images, run_dir / "best.safetensors", out_dir=run_dir / "predictions", threshold=0.4, device="cpu"
+        images, run_dir / "best.safetensors", out_dir=run_dir / "predictions", score_threshold=0.4, device="cpu"
     )
     _report(run_dir, metrics)
     return metrics

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,11 @@ _EXPORTED = (".onnx", ".xml")  # files from `decodet export` (ONNX, OpenVINO IR)
 # ----------------------------------------------------------------------------- detector
 
 
+#: the order ``Detector``'s options took positionally before they became keyword-only
+_POSITIONAL = ("device", "backend", "imgsz", "score_threshold", "max_det", "batch_size", "threads", "precision",
+               "calib_images", "compile")  # fmt: skip
+
+
 class Detector:
     """Run a DECO / DECO+ detector on images of any size, mode and kind.
 
@@ -67,8 +73,13 @@ class Detector:
     """
 
     def __init__(
-        self, weights: str | os.PathLike | nn.Module, *, options: RunOptions | None = None, **kwargs: Any
+        self, weights: str | os.PathLike | nn.Module, *args: Any, options: RunOptions | None = None, **kwargs: Any
     ) -> None:
+        if args:  # the positional order of earlier releases keeps working, with a warning
+            if len(args) > len(_POSITIONAL) or set(_POSITIONAL[: len(args)]) & set(kwargs):
+                raise TypeError(f"Detector takes weights and then keyword options ({', '.join(_POSITIONAL)})")
+            warnings.warn("Detector's options after weights are keyword-only now", DeprecationWarning, stacklevel=2)
+            kwargs.update(zip(_POSITIONAL, args))
         o = RunOptions.build(options, **kwargs)
         suffix = Path(weights).suffix.lower() if isinstance(weights, str | os.PathLike) else ""
         backend = o.backend or {".onnx": "onnxruntime", ".xml": "openvino"}.get(suffix, "torch")
