@@ -3,7 +3,7 @@
 Public API::
 
     list_models, build_model, load_model, convert_official, build_criterion,
-    postprocess, evaluate_coco, Detector, DecodetError, train, TrainResult
+    postprocess, evaluate_coco, Detector, RunOptions, DecodetError, train, TrainResult
 
 Weights arguments also take the names of the authors' released checkpoints
 (``"decoplus_r18.coco"``, ...: ``decodet.io.hub.WEIGHTS``), downloaded once into a cache.
@@ -26,6 +26,7 @@ _LAZY = {
     "postprocess": "decodet.models.postprocess",
     "evaluate_coco": "decodet.evaluation.evaluator",
     "Detector": "decodet.runtime.detector",
+    "RunOptions": "decodet.runtime.options",
     "train": "decodet.engine.api",
     "TrainResult": "decodet.engine.api",
 }
