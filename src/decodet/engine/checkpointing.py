@@ -1,5 +1,5 @@
-"""A run's folder, the weights and training state written at each epoch end (rank 0, atomic
-writes) and read back on ``--resume`` (every rank's RNG states: mid-epoch resume is exact)."""
+"""A run's weights and training state, written at each epoch end (rank 0, atomic writes) and read
+back on ``--resume`` and by torchrun restarts (every rank's RNG states: mid-epoch resume is exact)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from decodet.config import config_to_dict
-from decodet.engine import faults
 from decodet.engine.run_plan import restore_schedule
-from decodet.engine.run_state import STATE_FILE, STATE_VERSION
 from decodet.engine.seeding import get_rng_state
-from decodet.engine.train_config import TrainConfig
 from decodet.errors import DecodetError
 from decodet.io.atomic import atomic_open
+from decodet.io.checkpoint import safe_torch_load, save_model
 from decodet.utils import distributed as D
 
 if TYPE_CHECKING:
@@ -27,12 +25,29 @@ log = logging.getLogger(__name__)
 LAST_WEIGHTS = "last.safetensors"
 BEST_WEIGHTS = "best.safetensors"
 BEST_METRIC = "AP"
+STATE_FILE = "last_state.pt"
+STATE_VERSION = 1
+
+
+def load_state(resume: str | Path) -> dict[str, Any]:
+    """The training state of a run folder (or its ``last_state.pt``), checked; ``path`` added."""
+    path = Path(resume)
+    if path.is_dir():
+        path = path / STATE_FILE
+    if not path.is_file():
+        raise DecodetError("cannot resume: training state not found (expected a run folder or its last_state.pt)", path)
+    try:
+        state = safe_torch_load(path)
+    except DecodetError as e:  # truncated / foreign file
+        raise DecodetError(f"cannot resume: unreadable training state ({e.message})", path) from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise DecodetError("cannot resume: not a decodet training state", path)
+    state["path"] = str(path)
+    return state
 
 
 def save_checkpoint(trainer: Trainer, improved: bool) -> None:
     """Write last (and, when ``improved``, best) weights, then the training state."""
-    from decodet.io.checkpoint import save_model
-
     t = trainer
     rng = D.all_gather_object(t.stop_rng or get_rng_state())  # every rank's, for a mid-epoch resume
     t.stop_rng = None
@@ -66,7 +81,7 @@ def save_checkpoint(trainer: Trainer, improved: bool) -> None:
 
 
 def restore_checkpoint(trainer: Trainer, state: dict[str, Any]) -> None:
-    """Load a saved training state (:func:`~decodet.engine.run_state.load_state`) into ``trainer``."""
+    """Load a saved training state (:func:`load_state`) into ``trainer``."""
     t, world_size = trainer, trainer.info.world_size
     t.raw_model.load_state_dict(state["model"])
     t.optimizer.load_state_dict(state["optimizer"])
@@ -89,22 +104,3 @@ def restore_checkpoint(trainer: Trainer, state: dict[str, Any]) -> None:
     if t.batches_done and int(state.get("world_size", 1)) != world_size:
         log.warning("resuming mid-epoch with another process count: the epoch's remaining order differs")
     log.info("resumed from %s at epoch %d, step %d", state["path"], t.epoch + 1, t.global_step)
-
-
-def run_folder(cfg: TrainConfig, is_main: bool, state: dict[str, Any] | None) -> Path:
-    """The run folder: the resumed run's, or project/name (name-2, name-3, ... when taken),
-    created by rank 0 and broadcast."""
-    if state is not None:
-        return Path(state["path"]).parent
-    path = None
-    if is_main:
-        base = Path(cfg.project) / str(cfg.name)
-        path = base
-        n = 2
-        while not cfg.exist_ok and path.exists() and any(path.iterdir()):
-            path = base.with_name(f"{base.name}-{n}")
-            n += 1
-        path.mkdir(parents=True, exist_ok=True)
-        faults.mark_run(path)
-        path = str(path)
-    return Path(D.broadcast_object(path))

@@ -32,6 +32,7 @@ import logging
 import math
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,8 +47,8 @@ from decodet.engine.checkpointing import (
     BEST_METRIC,
     BEST_WEIGHTS,
     LAST_WEIGHTS,
+    load_state,
     restore_checkpoint,
-    run_folder,
     save_checkpoint,
 )
 from decodet.engine.early_stopping import EarlyStopping
@@ -55,7 +56,6 @@ from decodet.engine.metrics_log import MetricsLogger, log_run_start, plot_curves
 from decodet.engine.optim import build_optimizer
 from decodet.engine.run_plan import build_schedule
 from decodet.engine.run_setup import add_transforms, build_train_loader, open_train_set, probe_unused, run_model_config
-from decodet.engine.run_state import load_state
 from decodet.engine.seeding import epoch_seed, get_rng_state, seed_everything, set_determinism, set_rng_state
 from decodet.engine.tensorboard import TensorBoardLogger, require_tensorboard
 from decodet.engine.train_config import TrainConfig, resolve
@@ -123,7 +123,7 @@ class Trainer:
         if self.info.distributed:
             unused = probe_unused(self.raw_model, self.criterion, self.train_set, self.device, self.cfg.amp)
             self.model = D.wrap_ddp(self.raw_model, self.info, find_unused_parameters=bool(unused))
-        self.run_dir = run_folder(self.cfg, self.is_main, state)  # created once everything above has succeeded
+        self.run_dir = self._run_dir(state)  # created once everything above has succeeded
         self._open_run_files(resumed=state is not None)
         self._log_setup()
 
@@ -187,6 +187,24 @@ class Trainer:
         self.stop_rng: dict[str, Any] | None = None
         if state is not None:
             restore_checkpoint(self, state)
+
+    def _run_dir(self, state: dict[str, Any] | None) -> Path:
+        """The run folder: the resumed run's, or project/name (name-2, name-3, ... when taken),
+        created by rank 0 and broadcast."""
+        if state is not None:
+            return Path(state["path"]).parent
+        path = None
+        if self.is_main:
+            base = Path(self.cfg.project) / str(self.cfg.name)
+            path = base
+            n = 2
+            while not self.cfg.exist_ok and path.exists() and any(path.iterdir()):
+                path = base.with_name(f"{base.name}-{n}")
+                n += 1
+            path.mkdir(parents=True, exist_ok=True)
+            faults.mark_run(path)
+            path = str(path)
+        return Path(D.broadcast_object(path))
 
     def _open_run_files(self, resumed: bool) -> None:
         """Rank 0: the config file, the metrics log (records after the saved state, or of an
@@ -413,10 +431,6 @@ class Trainer:
         if best.is_file():
             self._evaluate(load_model(best, map_location=self.device), plots=True)
 
-    def _draw_size(self) -> int | None:
-        """Square size for TensorBoard's drawn images: the training size, except DECO's keep-aspect resize."""
-        return None if self.cfg.transforms == "detr" else self.cfg.imgsz
-
     # ------------------------------------------------------------------ logging
 
     def _log_setup(self) -> None:
@@ -430,8 +444,9 @@ class Trainer:
         self.metrics.log(record)
         if self.tb is not None:
             self.tb.log_record(record)
-            if f"val/{BEST_METRIC}" in record:  # a few validation images with the model's boxes
-                self.tb.log_images(self._eval_model(), self.val_set, record["step"], self.device, self._draw_size())
+            if f"val/{BEST_METRIC}" in record:  # a few validation images with the model's boxes, drawn square
+                size = None if self.cfg.transforms == "detr" else self.cfg.imgsz  # but DECO's keep-aspect resize
+                self.tb.log_images(self._eval_model(), self.val_set, record["step"], self.device, size)
         plot_curves(self.run_dir)
         summary = ", ".join(
             f"{k.split('/')[-1]} {v:.4g}" for k, v in record.items() if k in ("train/loss", "val/AP", "val/AP50")
