@@ -108,7 +108,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 class Trainer:
-    """Holds everything one training run needs; :meth:`fit` runs it.  See the module docstring."""
+    """Holds everything one training run needs; :meth:`fit` runs it (module docstring).
+
+    Built step by step: process and config (:meth:`_start`), data, model and criterion
+    (:meth:`_build_model`), loader, optimisation (:meth:`_build_optimization`), progress counters
+    (restored when resuming), DDP, the run folder and its files."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         given, state = self._start(cfg)
@@ -195,8 +199,7 @@ class Trainer:
             return Path(state["path"]).parent
         path = None
         if self.is_main:
-            base = Path(self.cfg.project) / str(self.cfg.name)
-            path = base
+            path = base = Path(self.cfg.project) / str(self.cfg.name)
             n = 2
             while not self.cfg.exist_ok and path.exists() and any(path.iterdir()):
                 path = base.with_name(f"{base.name}-{n}")
