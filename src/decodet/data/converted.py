@@ -105,6 +105,22 @@ def image_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
+def under(root: Path, value: str) -> Path:
+    """``value`` as a path: absolute (``~`` expanded) as it is, relative under ``root``."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else root / p
+
+
+def dataset_root(file: Path, content: dict[str, Any]) -> Path:
+    """A dataset file's ``path``: absent or empty, the file's folder; relative, relative to it
+    (ultralytics: to the working directory, then its datasets_dir; decodet keeps the file's
+    folder, which does not depend on where a command runs)."""
+    value = content.get("path")
+    if value is not None and not isinstance(value, str):
+        raise DecodetError(f"'path' must be a folder name, got {value!r}", file)
+    return under(file.parent, value) if value else file.parent
+
+
 def cache_root() -> Path:
     """Where converted annotations are kept (see the module docstring)."""
     env = os.environ.get("DECODET_CACHE")

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from decodet.data.converted import ConvertedDataset, write_cached_annotations
+from decodet.data.converted import ConvertedDataset, dataset_root, under, write_cached_annotations
 from decodet.data.problems import Problems
 from decodet.data.voc import find_voc_root, read_voc
 from decodet.data.yolo import is_yolo_file, read_yolo
@@ -193,11 +193,7 @@ def _from_file(file: Path) -> DataSpec:
             "naming each split's images and annotations",
             file,
         )
-    root_value = content.get("path")
-    if root_value is not None and not isinstance(root_value, str):
-        raise DecodetError(f"'path' must be a folder name, got {root_value!r}", file)
-    # absent or empty: the file's folder; relative: relative to it (the YOLO reader's rule)
-    root = _under(file.parent, root_value) if root_value else file.parent
+    root = dataset_root(file, content)  # the YOLO reader's rule
 
     splits: dict[str, SplitSpec] = {}
     for name, value in content.items():
@@ -209,7 +205,7 @@ def _from_file(file: Path) -> DataSpec:
         annotations = _pick(value, _ANNOTATIONS_KEYS)
         if images is None or annotations is None:
             raise DecodetError(f"split {name!r} needs both 'images' and 'annotations' entries", file)
-        split = SplitSpec(_under(root, images), _under(root, annotations))
+        split = SplitSpec(under(root, images), under(root, annotations))
         if not split.images_dir.is_dir():
             raise DecodetError(f"split {name!r}: image folder not found: {split.images_dir}", file)
         if not split.ann_file.is_file():
@@ -225,8 +221,3 @@ def _pick(mapping: dict[str, Any], keys: tuple[str, ...]) -> str | None:
         if isinstance(mapping.get(key), str):
             return mapping[key]
     return None
-
-
-def _under(root: Path, value: str) -> Path:
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else root / p

@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from decodet.data.coco import CLIP_TOLERANCE
-from decodet.data.converted import IMAGE_SUFFIXES, CocoBuilder, ConvertedDataset, image_size
+from decodet.data.converted import IMAGE_SUFFIXES, CocoBuilder, ConvertedDataset, dataset_root, image_size, under
 from decodet.data.problems import Problems
 from decodet.errors import DecodetError
 
@@ -60,12 +60,7 @@ def is_yolo_file(content: dict[str, Any]) -> bool:
 def read_yolo(file: Path, content: dict[str, Any]) -> ConvertedDataset:
     """Read the dataset described by ``file`` (its parsed ``content``) into COCO-style splits."""
     names = _names(content, file)
-    root_value = content.get("path")
-    if root_value is not None and not isinstance(root_value, str):
-        raise DecodetError(f"'path' must be a folder name, got {root_value!r}", file)
-    # a relative path is relative to this file's folder (ultralytics: to the working directory, then its
-    # datasets_dir; decodet keeps the file's folder, which does not depend on where a command runs)
-    root = _under(file.parent, root_value) if root_value else file.parent
+    root = dataset_root(file, content)
     if not root.is_dir():
         raise DecodetError(f"dataset root (path) not found: {root}", file)
     categories = [{"id": k, "name": v} for k, v in sorted(names.items())]
@@ -176,7 +171,7 @@ def _list_images(
     """The split's images, each once, in order; adds the label folders to search for orphans to ``label_dirs``."""
     images: list[Path] = []
     for entry in entries:
-        path = _under(root, entry)
+        path = under(root, entry)
         if not path.exists() and entry.startswith("../"):
             path = root / entry[3:]  # exports that name splits from a sub-folder (``train: ../train/images``)
         if path.is_dir():
@@ -204,7 +199,7 @@ def _read_image_list(list_file: Path, problems: Problems) -> list[Path]:
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        path = _under(list_file.parent, line.strip())
+        path = under(list_file.parent, line.strip())
         if path.is_file():
             images.append(path)
         else:
@@ -330,8 +325,3 @@ def write_data_yaml(out: Path, splits: list[str], names: list[str]) -> None:
 def _fmt(value: float) -> str:
     text = f"{value:.{DECIMALS}f}".rstrip("0")
     return text + "0" if text.endswith(".") else text
-
-
-def _under(root: Path, value: str) -> Path:
-    p = Path(value).expanduser()
-    return p if p.is_absolute() else root / p

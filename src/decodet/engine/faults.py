@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from decodet.engine.run_state import STATE_FILE
+from decodet.engine.checkpointing import STATE_FILE
 from decodet.errors import DecodetError
 from decodet.io.atomic import atomic_write_text
 

@@ -215,43 +215,19 @@ def _drop_torn_tail(path: Path) -> None:
         _flush(f)
 
 
-def log_run_start(
-    cfg: Any,
-    num_classes: int,
-    n_params: int,
-    device: Any,
-    world_size: int,
-    n_train: int,
-    n_val: int | None,
-    run_dir: Path,
-    steps_per_epoch: int,
-) -> None:
+def log_run_start(cfg: Any, num_classes: int, n_params: int, device: Any, world_size: int, n_train: int,
+                  n_val: int | None, run_dir: Path, steps_per_epoch: int) -> None:  # fmt: skip
     """The two lines a training run starts with: what trains on what, and its recipe."""
     log = logging.getLogger("decodet.engine.trainer")  # the trainer's lines, under the trainer's name
     log.info(
         "training %s (%.2fM trainable parameters, %d classes) on %s x%d | %d train images%s | run folder %s",
-        cfg.model,
-        n_params / 1e6,
-        num_classes,
-        device,
-        world_size,
-        n_train,
-        f", {n_val} val images" if n_val is not None else "",
-        run_dir,
-    )
+        cfg.model, n_params / 1e6, num_classes, device, world_size, n_train,
+        f", {n_val} val images" if n_val is not None else "", run_dir,
+    )  # fmt: skip
     log.info(
         "recipe: lr %g (backbone %g%s), wd %g, %s schedule, warm-up %d, %d steps/epoch, ema %s, amp %s, "
         "transforms %s at %d%s",
-        cfg.lr,
-        cfg.lr_backbone,
-        f", encoder {cfg.lr_encoder:g}" if cfg.lr_encoder is not None else "",
-        cfg.weight_decay,
-        cfg.schedule,
-        cfg.warmup_steps,
-        steps_per_epoch,
-        "on" if cfg.ema else "off",
-        cfg.amp,
-        cfg.transforms,
-        cfg.imgsz,
-        " multi-scale" if cfg.multiscale else "",
-    )
+        cfg.lr, cfg.lr_backbone, f", encoder {cfg.lr_encoder:g}" if cfg.lr_encoder is not None else "",
+        cfg.weight_decay, cfg.schedule, cfg.warmup_steps, steps_per_epoch, "on" if cfg.ema else "off", cfg.amp,
+        cfg.transforms, cfg.imgsz, " multi-scale" if cfg.multiscale else "",
+    )  # fmt: skip

@@ -21,7 +21,6 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from decodet.engine.ema import ModelEMA
 from decodet.engine.optim import LRFactor, build_scheduler
-from decodet.engine.run_state import restore_scheduler
 from decodet.engine.train_config import TrainConfig
 from decodet.utils import distributed as D
 
@@ -97,17 +96,27 @@ def build_schedule(
 
 
 def restore_schedule(scheduler: LambdaLR, optimizer: Optimizer, saved: dict[str, Any], keep_fitted: bool) -> None:
-    """:func:`~decodet.engine.run_state.restore_scheduler`, carrying the run's budget clock and,
-    with ``keep_fitted``, the whole plan a time budget re-planned (total, warm-up, anchors), so
-    the rate continues where it was.  A plan longer than the current config's total is
-    re-planned to end there."""
+    """Continue the saved step count; the schedule's shape follows the current config (so
+    ``--resume RUN --epochs N`` stretches it), which is the saved one unless changed.  Carried
+    over: the run's budget clock and, with ``keep_fitted``, the whole plan a time budget
+    re-planned (total, warm-up, anchors), so the rate continues where it was.  A plan longer
+    than the current config's total is re-planned to end there."""
     factor: LRFactor = scheduler.lr_lambdas[0]
     old = (saved.get("lr_lambdas") or [None])[0] or {}
     carried = {k: old[k] for k in ("spent_s",) if k in old}
     if keep_fitted and old.get("fitted"):
         carried.update({k: old[k] for k in _PLAN_FIELDS if k in old})
     factor.__dict__.update(carried)
-    restore_scheduler(scheduler, optimizer, saved, keep_fitted=keep_fitted)
+    wanted = dict(factor.__dict__)
+    scheduler.load_state_dict(saved)
+    if keep_fitted and factor.__dict__.get("fitted"):  # keep the total the run measured
+        wanted.update(total_steps=factor.total_steps, fitted=True)
+    if factor.__dict__ != wanted:
+        log.info("lr schedule changed on resume: %s -> %s", factor.__dict__, wanted)
+        factor.__dict__.update(wanted)
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     step = scheduler.last_epoch
     if factor.fitted and factor.total_steps > factor.max_total:
         log.info("lr schedule re-planned on resume: %d -> %d steps (the configured total)", factor.total_steps,

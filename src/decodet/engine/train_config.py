@@ -333,9 +333,6 @@ def config_from_namespace(ns: argparse.Namespace) -> TrainConfig:
     saved ``train_config.yaml``; otherwise the defaults.  Given flags override the base.
     """
     given = {k: v for k, v in vars(ns).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-    for key in ("model_overrides", "loss_overrides"):
-        if key in given:
-            given[key] = dict(given[key])
     config_file = getattr(ns, "config", None)
     if config_file:
         base = _read_config(config_file)
@@ -345,7 +342,7 @@ def config_from_namespace(ns: argparse.Namespace) -> TrainConfig:
         base = {}
     for key in ("model_overrides", "loss_overrides"):
         if key in given:
-            given[key] = {**base.get(key, {}), **given[key]}
+            given[key] = {**base.get(key, {}), **dict(given[key])}
     return TrainConfig.from_dict({**base, **given}, source=config_file)
 
 

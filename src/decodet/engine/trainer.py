@@ -19,10 +19,10 @@ states and the batches done; resuming skips those batches and restores the RNG s
 Only rank 0 writes files; every rank evaluates its shard of the validation set and the
 detections are gathered before scoring.
 
-Robustness: an unreadable training or validation image (missing, truncated, not an image) is
-skipped with a warning naming it (``CocoDetection(skip_bad_images=True)``); every file write is
-atomic, so a run killed at any moment leaves complete checkpoints (plus, at worst, a temp file
-that the next run in the folder removes) and ``--resume`` continues from the last epoch end.
+Robustness: an unreadable image (missing, truncated, not an image) is skipped with a warning
+naming it (:mod:`~decodet.engine.run_setup`); every file write is atomic
+(:mod:`~decodet.engine.checkpointing`), so a run killed at any moment leaves complete checkpoints
+(plus, at worst, a temp file the next run in the folder removes) and ``--resume`` continues.
 """
 
 from __future__ import annotations
@@ -37,37 +37,39 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from decodet.config import config_from_dict, config_to_dict, input_normalized, replace
-from decodet.data.coco import CocoDetection
-from decodet.data.spec import resolve_data
-from decodet.data.transforms import MultiScaleCollate, build_transforms, collate, multiscale_sizes
+from decodet.config import input_normalized
 from decodet.engine import faults
 from decodet.engine.amp_probe import resolve_amp
 from decodet.engine.budget import TrainingBudget
+from decodet.engine.checkpointing import (
+    BEST_METRIC,
+    BEST_WEIGHTS,
+    LAST_WEIGHTS,
+    load_state,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from decodet.engine.early_stopping import EarlyStopping
 from decodet.engine.metrics_log import MetricsLogger, log_run_start, plot_curves
 from decodet.engine.optim import build_optimizer
-from decodet.engine.run_plan import build_schedule, restore_schedule
-from decodet.engine.run_state import STATE_FILE, STATE_VERSION, load_state
+from decodet.engine.run_plan import build_schedule
+from decodet.engine.run_setup import add_transforms, build_train_loader, open_train_set, probe_unused, run_model_config
 from decodet.engine.seeding import epoch_seed, get_rng_state, seed_everything, set_determinism, set_rng_state
 from decodet.engine.tensorboard import TensorBoardLogger, require_tensorboard
-from decodet.engine.train_config import TrainConfig, parse_train_args, resolve
+from decodet.engine.train_config import TrainConfig, resolve
 from decodet.errors import DecodetError
 from decodet.evaluation.evaluate import autocast, check_labels_fit, eval_batch_size, evaluate
-from decodet.io.atomic import atomic_open, remove_stale_temp_files
+from decodet.io.atomic import remove_stale_temp_files
 from decodet.losses import build_criterion
-from decodet.registry import build_from_config, get_config, trained_size_fields
+from decodet.registry import build_from_config
 from decodet.utils import distributed as D
 from decodet.utils.console import progress
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "train_config.yaml"
-LAST_WEIGHTS = "last.safetensors"
-BEST_WEIGHTS = "best.safetensors"
-BEST_METRIC = "AP"
 PLOTS_DIR = "eval"  # per-class table, PR curves, confusion matrix, worst images (decodet.evaluation.analysis)
 
 
@@ -102,78 +104,60 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             D.cleanup()
 
 
-def main_train(argv: list[str] | None = None) -> dict[str, Any]:
-    """``decodet train`` flags -> :func:`train` (see :func:`~decodet.engine.train_config.parse_train_args`)."""
-    return train(parse_train_args(argv))
-
-
 # ----------------------------------------------------------------------------- the trainer
 
 
 class Trainer:
-    """Holds everything one training run needs; :meth:`fit` runs it.  See the module docstring."""
+    """Holds everything one training run needs; :meth:`fit` runs it (module docstring).
+
+    Built step by step: process and config (:meth:`_start`), data, model and criterion
+    (:meth:`_build_model`), loader, optimisation (:meth:`_build_optimization`), progress counters
+    (restored when resuming), DDP, the run folder and its files."""
 
     def __init__(self, cfg: TrainConfig) -> None:
+        given, state = self._start(cfg)
+        self._build_model(state)
+        self.sampler, self.loader_generator, self.train_loader, self.batches_per_epoch = build_train_loader(
+            self.cfg, self.train_set, self.info
+        )
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.cfg.accumulate)
+        self._build_optimization(given)
+        self._init_progress(state)
+        self.model = self.raw_model
+        if self.info.distributed:
+            unused = probe_unused(self.raw_model, self.criterion, self.train_set, self.device, self.cfg.amp)
+            self.model = D.wrap_ddp(self.raw_model, self.info, find_unused_parameters=bool(unused))
+        self.run_dir = self._run_dir(state)  # created once everything above has succeeded
+        self._open_run_files(resumed=state is not None)
+        self._log_setup()
+
+    def _start(self, cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
+        """Check the config, join the process group, apply the process settings, read the state to
+        resume; sets ``self.cfg`` (resolved) and returns ``(the config as given, the state)``."""
         cfg.validate()
         if cfg.tensorboard:
             require_tensorboard()  # every rank, before any work: a clear error when it is not installed
         self.info = D.init_distributed(cfg.device)
         self.device = self.info.device
+        self.is_main = self.info.is_main
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.amp == "fp16" and self.device.type != "cuda":
             raise DecodetError("amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
         set_determinism(cfg.deterministic, self.device)
-
         cfg = faults.continue_elastic_run(cfg)  # restarted by torchrun: resume the job's run folder
         state = load_state(cfg.resume) if cfg.resume else None
-        self.cfg = cfg = resolve(given := cfg)  # ``given``: what the user left unset is sized to the run
-        self.is_main = self.info.is_main
+        self.cfg = resolve(cfg)  # what the user left unset (``cfg``) is sized to the run
+        return cfg, state
 
-        # ---- data
-        spec = resolve_data(cfg.data) if cfg.data else None
-        if spec is None:
-            raise DecodetError("no dataset given: pass --data (a dataset folder or data.yaml)")
-        train_split = spec.split(cfg.train_split)
-        # a bad image file (missing, truncated, ...) is skipped with a warning naming it, not fatal
-        self.train_set = CocoDetection(train_split.images_dir, train_split.ann_file, skip_bad_images=True)
-        if len(self.train_set) == 0:
-            raise DecodetError("the training split has no images", train_split.ann_file)
-
-        # ---- model (identical initialisation on every rank)
+    def _build_model(self, state: dict[str, Any] | None) -> None:
+        """Datasets, model (identical initialisation on every rank), criterion; resolves amp auto."""
+        cfg = self.cfg
+        spec, self.train_set = open_train_set(cfg)
         seed_everything(cfg.seed)
-        if state is not None:
-            mcfg = config_from_dict(state["model_config"])
-            mcfg = replace(mcfg, pretrained_backbone=False)  # the state holds every weight
-        else:
-            dataset_fields = {
-                "num_classes": self.train_set.num_classes,
-                "category_ids": list(self.train_set.category_ids),
-                "class_names": list(self.train_set.class_names),
-                "pretrained_backbone": cfg.pretrained_backbone,
-            }
-            # the size it trains at, where the config carries its inference size (DECO+'s eval_size)
-            dataset_fields.update(trained_size_fields(cfg.model, cfg.transforms, cfg.imgsz))
-            mcfg = get_config(cfg.model, **{**dataset_fields, **cfg.model_overrides})
+        self.model_cfg = mcfg = run_model_config(cfg, state, self.train_set)
         check_labels_fit(mcfg, self.train_set)
-        normalize = input_normalized(mcfg)
-        self.train_set.transforms = build_transforms(
-            cfg.transforms,
-            train=True,
-            imgsz=cfg.imgsz,
-            normalize=normalize,
-            zoom=cfg.zoom,
-            shift=cfg.shift,
-            jitter=cfg.jitter,
-        )
-        self.val_set = None
-        if spec.has_split(cfg.val_split):
-            val_split = spec.split(cfg.val_split)
-            tf = build_transforms(cfg.transforms, train=False, imgsz=cfg.imgsz, normalize=normalize)
-            self.val_set = CocoDetection(val_split.images_dir, val_split.ann_file, transforms=tf, skip_bad_images=True)
-        else:
-            log.warning("%s", spec.no_val_warning(cfg.val_split))  # names the missing file (decodet data check too)
-
+        self.val_set = add_transforms(cfg, spec, self.train_set, input_normalized(mcfg))
         model = build_from_config(mcfg)
         if cfg.weights and state is None:
             from decodet.io.checkpoint import load_weights_into
@@ -182,66 +166,61 @@ class Trainer:
         model.to(self.device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.model_cfg = mcfg
         self.raw_model = model
         self.criterion = build_criterion(mcfg, **cfg.loss_overrides).to(self.device)
-        self.cfg = cfg = resolve_amp(cfg, model, self.criterion, self.train_set, self.device)  # amp auto
+        self.cfg = resolve_amp(cfg, model, self.criterion, self.train_set, self.device)  # amp auto
 
-        # ---- loaders
-        self.sampler = D.EpochSampler(
-            self.train_set, seed=cfg.seed, rank=self.info.rank, world_size=self.info.world_size
-        )
-        self.loader_generator = torch.Generator()
-        collate_fn = MultiScaleCollate(multiscale_sizes(cfg.imgsz)) if cfg.multiscale else collate
-        self.train_loader = DataLoader(
-            self.train_set,
-            batch_size=cfg.batch_size,
-            sampler=self.sampler,
-            num_workers=cfg.workers,
-            collate_fn=collate_fn,
-            pin_memory=self.device.type == "cuda",
-            generator=self.loader_generator,
-            drop_last=False,
-        )
-        self.batches_per_epoch = math.ceil(len(self.sampler) / cfg.batch_size)
-        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accumulate)
+    def _build_optimization(self, given: TrainConfig) -> None:
+        """AdamW, the lr schedule and EMA sized to the run (warm-ups), the fp16 grad scaler."""
+        self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.raw_model, self.cfg)
+        self.cfg, self.scheduler, self.ema = build_schedule(
+            given, self.cfg, self.raw_model, self.optimizer, self.steps_per_epoch
+        )  # the config with the warm-ups used
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.amp == "fp16")
 
-        # ---- optimisation
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(model, cfg)
-        self.cfg, self.scheduler, self.ema = build_schedule(given, cfg, model, self.optimizer, self.steps_per_epoch)
-        cfg = self.cfg  # with the warm-ups used
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
-
-        # ---- progress counters
+    def _init_progress(self, state: dict[str, Any] | None) -> None:
+        """Progress counters, at zero or where the resumed run stopped."""
         self.epoch = 0  # the epoch to run next (0-based)
         self.batches_done = 0  # batches of ``self.epoch`` already trained (mid-epoch resume)
         self.global_step = 0  # optimizer steps so far
         self.best = -math.inf
-        self.early_stopping = EarlyStopping(cfg.patience, BEST_METRIC)
+        self.early_stopping = EarlyStopping(self.cfg.patience, BEST_METRIC)
         self.stop_reason = "epochs done"
         self.resume_rng: dict[str, Any] | None = None
         self.stop_rng: dict[str, Any] | None = None
         if state is not None:
-            self._restore(state)
+            restore_checkpoint(self, state)
 
-        self.model = model
-        if self.info.distributed:
-            unused = _probe_unused(model, self.criterion, self.train_set, self.device, cfg.amp)
-            self.model = D.wrap_ddp(model, self.info, find_unused_parameters=bool(unused))
-        self.run_dir = self._run_dir(state)  # created once everything above has succeeded
+    def _run_dir(self, state: dict[str, Any] | None) -> Path:
+        """The run folder: the resumed run's, or project/name (name-2, name-3, ... when taken),
+        created by rank 0 and broadcast."""
+        if state is not None:
+            return Path(state["path"]).parent
+        path = None
+        if self.is_main:
+            path = base = Path(self.cfg.project) / str(self.cfg.name)
+            n = 2
+            while not self.cfg.exist_ok and path.exists() and any(path.iterdir()):
+                path = base.with_name(f"{base.name}-{n}")
+                n += 1
+            path.mkdir(parents=True, exist_ok=True)
+            faults.mark_run(path)
+            path = str(path)
+        return Path(D.broadcast_object(path))
+
+    def _open_run_files(self, resumed: bool) -> None:
+        """Rank 0: the config file, the metrics log (records after the saved state, or of an
+        earlier run in a reused folder, dropped) and TensorBoard."""
         self.metrics = None
         if self.is_main:
             remove_stale_temp_files(self.run_dir)
-            cfg.save(self.run_dir / CONFIG_FILE)
+            self.cfg.save(self.run_dir / CONFIG_FILE)
             self.metrics = MetricsLogger(self.run_dir)
-            # resuming: forget records written after the saved state; a fresh run in a reused
-            # folder (exist_ok): forget the previous run's records
-            dropped = self.metrics.drop_after("step", self.global_step if state is not None else -1)
-            if dropped and state is None:
+            dropped = self.metrics.drop_after("step", self.global_step if resumed else -1)
+            if dropped and not resumed:
                 log.info("%s: starting afresh, %d metric records of an earlier run dropped", self.run_dir, dropped)
-        self.tb = TensorBoardLogger(self.run_dir) if cfg.tensorboard and self.is_main else None
-        self._log_setup()
+        self.tb = TensorBoardLogger(self.run_dir) if self.cfg.tensorboard and self.is_main else None
 
     # ------------------------------------------------------------------ loop
 
@@ -296,7 +275,7 @@ class Trainer:
             record["stop_reason"] = reason
             if self.is_main:
                 log.info("%s; stopped after epoch %d, the best weights are in %s", reason, epoch + 1, BEST_WEIGHTS)
-        self._save(improved)
+        save_checkpoint(self, improved)
         return record, eval_stats, bool(reason)
 
     def _train_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
@@ -455,86 +434,6 @@ class Trainer:
         if best.is_file():
             self._evaluate(load_model(best, map_location=self.device), plots=True)
 
-    def _draw_size(self) -> int | None:
-        """Square size for TensorBoard's drawn images: the training size, except DECO's keep-aspect resize."""
-        return None if self.cfg.transforms == "detr" else self.cfg.imgsz
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def _save(self, improved: bool) -> None:
-        """Write last (and best) weights, then the training state; rank 0 only, all atomic."""
-        from decodet.io.checkpoint import save_model
-
-        rng = D.all_gather_object(self.stop_rng or get_rng_state())  # every rank's, for a mid-epoch resume
-        self.stop_rng = None
-        if not self.is_main:
-            return
-        weights = self.ema.module if self.ema is not None else self.raw_model
-        extra = {"epoch": str(self.epoch), "step": str(self.global_step), "ema": str(self.ema is not None)}
-        save_model(weights, self.run_dir / LAST_WEIGHTS, extra=extra)
-        if improved:
-            save_model(weights, self.run_dir / BEST_WEIGHTS, extra={**extra, BEST_METRIC: f"{self.best:.6f}"})
-        state = {
-            "version": STATE_VERSION,
-            "epoch": self.epoch,
-            "batches_done": self.batches_done,
-            "global_step": self.global_step,
-            "best": self.best,
-            "early_stopping": self.early_stopping.state_dict(),
-            "seed": self.cfg.seed,
-            "world_size": self.info.world_size,
-            "train_config": self.cfg.to_dict(),
-            "model_config": config_to_dict(self.model_cfg),
-            "model": self.raw_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "rng": rng,
-        }
-        with atomic_open(self.run_dir / STATE_FILE) as f:  # a failing write (disk full) says why
-            torch.save(state, f)
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        restore_schedule(self.scheduler, self.optimizer, state["scheduler"], keep_fitted=self.cfg.fit_schedule)
-        self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None:
-            if state["ema"] is None:
-                raise DecodetError("cannot resume with EMA on: the saved run trained without EMA", state["path"])
-            self.ema.load_state_dict(state["ema"])
-        self.epoch = int(state["epoch"])
-        self.batches_done = int(state["batches_done"])
-        self.global_step = int(state["global_step"])
-        self.best = float(state["best"])
-        self.early_stopping.load_state_dict(state.get("early_stopping"))
-        rng = state.get("rng") or []
-        if self.batches_done and len(rng) == self.info.world_size:
-            self.resume_rng = rng[self.info.rank]
-        elif self.batches_done:
-            log.warning("resuming mid-epoch with another process count: augmentation randomness will differ")
-        if self.batches_done and int(state.get("world_size", 1)) != self.info.world_size:
-            log.warning("resuming mid-epoch with another process count: the epoch's remaining order differs")
-        log.info("resumed from %s at epoch %d, step %d", state["path"], self.epoch + 1, self.global_step)
-
-    def _run_dir(self, state: dict[str, Any] | None) -> Path:
-        """The run folder: the resumed run's, or project/name (name-2, name-3, ... when taken)."""
-        if state is not None:
-            return Path(state["path"]).parent
-        path = None
-        if self.info.is_main:
-            base = Path(self.cfg.project) / str(self.cfg.name)
-            path = base
-            n = 2
-            while not self.cfg.exist_ok and path.exists() and any(path.iterdir()):
-                path = base.with_name(f"{base.name}-{n}")
-                n += 1
-            path.mkdir(parents=True, exist_ok=True)
-            faults.mark_run(path)
-            path = str(path)
-        return Path(D.broadcast_object(path))
-
     # ------------------------------------------------------------------ logging
 
     def _log_setup(self) -> None:
@@ -548,8 +447,9 @@ class Trainer:
         self.metrics.log(record)
         if self.tb is not None:
             self.tb.log_record(record)
-            if f"val/{BEST_METRIC}" in record:  # a few validation images with the model's boxes
-                self.tb.log_images(self._eval_model(), self.val_set, record["step"], self.device, self._draw_size())
+            if f"val/{BEST_METRIC}" in record:  # a few validation images with the model's boxes, drawn square
+                size = None if self.cfg.transforms == "detr" else self.cfg.imgsz  # but DECO's keep-aspect resize
+                self.tb.log_images(self._eval_model(), self.val_set, record["step"], self.device, size)
         plot_curves(self.run_dir)
         summary = ", ".join(
             f"{k.split('/')[-1]} {v:.4g}" for k, v in record.items() if k in ("train/loss", "val/AP", "val/AP50")
@@ -562,27 +462,3 @@ class Trainer:
         if getattr(self, "tb", None) is not None:
             self.tb.close()
             self.tb = None
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _probe_unused(
-    model: nn.Module, criterion: nn.Module, dataset: Dataset, device: torch.device, amp: str
-) -> list[str]:
-    """Names of trainable parameters that get no gradient (DDP then needs find_unused_parameters).
-
-    Runs one forward/backward on the first training image; buffers (BN statistics) are restored.
-    """
-    saved = {k: v.clone() for k, v in model.state_dict().items() if k in dict(model.named_buffers())}
-    images, targets = collate([dataset[0]])
-    with autocast(device, amp):
-        outputs = model(images.to(device))
-    targets = [{"labels": t["labels"].to(device), "boxes": t["boxes"].to(device)} for t in targets]
-    criterion(outputs, targets)["loss"].backward()
-    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    model.zero_grad(set_to_none=True)
-    model.load_state_dict(saved, strict=False)
-    if unused:
-        log.debug("parameters without gradient (DDP find_unused_parameters on): %s", unused[:5])
-    return unused

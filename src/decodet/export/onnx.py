@@ -40,6 +40,7 @@ Precisions:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import tempfile
@@ -116,6 +117,37 @@ def export_onnx(
     Returns:
         ``out_path`` as a ``Path``.
     """
+    precision = _check_request(precision, opset)
+    model = prepare_model(model_or_weights)
+    cfg = model.config
+    size = as_size(imgsz, cfg)
+    k = int(num_top) if num_top is not None else deploy_num_top(cfg)
+    k = min(k, cfg.num_queries * cfg.num_classes)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = DeployModel(model, k).eval()
+    batch = max(1, int(batch))
+
+    with tempfile.TemporaryDirectory(prefix="decodet-export-") as tmp:
+        fp32_path = Path(tmp) / "fp32.onnx"
+        key = export_memo.digest(wrapper, repr(cfg), k, size, opset, dynamic_batch, batch)
+        export_memo.export_once(key, fp32_path, lambda p: _torch_export(wrapper, p, size, opset, dynamic_batch, batch))
+        extra_meta: dict[str, str] = {}
+        final = Path(tmp) / f"{precision}.onnx"  # fp32: the exported file itself
+        if precision == "int8":
+            extra_meta = _quantize_int8(fp32_path, final, size, normalization(cfg), calib_images, calib_count,
+                                        1 if dynamic_batch else batch, int8, sensitivity_report, score_fn)  # fmt: skip
+        elif precision == "fp16":
+            _convert_fp16(fp32_path, final)
+        mean, std = normalization(cfg)
+        info = OnnxInfo(cfg, size, k, precision, dynamic_batch, 0, __version__, mean, std)  # opset: the file's
+        _save_with_metadata(final, out_path, info, extra_meta, opset)
+    log.info("wrote %s (%s, %dx%d, K=%d)", out_path, precision, size[0], size[1], k)
+    return out_path
+
+
+def _check_request(precision: str, opset: int | None) -> str:
+    """The precision, checked (bf16 refused), and the opset; fails early when onnx is missing."""
     precision = check_precision(precision, ONNX_PRECISIONS)
     if precision == "bf16":
         raise DecodetError(
@@ -125,70 +157,30 @@ def export_onnx(
     if opset is not None and int(opset) < MIN_OPSET:
         raise DecodetError(f"opset {opset} is not supported: DECO exports at opset {MIN_OPSET} or newer")
     try:
-        import onnx
+        import onnx  # noqa: F401
     except ImportError:
         raise DecodetError("ONNX export needs onnx, onnxscript, onnxruntime (pip install 'decodet[deploy]')") from None
-
-    model = prepare_model(model_or_weights)
-    cfg = model.config
-    size = as_size(imgsz, cfg)
-    k = int(num_top) if num_top is not None else deploy_num_top(cfg)
-    k = min(k, cfg.num_queries * cfg.num_classes)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = DeployModel(model, k).eval()
-
-    with tempfile.TemporaryDirectory(prefix="decodet-export-") as tmp:
-        fp32_path = Path(tmp) / "fp32.onnx"
-        key = export_memo.digest(wrapper, repr(cfg), k, size, opset, dynamic_batch, max(1, int(batch)))
-        export_memo.export_once(
-            key, fp32_path, lambda p: _torch_export(wrapper, p, size, opset, dynamic_batch, max(1, int(batch)))
-        )
-        extra_meta: dict[str, str] = {}
-        if precision == "int8":
-            final = Path(tmp) / "int8.onnx"
-            feed_batch = 1 if dynamic_batch else max(1, int(batch))
-            extra_meta = _quantize_int8(
-                fp32_path,
-                final,
-                size,
-                normalization(cfg),
-                calib_images,
-                calib_count,
-                feed_batch,
-                int8,
-                sensitivity_report,
-                score_fn,
-            )
-        elif precision == "fp16":
-            final = Path(tmp) / "fp16.onnx"
-            _convert_fp16(fp32_path, final)
-        else:
-            final = fp32_path
-        proto = onnx.load(str(final))
-        actual_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset or 0)
-        if opset is not None and actual_opset != int(opset):
-            log.warning("asked for opset %s, the exporter wrote opset %s", opset, actual_opset)
-        mean, std = normalization(cfg)
-        info = OnnxInfo(cfg, size, k, precision, dynamic_batch, int(actual_opset), __version__, mean, std)
-        del proto.metadata_props[:]
-        for key, value in (build_metadata(info) | extra_meta).items():
-            proto.metadata_props.add(key=key, value=value)
-        proto.producer_name = "decodet"
-        proto.producer_version = __version__
-        with atomic_path(out_path) as tmp_out:
-            onnx.save(proto, str(tmp_out))
-    _apply_umask(out_path)
-    log.info("wrote %s (%s, %dx%d, K=%d)", out_path, precision, size[0], size[1], k)
-    return out_path
+    return precision
 
 
-def _apply_umask(path: Path) -> None:
-    """Give the file the usual permissions (the atomic temp file is created 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    with contextlib.suppress(OSError):
-        os.chmod(path, 0o666 & ~mask)
+def _save_with_metadata(
+    path: Path, out_path: Path, info: OnnxInfo, extra_meta: dict[str, str], opset: int | None
+) -> None:
+    """Write ``path`` to ``out_path`` (atomically) with decodet's metadata, the opset it has."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    actual_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset or 0)
+    if opset is not None and actual_opset != int(opset):
+        log.warning("asked for opset %s, the exporter wrote opset %s", opset, actual_opset)
+    info = dataclasses.replace(info, opset=int(actual_opset))
+    del proto.metadata_props[:]
+    for key, value in (build_metadata(info) | extra_meta).items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = "decodet"
+    proto.producer_version = __version__
+    with atomic_path(out_path) as tmp_out:
+        onnx.save(proto, str(tmp_out))
 
 
 def _torch_export(

@@ -286,16 +286,12 @@ def quantize_onnx(
         # gives up on decodet's post-processing and, when it does, dumps its partial model
         # (``sym_shape_infer_temp.onnx`` and a 20 MB ``<uuid>.data``) into the current folder.
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        # pre-processing (ORT's optimiser) keeps node names but drops their name scopes
-        present = {n.name for n in onnx.load(str(pre), load_external_data=False).graph.node}
-        groups = {g: [n for n in names if n in present] for g, names in layer_groups(onnx.load(str(fp32_path))).items()}
-        groups = {g: names for g, names in groups.items() if names}
+        groups = _present_groups(Path(fp32_path), pre)
         exclude = options.exclude
-        if exclude not in (None, "none", "auto"):  # a wrong name fails before calibrating
-            names = [exclude] if isinstance(exclude, str) else list(exclude)
-            unknown = [n for n in names if n not in groups and not any(n in g for g in groups.values())]
-            if unknown:
-                raise DecodetError(f"unknown layer group or node to keep in fp32: {', '.join(unknown)}")
+        given = None if exclude in (None, "none", "auto") else [exclude] if isinstance(exclude, str) else list(exclude)
+        unknown = [n for n in given or [] if n not in groups and not any(n in g for g in groups.values())]
+        if unknown:  # a wrong name fails before calibrating
+            raise DecodetError(f"unknown layer group or node to keep in fp32: {', '.join(unknown)}")
         quantizer = _Quantizer(pre, calib_feeds, options, tmp)
         full = quantizer.variant([])  # calibrates (once) and caches the ranges
         sweep_wanted = exclude == "auto" or report is not None
@@ -304,10 +300,9 @@ def quantize_onnx(
             _sweep(result, quantizer, groups, full, judge)
         if exclude == "auto":
             result.excluded_groups = _select(result, options)
-        elif exclude not in (None, "none"):
-            names = [exclude] if isinstance(exclude, str) else list(exclude)
-            result.excluded_groups = [n for n in names if n in groups]
-            result.excluded_nodes = [n for n in names if n not in groups]
+        elif given is not None:
+            result.excluded_groups = [n for n in given if n in groups]
+            result.excluded_nodes = [n for n in given if n not in groups]
             result.rule = "given by the caller"
         else:
             result.rule = "none: every Conv/MatMul/Gemm is int8"
@@ -330,6 +325,16 @@ def quantize_onnx(
         ", ".join(result.excluded_groups) or "nothing",
     )
     return result
+
+
+def _present_groups(fp32_path: Path, pre: Path) -> dict[str, list[str]]:
+    """:func:`layer_groups` of the fp32 file, limited to the nodes the pre-processed file still
+    has (ORT's optimiser keeps node names but drops their name scopes)."""
+    import onnx
+
+    present = {n.name for n in onnx.load(str(pre), load_external_data=False).graph.node}
+    groups = {g: [n for n in names if n in present] for g, names in layer_groups(onnx.load(str(fp32_path))).items()}
+    return {g: names for g, names in groups.items() if names}
 
 
 @dataclass
