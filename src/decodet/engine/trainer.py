@@ -419,7 +419,7 @@ class Trainer:
             batch_size=self.cfg.eval_batch_size or eval_batch_size(self.cfg.transforms, self.cfg.batch_size),
             workers=self.cfg.workers,
             amp=self.cfg.amp,
-            num_top=100,
+            max_det=100,
             channels_last=self.cfg.channels_last,
             plots_out=self.run_dir / PLOTS_DIR if plots else None,
         )
