@@ -296,7 +296,7 @@ def test_a_killed_data_loader_worker_stops_training_with_one_line(tmp_path: Path
     """SIGKILL to the DataLoader worker of `decodet train --workers 1`: exit 2 within the timeout,
     with one line naming the worker's pid (PyTorch notices the death through SIGCHLD)."""
     _needs_proc()
-    data = make_tiny_coco(tmp_path / "data", n_train=24, n_val=2)  # 12 steps: the kill lands mid-epoch
+    data = make_tiny_coco(tmp_path / "data", n_train=240, n_val=2)  # 120 steps: the kill lands mid-epoch even late
     cmd = [sys.executable, *_train_args(data, "loader")]
     cmd[cmd.index("--workers") + 1] = "1"
     proc = _start(cmd, tmp_path, stdout=subprocess.DEVNULL)
