@@ -1,15 +1,12 @@
 """COCO box evaluation: detections + COCO ground truth -> the 12 standard stats.
 
-The numbers come from pycocotools' ``COCOeval`` (the reference implementation), run
-quietly; this module only validates inputs, converts detection formats and collects
-detections across processes. (faster-coco-eval 1.8 was tried and differs from pycocotools in
-the last bits of some stats, so it is not offered.)
+The numbers come from pycocotools' ``COCOeval``, run quietly; this module validates inputs,
+converts detection formats and collects detections across processes.  (faster-coco-eval 1.8
+differs from pycocotools in the last bits of some stats, so it is not offered.)
 
-Detections may be given as
-  * a COCO results list ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``,
-  * a path to a JSON file holding such a list,
-  * torchvision-style ``{image_id: {"boxes": [N, 4] xyxy, "scores": [N], "labels": [N]}}``
-    where labels are category ids (what ``postprocess(..., category_ids=...)`` returns).
+Detections: a COCO results list (``image_id``, ``category_id``, ``bbox`` xywh, ``score``), a path
+to a JSON file of one, or ``{image_id: {"boxes": [N, 4] xyxy, "scores", "labels"}}`` with
+category ids as labels (what ``postprocess(..., category_ids=...)`` returns).
 """
 
 from __future__ import annotations

@@ -10,19 +10,13 @@ The folder ``decodet export --format web`` writes::
     model.json        what the page needs from the file's metadata: size, mean/std, classes
     ort/              onnxruntime-web's WASM backend: ort.wasm.min.mjs, ort-wasm-simd-threaded.{mjs,wasm}
 
-onnxruntime-web is not vendored in decodet (its WASM binary alone is ~14 MB): the export
-takes it from npm, ``npm pack onnxruntime-web@ORT_WEB_VERSION --prefer-offline`` (npm's local
-cache first, the npm registry otherwise; npm checks the tarball's integrity), and keeps the
-three files it needs in ``~/.cache/decodet`` (``$XDG_CACHE_HOME``).  ``ort_web=`` (CLI
-``--ort-web``) or ``$DECODET_ORT_WEB`` points at an onnxruntime-web package folder or ``.tgz``
-instead, for machines without npm.
-
-The page runs ONNX Runtime single-threaded, so it needs no cross-origin isolation
-(COOP/COEP headers): any static file server works.
-
-The page is decodet's one web front-end: ``decodet serve`` serves the same files
-(:data:`PAGE_ASSETS`), with :func:`page_html` pointing the page at its HTTP API instead of
-an ONNX model beside it.
+onnxruntime-web is not vendored (its WASM binary alone is ~14 MB): the export runs ``npm pack
+onnxruntime-web@ORT_WEB_VERSION --prefer-offline`` (npm checks the tarball's integrity) and keeps
+the three files in ``~/.cache/decodet`` (``$XDG_CACHE_HOME``); ``ort_web=`` (``--ort-web``) or
+``$DECODET_ORT_WEB`` names a package folder or ``.tgz`` instead, for machines without npm.  The
+page runs single-threaded, so it needs no cross-origin isolation (COOP/COEP): any static server
+works.  ``decodet serve`` serves the same page (:data:`PAGE_ASSETS`, :func:`page_html` pointing it
+at its HTTP API).
 """
 
 from __future__ import annotations

@@ -1,22 +1,16 @@
 """int8 on x86 CPUs through PyTorch 2 export quantisation (PT2E) and Inductor.
 
-:func:`quantize_pt2e` takes a decodet model, exports ``DeployModel`` (model plus
-post-processing) with ``torch.export``, annotates it with the x86 Inductor quantizer
-(static, per-channel symmetric int8 weights, uint8 activations: the u8 x s8 pairing of
-VNNI/AMX), calibrates on real images, converts (quantize/dequantize pairs around each conv
-and linear), lowers the pairs to oneDNN int8 convolutions and matmuls with prepacked weights
-(torchao's ``lower_pt2e_quantized_to_x86``: Inductor's freezing passes on real weights) and
-compiles the rest with ``torch.compile``.  The post-processing (top-K, gathers, box scaling)
-is not annotated and stays float.
+:func:`quantize_pt2e` exports ``DeployModel`` with ``torch.export``, annotates it with the x86
+Inductor quantizer (static, per-channel symmetric int8 weights, uint8 activations: VNNI/AMX's
+u8 x s8), calibrates on real images, converts, lowers the quantize/dequantize pairs to oneDNN int8
+convolutions and matmuls with prepacked weights (torchao's ``lower_pt2e_quantized_to_x86``) and
+compiles the rest; the post-processing is not annotated and stays float.
 
 Why lowering first: with torch 2.14 and torchao 0.18, ``torch.compile(converted,
-options={"freezing": True})`` fails (``onednn.qconv_prepack`` has no fake-tensor kernel, so
-Inductor cannot trace the prepacking it inserts); lowering folds the prepacking on real
-tensors before Inductor sees the graph.
-
-The quantisation flow moved out of ``torch.ao.quantization`` into ``torchao``
-(``torchao.quantization.pt2e``) in recent PyTorch releases; both places are tried.  The
-result keeps the ``DeployModel`` call::
+options={"freezing": True})`` fails (``onednn.qconv_prepack`` has no fake-tensor kernel);
+lowering folds the prepacking on real tensors before Inductor sees the graph.  The flow moved
+from ``torch.ao.quantization`` to ``torchao.quantization.pt2e``; both are tried.  The result keeps
+the ``DeployModel`` call::
 
     run = quantize_pt2e(model, calib_images)        # calib: [N, 3, H, W] preprocessed
     boxes, scores, labels = run(images, orig_sizes)  # [B, K, 4], [B, K], [B, K]
