@@ -145,21 +145,14 @@ def run_benchmark(
     only: list[str] | None = None,
     **old: Any,
 ) -> list[Row]:
-    """Benchmark one model every way (module docstring).
+    """Benchmark one model every way (module docstring): the matmul peaks, DECO torch eager fp32
+    (the ratio and AP baseline), then the others, all prepared first, then timed in turns.
 
-    Returns the rows: first the matmul peaks (fp32, bf16, int8), then DECO torch eager fp32
-    (the ratio and AP baseline), then the others.  All rows are prepared first (models built,
-    exported, compiled), then timed in turns.
-
-    Args:
-        weights: a checkpoint to load instead of the preset's random initialisation.
-        throughput_batch: batch of the images/s column (0: no such column).
-        calib_images: int8 calibration images (a folder, list of paths, ...; ``None``: synthetic
-            noise, fine for speed only; ``calib``: deprecated name).
-        accuracy: ``accuracy(runner, imgsz, mean, std) -> COCO stats``
-            (:class:`decodet.evaluation.deployed.RunnerEvaluator`) for the AP column.
-        only: keep only rows whose ``"runtime precision"`` contains one of these strings
-            (the eager fp32 baseline is always kept).
+    ``weights``: a checkpoint instead of random weights.  ``throughput_batch``: batch of the
+    images/s column (0: none).  ``calib_images``: int8 calibration images (``None``: synthetic
+    noise, for speed only; ``calib``: deprecated name).  ``accuracy``: ``accuracy(runner, imgsz,
+    mean, std) -> COCO stats`` (:class:`decodet.evaluation.deployed.RunnerEvaluator`) for the AP
+    column.  ``only``: keep rows whose ``"runtime precision"`` contains one of these strings.
     """
     from decodet.bench.rows import build_cases
 

@@ -61,23 +61,12 @@ def export_web(
     ort_web: str | os.PathLike | None = None,
     int8: Any = None,
 ) -> Path:
-    """Write the static web folder (module docstring) to ``out_dir``.
+    """Write the static web folder (module docstring) to ``out_dir``, returned as a ``Path``.
 
-    Args:
-        model_or_weights: a decodet model or a checkpoint path.
-        out_dir: the folder to write; replaced if it holds an earlier web export, refused if
-            it holds anything else.  Written beside it, then renamed into place.
-        precision: ``"fp32"`` or ``"int8"`` (ONNX Runtime static quantisation, see ``export_onnx``).
-        imgsz: fixed input ``(height, width)`` (default: the model's evaluation size).
-        calib_images: int8 calibration images (see ``export_onnx``).
-        threshold: the page's initial score threshold (a slider changes it).
-        ort_web: an onnxruntime-web package folder or ``.tgz``; default: ``$DECODET_ORT_WEB``,
-            else npm (see :func:`ort_web_files`).
-        int8: :class:`~decodet.export.quantize.Int8Options` for ``precision="int8"`` (default:
-            the sensitivity sweep keeps the most harmful layer groups fp32).
-
-    Returns:
-        ``out_dir`` as a ``Path``.
+    ``out_dir`` is replaced if it holds an earlier web export, refused if it holds anything else
+    (written beside it, then renamed into place).  ``precision``, ``imgsz``, ``calib_images`` and
+    ``int8``: as for ``export_onnx`` (fp32 or int8 only).  ``threshold``: the page's initial score
+    threshold.  ``ort_web``: an onnxruntime-web folder or ``.tgz`` (default: :func:`ort_web_files`).
     """
     import onnx
 

@@ -98,19 +98,12 @@ def quantize_pt2e(
 ) -> Pt2eModel:
     """Static int8 of ``model`` with PT2E and the x86 Inductor quantizer (module docstring).
 
-    Args:
-        model: a decodet model or a checkpoint path.
-        calib_images: ``[N, 3, H, W]`` float, preprocessed exactly as for inference (resized to
-            the deploy size and normalised); ``H, W`` become the model's fixed input size.
-        num_top: K, detections per image (default: the preset's).
-        batch: calibration batch size.
-        mode: ``"compiled"`` (lowered to oneDNN int8, then ``torch.compile``: the fast one;
-            compiling takes minutes for large models), ``"lowered"`` (oneDNN int8 kernels, no
-            Inductor code generation) or ``"reference"`` (the converted graph in eager mode:
-            quantize/dequantize in float, slow, the same numbers up to rounding).
-        dynamic_batch: export with a symbolic batch axis (otherwise fixed at ``batch``;
-            lowering specialises on the example batch, so ``"lowered"``/``"compiled"`` recompile
-            or pad for other batch sizes).
+    ``calib_images``: ``[N, 3, H, W]`` preprocessed as for inference; ``H, W`` become the fixed
+    input size.  ``batch``: calibration batch (the batch axis too unless ``dynamic_batch``; lowering
+    specialises on it, so other sizes recompile or pad).  ``mode``: ``"compiled"`` (oneDNN int8,
+    then ``torch.compile``: fastest, compiling takes minutes on large models), ``"lowered"``
+    (oneDNN int8 kernels, no Inductor codegen) or ``"reference"`` (eager quantize/dequantize in
+    float: slow, the same numbers up to rounding).
     """
     if mode not in PT2E_MODES:
         raise DecodetError(f"unknown PT2E mode {mode!r}; choose one of {', '.join(PT2E_MODES)}")
