@@ -1,35 +1,21 @@
-"""Side-by-side inference speed (and accuracy): one table, every row measured in the same run.
-
-Rows for one DECO model (random weights are fine for speed; pass ``weights`` for AP), each
-timed on the model *with* its post-processing (``DeployModel``, what the ONNX file holds):
-
-  torch eager fp32 (the baseline) | torch bf16 (``Detector(precision="bf16")``) and bf16
-  autocast | ``torch.compile`` fp32 and bf16 (weight freezing) | ONNX Runtime fp32 and int8
-  (``export/quantize.py``) | PT2E int8 (``runtime/pt2e.py``) | OpenVINO fp32, bf16, int8
-  (``Detector(backend="openvino")``, the ``smoothquant`` scheme) and int8 ``full`` (an IR from
-  ``export_openvino(..., int8_scheme="full")``) | GPU rows when CUDA is available | Hugging Face
-  ``DetrForObjectDetection`` (ResNet-50) and ``RTDetrForObjectDetection`` (ResNet-18) built
-  from their configs with random weights (model forward only).
-
-A row whose backend is not in this build or install says so in its note instead of failing.
+"""Side-by-side inference speed (and accuracy) of one DECO model: one table, every row measured in
+the same run, each on the model *with* its post-processing (``DeployModel``, what the ONNX file
+holds).  Rows: torch eager fp32 (the baseline), bf16 and bf16 autocast, ``torch.compile``, ONNX
+Runtime fp32 / int8, PT2E int8, OpenVINO fp32 / bf16 / int8 (both schemes), GPU rows with CUDA,
+and Hugging Face DETR-R50 / RT-DETR-R18 from their configs (forward only).  A row whose backend is
+missing says so in its note instead of failing.
 
 Conventions:
-  * latency: median and 90th percentile of ``iters`` timed batch-``batch`` calls after
-    ``warmup`` calls; "img/s b8": ``throughput_batch`` / median time of a call with that many
-    images.  Rows are timed in turns (iteration i runs every row once), so load from other
-    processes on a shared machine falls on all rows alike.
-  * GFLOPs: ``torch.utils.flop_counter.FlopCounterMode`` on one eager fp32 forward, a
-    multiply-add counted as 2 FLOPs; convolutions and matrix products only.  The same count is
-    used for every row of a model, whatever its precision.
-  * peaks (``utils/machine.py``): the best GFLOP/s of a 2048x2048 fp32, bf16 and int8 matmul,
-    timed in turns with the rows; "% peak" = row GFLOP/s / the peak *of the row's own
-    precision* (int8 rows against the int8 peak, bf16 against bf16; mixed rows against the
-    lowest precision their big kernels use).
-  * ratio: the DECO torch-eager fp32 median divided by the row's (> 1 is faster).
-  * ONNX Runtime sessions do not spin-wait here (their idle threads would slow the next row).
-  * AP (with an ``accuracy`` evaluator, e.g. ``decodet benchmark --weights W --data D``): COCO
-    box AP of each row's runner on the validation split, and its change against eager fp32 in
-    AP points (x100).
+  * latency: median and p90 of ``iters`` batch-``batch`` calls after ``warmup``; "img/s b8":
+    ``throughput_batch`` / median of a call with that many images.  Rows are timed in turns, so
+    load from other processes falls on all rows alike.
+  * GFLOPs: ``FlopCounterMode`` on one eager fp32 forward (multiply-add = 2; convolutions and
+    matmuls only), the same for every row of a model whatever its precision.
+  * "% peak": row GFLOP/s / the 2048x2048 matmul peak of the row's own precision (mixed rows:
+    the lowest precision their big kernels use), peaks timed in turns with the rows.
+  * ratio: eager fp32 median / the row's (> 1 is faster).  AP (with an ``accuracy`` evaluator):
+    COCO box AP of each row's runner on the validation split, and its change in points (x100).
+  * ONNX Runtime sessions do not spin-wait here (idle threads would slow the next row).
 """
 
 from __future__ import annotations
@@ -159,21 +145,14 @@ def run_benchmark(
     only: list[str] | None = None,
     **old: Any,
 ) -> list[Row]:
-    """Benchmark one model every way (module docstring).
+    """Benchmark one model every way (module docstring): the matmul peaks, DECO torch eager fp32
+    (the ratio and AP baseline), then the others, all prepared first, then timed in turns.
 
-    Returns the rows: first the matmul peaks (fp32, bf16, int8), then DECO torch eager fp32
-    (the ratio and AP baseline), then the others.  All rows are prepared first (models built,
-    exported, compiled), then timed in turns.
-
-    Args:
-        weights: a checkpoint to load instead of the preset's random initialisation.
-        throughput_batch: batch of the images/s column (0: no such column).
-        calib_images: int8 calibration images (a folder, list of paths, ...; ``None``: synthetic
-            noise, fine for speed only; ``calib``: deprecated name).
-        accuracy: ``accuracy(runner, imgsz, mean, std) -> COCO stats``
-            (:class:`decodet.evaluation.deployed.RunnerEvaluator`) for the AP column.
-        only: keep only rows whose ``"runtime precision"`` contains one of these strings
-            (the eager fp32 baseline is always kept).
+    ``weights``: a checkpoint instead of random weights.  ``throughput_batch``: batch of the
+    images/s column (0: none).  ``calib_images``: int8 calibration images (``None``: synthetic
+    noise, for speed only; ``calib``: deprecated name).  ``accuracy``: ``accuracy(runner, imgsz,
+    mean, std) -> COCO stats`` (:class:`decodet.evaluation.deployed.RunnerEvaluator`) for the AP
+    column.  ``only``: keep rows whose ``"runtime precision"`` contains one of these strings.
     """
     from decodet.bench.rows import build_cases
 

@@ -1,17 +1,5 @@
-"""The ``decodet`` command line: one program, one subcommand per job.
-
-    decodet models                         list the presets
-    decodet data synth OUT ...             write the bundled synthetic dataset
-    decodet data check DATA                validate a dataset (COCO, YOLO, VOC), summary + histograms
-    decodet data convert SRC DST --to F    convert a dataset to COCO or YOLO
-    decodet train --model NAME --data D    train (also under torchrun)
-    decodet eval --weights W --data D      COCO mAP on a split
-    decodet predict SOURCE --weights W     detect, draw boxes, write COCO results (video: MP4 + JSONL)
-    decodet export --weights W             ONNX (fp32 / fp16 / int8) with post-processing inside
-    decodet benchmark --model NAME         latency table against DETR and RT-DETR
-    decodet convert IN.pth OUT             the authors' checkpoint -> ours
-    decodet demo                           the whole job on the bundled data
-    decodet serve --weights W              HTTP detection service with a web page
+"""The ``decodet`` command line: one program, one subcommand per job (``decodet --help`` lists them:
+models, data, train, eval, predict, export, benchmark, convert, demo, serve).
 
 User mistakes (:class:`DecodetError`) print one line and exit with status 2.
 """

@@ -88,21 +88,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     calib = calibration_source(args.calib_images, args.data) if args.precision == "int8" else args.calib_images
     imgsz = tuple(args.imgsz) if args.imgsz else None
     out_path = args.out or args.dest
+    w = Path(args.weights)
+    folder, stem = (w, w.name) if w.is_dir() else (w.parent, w.stem)
     if args.format == "web":
         from decodet.export.web import export_web
 
-        w = Path(args.weights)
-        out_dir = out_path or (w if w.is_dir() else w.parent) / f"{w.name if w.is_dir() else w.stem}_web"
+        out_dir = out_path or folder / f"{stem}_web"
         int8 = int8_options(args) if args.precision == "int8" else None
         out = export_web(args.weights, out_dir, args.precision, imgsz, calib, ort_web=args.ort_web, int8=int8)
         print(f"exported {out}/ (serve it: python -m http.server -d {out})")
         return 0
     if out_path is None:
-        w = Path(args.weights)
-        stem = w.name if w.is_dir() else w.stem
         suffix = "" if args.precision == "fp32" else f"_{args.precision}"
-        ext = ".xml" if args.format == "openvino" else ".onnx"
-        out_path = (w if w.is_dir() else w.parent) / f"{stem}{suffix}{ext}"
+        out_path = folder / f"{stem}{suffix}{'.xml' if args.format == 'openvino' else '.onnx'}"
     if args.format == "openvino":
         from decodet.export.openvino import export_openvino
 
@@ -115,16 +113,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"exported {out} (+ {out.with_suffix('.bin').name})")
         return 0
     out = export_onnx(
-        args.weights,
-        out_path,
-        imgsz=imgsz,
-        opset=args.opset,
-        dynamic_batch=args.dynamic_batch,
-        precision=args.precision,
-        calib_images=calib,
-        calib_count=args.calib_count,
-        **int8_kwargs(args, out_path),
-    )
+        args.weights, out_path, imgsz=imgsz, opset=args.opset, dynamic_batch=args.dynamic_batch,
+        precision=args.precision, calib_images=calib, calib_count=args.calib_count, **int8_kwargs(args, out_path),
+    )  # fmt: skip
     print(f"exported {out}")
     if args.precision == "int8" and args.sensitivity_report:
         print(f"int8 sensitivity report written to {report_path(args, out_path)} (and .csv)")
@@ -145,22 +136,11 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         accuracy = RunnerEvaluator(args.data, "val", limit=args.ap_images, batch_size=max(1, args.throughput_batch))
     info = machine_info(args.threads)
     rows = run_benchmark(
-        args.model,
-        imgsz=args.imgsz,
-        batch=args.batch,
-        threads=args.threads,
-        warmup=args.warmup,
-        iters=args.iters,
-        include_hf=not args.no_hf,
-        include_compile=not args.no_compile,
-        include_pt2e=not args.no_pt2e,
-        include_openvino=not args.no_openvino,
-        weights=args.weights,
-        throughput_batch=args.throughput_batch,
-        calib_images=calibration_source(args.calib_images, args.data),
-        accuracy=accuracy,
-        only=args.only,
-    )
+        args.model, imgsz=args.imgsz, batch=args.batch, threads=args.threads, warmup=args.warmup, iters=args.iters,
+        include_hf=not args.no_hf, include_compile=not args.no_compile, include_pt2e=not args.no_pt2e,
+        include_openvino=not args.no_openvino, weights=args.weights, throughput_batch=args.throughput_batch,
+        calib_images=calibration_source(args.calib_images, args.data), accuracy=accuracy, only=args.only,
+    )  # fmt: skip
     print(format_header(info))
     print()
     print(format_table(rows, args.throughput_batch))
@@ -279,7 +259,6 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
-
     be = sub.add_parser(
         "benchmark", help="speed (and AP) table: eager, bf16, compile, ONNX Runtime, PT2E, OpenVINO, DETR, RT-DETR"
     )

@@ -1,20 +1,14 @@
 """COCO AP of a deployed model: a :class:`~decodet.runtime.detector.Detector` on any backend and
-precision, or any *runner* (:class:`RunnerEvaluator`: the AP column of ``decodet benchmark`` and
-the AP ranking of the int8 sensitivity sweep).
+precision, or any *runner* (:class:`RunnerEvaluator`: the AP column of ``decodet benchmark``, the
+AP ranking of the int8 sweep); ``decodet eval --backend B --precision P`` comes here, one process.
 
-A runner is what every backend offers (``Detector.predict_batch``, ``DeployModel``, an ONNX
-session wrapped to tensors): ``run(images [B, 3, H, W] preprocessed, orig_sizes [B, 2]) ->
-(boxes [B, K, 4] xyxy original pixels, scores [B, K], labels [B, K] category ids)``.  Images
-are read and preprocessed as ``Detector`` does (one fixed size, the deploy mean/std), so every
-backend is scored on the same inputs through pycocotools.
-
-``decodet eval --backend B --precision P`` comes here (via
-:func:`~decodet.evaluation.evaluate.evaluate_checkpoint`), one process (no sharding).
-
-For presets evaluated with a square resize (``light``, ``rtdetr`` recipes) the fp32 torch
-run equals the default ``decodet eval`` up to float rounding; DECO's keep-aspect ``detr``
-evaluation differs (the Detector resizes to its fixed deploy size), so compare precisions
-and backends with each other through this path.
+A runner is what every backend offers (``Detector.predict_batch``, ``DeployModel``, a wrapped ONNX
+session): ``run(images [B, 3, H, W] preprocessed, orig_sizes [B, 2]) -> (boxes [B, K, 4] xyxy
+original pixels, scores [B, K], labels [B, K] category ids)``.  Images are preprocessed as
+``Detector`` does (one fixed size), so every backend is scored on the same inputs.  For square-
+resize presets (``light``, ``rtdetr`` recipes) fp32 torch equals the default ``decodet eval`` up to
+rounding; DECO's keep-aspect ``detr`` evaluation differs, so compare precisions and backends with
+each other through this path.
 """
 
 from __future__ import annotations

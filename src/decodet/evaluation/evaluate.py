@@ -56,23 +56,16 @@ def evaluate(
     plot_threshold: float = RunOptions.score_threshold,
     **old: Any,
 ) -> dict[str, float]:
-    """COCO box AP of ``model`` on ``data``; every process evaluates its shard.
+    """The 12 COCO stats of ``model`` (put in eval mode here) on ``data``, a dataset with eval
+    transforms or a loader of :func:`collate` batches; every process evaluates its shard and gets
+    the stats.
 
-    Args:
-        model: a detector (``pred_logits`` / ``pred_boxes`` outputs); put in eval mode here.
-        data: a dataset with eval transforms (``CocoDetection``) or a loader of :func:`collate` batches.
-        gt: COCO ground truth (path / dict / ``COCO``); default: the dataset's ``ann_file``.
-        batch_size, workers: for the loader built when ``data`` is a dataset.
-        amp: ``none`` | ``bf16`` | ``fp16`` autocast for the forward pass.
-        max_det: detections kept per image (COCO's maxDets is 100; ``num_top``: deprecated name).
-        category_ids: logit index -> category id; default: the model config's ``category_ids``
-            (``None`` there means the logit index is the id).
-        detections_out: also write the COCO results JSON here (rank 0).
-        plots_out: also write the per-class table, PR curves, confusion matrix (at score
-            ``plot_threshold``) and worst images into this folder (rank 0; decodet.evaluation.analysis).
-
-    Returns:
-        The 12 COCO stats (``AP``, ``AP50``, ...) on every process.
+    ``gt``: COCO ground truth (default: the dataset's ``ann_file``).  ``batch_size``, ``workers``:
+    for the loader built from a dataset.  ``amp``: ``none`` | ``bf16`` | ``fp16`` autocast.
+    ``max_det``: detections per image (``num_top``: deprecated name).  ``category_ids``: logit
+    index -> category id (default: the config's; ``None`` there: the index is the id).  Rank 0
+    also writes the COCO results JSON to ``detections_out``, and the per-class table, PR curves,
+    confusion matrix (at ``plot_threshold``) and worst images into ``plots_out``.
     """
     old = renamed(old)
     max_det = old.pop("max_det", max_det)

@@ -1,15 +1,12 @@
 """COCO box evaluation: detections + COCO ground truth -> the 12 standard stats.
 
-The numbers come from pycocotools' ``COCOeval`` (the reference implementation), run
-quietly; this module only validates inputs, converts detection formats and collects
-detections across processes. (faster-coco-eval 1.8 was tried and differs from pycocotools in
-the last bits of some stats, so it is not offered.)
+The numbers come from pycocotools' ``COCOeval``, run quietly; this module validates inputs,
+converts detection formats and collects detections across processes.  (faster-coco-eval 1.8
+differs from pycocotools in the last bits of some stats, so it is not offered.)
 
-Detections may be given as
-  * a COCO results list ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``,
-  * a path to a JSON file holding such a list,
-  * torchvision-style ``{image_id: {"boxes": [N, 4] xyxy, "scores": [N], "labels": [N]}}``
-    where labels are category ids (what ``postprocess(..., category_ids=...)`` returns).
+Detections: a COCO results list (``image_id``, ``category_id``, ``bbox`` xywh, ``score``), a path
+to a JSON file of one, or ``{image_id: {"boxes": [N, 4] xyxy, "scores", "labels"}}`` with
+category ids as labels (what ``postprocess(..., category_ids=...)`` returns).
 """
 
 from __future__ import annotations
@@ -61,26 +58,15 @@ def evaluate_coco(
     iou_type: str = "bbox",
     image_ids: Iterable[int] | None = None,
 ) -> dict[str, float]:
-    """Score detections against COCO ground truth with ``COCOeval``.
+    """The 12 COCO stats (``AP``, ``AP50``, ... ``ARl``, floats in [0, 1]) of ``detections``
+    against ``gt_json`` (a COCO instances JSON path, its dict, or a ``COCO``) with ``COCOeval``.
 
-    Args:
-        gt_json: path to a COCO instances JSON, the loaded dict, or a ``pycocotools.coco.COCO``.
-        detections: results list, path to a results JSON, or ``{image_id: {"boxes": [N, 4]
-            xyxy pixels, "scores": [N], "labels": [N] category ids}}`` (tensors or arrays).
-            The dict form is not truncated here: the detector's own top-k decides.
-        iou_type: only ``"bbox"`` is supported.
-        image_ids: evaluate on these images only (default: every image of the ground truth).
-            Images listed without detections count as misses.
-
-    Returns:
-        ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
-        "ARl"}`` as floats in [0, 1]; as in pycocotools, -1.0 means the (sub)set has no ground
-        truth (e.g. ``APs`` when no object is small). No detections score 0 where there is
-        ground truth.
-
-    Raises:
-        DecodetError: unreadable or malformed files, detections for images that are not in the
-            ground truth, unknown ``image_ids``.
+    ``detections``: any form of the module docstring (tensors or arrays); the dict form is not
+    truncated here (the detector's top-k decides).  ``image_ids``: evaluate on these only
+    (default: all of the ground truth); listed images without detections count as misses.  As in
+    pycocotools, -1.0 means the (sub)set has no ground truth (e.g. ``APs`` with no small object).
+    :class:`DecodetError`: unreadable or malformed files, detections for images not in the ground
+    truth, unknown ``image_ids``.
     """
     ev = run_coco_eval(gt_json, detections, iou_type=iou_type, image_ids=image_ids)
     return {name: float(value) for name, value in zip(STAT_NAMES, ev.stats)}

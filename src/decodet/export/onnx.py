@@ -1,40 +1,29 @@
-"""ONNX export of a detector *with* its post-processing, optionally fp16 or int8.
-
-What is exported is :class:`~decodet.inference.graph.DeployModel`, the graph the torch
-backend of ``Detector`` runs too; this module only writes it to ONNX.
+"""ONNX export of a detector *with* its post-processing (:class:`~decodet.inference.graph.DeployModel`,
+the graph the torch backend of ``Detector`` runs too), optionally fp16 or int8.
 
 The exported graph::
 
-    images      [B, 3, H, W] float32, resized to (H, W), scaled to [0, 1] and normalised
-                with the metadata's mean/std (ImageNet's; none for configs with
-                ``normalize=False``, e.g. DECO+ on RT-DETR's convention)
+    images      [B, 3, H, W] float32, resized to (H, W), scaled to [0, 1] and normalised with the
+                metadata's mean/std (none for ``normalize=False`` configs, e.g. DECO+)
     orig_sizes  [B, 2]       float32, (height, width) of each original image
       -> boxes  [B, K, 4]    float32, xyxy in original-image pixels
          scores [B, K]       float32, sigmoid scores, sorted high to low
-         labels [B, K]       int64, dataset category ids (``config.category_ids`` is a
-                             constant gather inside the graph)
+         labels [B, K]       int64, dataset category ids (a constant gather inside the graph)
 
-``K`` (``num_top``) is a constant: the top-K (query, class) pairs, as ``postprocess``
-computes them; callers drop low scores themselves.  ``H, W`` are fixed at export time
-(DECO's outputs depend on the input size; uneven adaptive pooling is exported by
-slicing, see ``layers.adaptive_max_pool2d``); the batch axis is fixed too unless
-``dynamic_batch``.
-
-The file's ``metadata_props`` carry what :class:`~decodet.runtime.detector.Detector` needs
-to use it alone: format tag and version, decodet version, model config JSON (class
-names, category ids), image size, normalisation, K, precision, opset.
+``K`` (``num_top``) is constant: the top-K (query, class) pairs of ``postprocess``; callers drop
+low scores.  ``H, W`` are fixed (DECO's outputs depend on the input size; uneven adaptive pooling
+is exported by slicing, ``layers.adaptive_max_pool2d``), the batch too unless ``dynamic_batch``.
+``metadata_props`` carry what ``Detector`` needs to use the file alone (format tag and version,
+decodet version, model config JSON, image size, normalisation, K, precision, opset).
 
 Precisions:
   * ``fp32`` — matches torch to ~1e-5.
-  * ``int8`` — ONNX Runtime static quantisation (QDQ, per-channel int8 weights, uint8
-    activations) of Conv/MatMul/Gemm only; everything else, post-processing (TopK, Gather,
-    box scaling) included, stays float, and so do the layer groups a measured sensitivity
-    sweep finds most harmful (``export/quantize.py``; recorded in the ``int8_*`` metadata).
-  * ``fp16`` — weights and compute in half, inputs/outputs and post-processing float32;
-    meant for GPU providers.  ONNX Runtime's CPU provider runs it (the tests do) but it
-    is no CPU speed-up: use int8 there.
-  * ``bf16`` — refused: ONNX Runtime has no bf16 Conv kernels on CPU or CUDA, so such a
-    file could not run; use fp16 on GPU, int8 or fp32 on CPU.
+  * ``int8`` — ONNX Runtime static QDQ quantisation (per-channel int8 weights, uint8 activations)
+    of Conv/MatMul/Gemm only; the rest, post-processing included, stays float, and so do the
+    layer groups a measured sensitivity sweep finds most harmful (``export/quantize.py``).
+  * ``fp16`` — half weights and compute, float32 I/O and post-processing; for GPU providers (ONNX
+    Runtime's CPU provider runs it but no faster: use int8 there).
+  * ``bf16`` — refused: ONNX Runtime has no bf16 Conv kernels on CPU or CUDA.
 """
 
 from __future__ import annotations
@@ -89,33 +78,22 @@ def export_onnx(
     sensitivity_report: str | os.PathLike | None = None,
     score_fn: Any = None,
 ) -> Path:
-    """Export a detector and its post-processing to one ONNX file (see the module docstring).
+    """Export a detector and its post-processing to one ONNX file (module docstring); returns ``out_path``.
 
     Args:
         model_or_weights: a decodet model, or a checkpoint path (ours or the authors').
         out_path: the ``.onnx`` file to write (atomically).
-        imgsz: fixed input ``(height, width)`` (or one int for a square); default: the
-            preset's deploy size (:func:`decodet.registry.deploy_imgsz`: DECO+ ``eval_size``,
-            640x640 for DECO).
-        opset: ONNX opset, at least 18 (default: the exporter's).
-        dynamic_batch: make the batch axis symbolic; otherwise it is fixed at ``batch``.
-        precision: ``"fp32"``, ``"fp16"``, ``"int8"`` (``"bf16"`` is refused, see above).
-        calib_images: for int8, the calibration images: a folder, a glob, a list of paths
-            or in-memory images (anything ``Detector`` accepts).  ``None`` calibrates on
-            synthetic noise images — enough for speed tests, not for accuracy.
-        num_top: K, detections per image (default: the preset's, :func:`decodet.registry.deploy_num_top`:
-            DECO+ ``num_top_queries``, DECO 100).
+        imgsz: fixed input ``(height, width)`` or one int; default: the preset's deploy size
+            (:func:`decodet.registry.deploy_imgsz`).
+        opset: at least 18 (default: the exporter's).
         batch: the fixed batch size when not ``dynamic_batch``.
-        calib_count: at most this many calibration images are used.
-        int8: :class:`decodet.export.quantize.Int8Options` (calibration method, activation
-            type, which layer groups stay fp32; default: measured sweep, see that module).
-        sensitivity_report: int8: write the per-layer-group sweep here (Markdown, and CSV
-            beside it).
-        score_fn: int8: ``score_fn(run) -> float`` (higher is better, e.g. COCO AP on a
-            labelled split) to rank layer groups by instead of the output error vs fp32.
-
-    Returns:
-        ``out_path`` as a ``Path``.
+        calib_images: int8 calibration images (anything ``Detector`` accepts; at most
+            ``calib_count``).  ``None``: synthetic noise, enough for speed tests only.
+        num_top: K, detections per image (default: :func:`decodet.registry.deploy_num_top`).
+        int8: :class:`decodet.export.quantize.Int8Options` (default: the measured sweep).
+        sensitivity_report: int8: write the per-layer-group sweep here (Markdown, CSV beside it).
+        score_fn: int8: ``score_fn(run) -> float`` (higher is better, e.g. COCO AP) to rank layer
+            groups by instead of the output error vs fp32.
     """
     precision = _check_request(precision, opset)
     model = prepare_model(model_or_weights)

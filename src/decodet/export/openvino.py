@@ -1,51 +1,28 @@
 """OpenVINO models from decodet's graph, fp32 / bf16 / int8, and the IR export; the runtime that
 compiles and runs them is :class:`decodet.runtime.openvino.OvModel`.
 
-The graph is :class:`~decodet.inference.graph.DeployModel` as
-:func:`~decodet.export.onnx.export_onnx` writes it (inputs ``images``, ``orig_sizes``;
-outputs ``boxes``, ``scores``, ``labels``), read from the ``.onnx`` file or from an OpenVINO
-IR (``.xml`` + ``.bin``) that :func:`export_openvino` writes with the same metadata (in the
-IR's ``rt_info``, under ``framework`` as OpenVINO keeps an ONNX file's ``metadata_props``).
+The graph is :class:`~decodet.inference.graph.DeployModel` as :func:`~decodet.export.onnx.export_onnx`
+writes it, read from the ``.onnx`` file or from an IR (``.xml`` + ``.bin``) written by
+:func:`export_openvino` with the same metadata (in ``rt_info`` under ``framework``, where OpenVINO
+keeps an ONNX file's ``metadata_props``).
 
 Precisions:
-  * ``fp32`` — ``INFERENCE_PRECISION_HINT f32`` (OpenVINO would otherwise pick bf16 by
-    itself on CPUs that have it).
-  * ``bf16`` — ``INFERENCE_PRECISION_HINT bf16``: OpenVINO runs convolutions and matrix
-    products in bf16 and keeps its own fp32 islands; weights stay fp32 in the file.
-  * ``int8`` — NNCF post-training quantisation (``nncf.quantize``, the ``MIXED`` preset:
-    symmetric per-channel int8 weights, asymmetric activations) calibrated on real images;
-    the class and box heads (:data:`~decodet.inference.precision.FP32_HEADS`) and the
-    post-processing stay float, and under ``full`` the backbone's stem (:data:`FLOAT_STEM`,
-    measured).  Two schemes (:data:`INT8_SCHEMES`):
+  * ``fp32`` — ``INFERENCE_PRECISION_HINT f32`` (else OpenVINO picks bf16 on CPUs that have it).
+  * ``bf16`` — ``INFERENCE_PRECISION_HINT bf16``: convolutions and matrix products in bf16, with
+    OpenVINO's own fp32 islands; weights stay fp32 in the file.
+  * ``int8`` — NNCF post-training quantisation (``MIXED`` preset: symmetric per-channel weights,
+    asymmetric activations) calibrated on real images; the heads
+    (:data:`~decodet.inference.precision.FP32_HEADS`) and post-processing stay float, and under
+    ``full`` the backbone's stem (:data:`FLOAT_STEM`).  Schemes (:data:`INT8_SCHEMES`):
+    ``smoothquant`` (default, NNCF's transformer scheme: activation outliers of the LayerNorm ->
+    Linear pairs move into the weights; only weighted layers' inputs are int8, residual adds stay
+    float) and ``full`` (NNCF's CNN scheme: every elementwise op int8 too; faster on big
+    backbones, less accurate on DECO's encoder and decoder).  Measurements: docs/benchmarks.md
+    ("Moved from source docstrings").
 
-    - ``smoothquant`` (default): NNCF's transformer scheme.  SmoothQuant moves activation
-      outliers of the matrix products (the LayerNorm -> Linear pairs of DECO's ConvNeXt-style
-      encoder and decoder blocks) into their weights, and only the inputs of weighted layers
-      are int8; elementwise ops (residual adds) stay float.
-    - ``full``: NNCF's CNN scheme, every elementwise op's inputs int8 as well, so a ResNet's
-      residual adds run in int8 too: faster on big backbones, less accurate on DECO's
-      encoder and decoder.
-
-    Measured (demo deco_tiny, AP change in points against fp32 on the 300 validation / the
-    first 400 training images; deco_r50 at 640, batch 1, 2 threads, latency):
-
-    ============  ===============  ================  =====================
-    scheme        AP val / train   deco_tiny 256     deco_r50 640
-    ============  ===============  ================  =====================
-    smoothquant   +0.05 / -0.41    8.4 ms            104 ms (3.4x eager)
-    full          -0.64 / -0.88    8.3 ms            90 ms (3.9x eager)
-    ============  ===============  ================  =====================
-
-    On a second demo model (fresh ``make demo``, val only): smoothquant -0.64, full -0.92.
-
-OpenVINO and NNCF are optional (``pip install openvino nncf``).
-
-Telemetry: both report usage to Google Analytics through ``openvino-telemetry`` unless the user
-declined (``opt_in_out --opt_out``): ``import openvino`` sends one event (its model converter's
-import hook) and ``nncf.quantize`` five, each from a forked process, and a client id is written
-to ``~/intel``.  decodet imports them with the switches both libraries honour set (:func:`_no_telemetry`),
-so an export or a detector phones nobody; a user who opted in explicitly (``opt_in_out --opt_in``)
-is left alone.
+OpenVINO and NNCF are optional (``pip install openvino nncf``).  Both report usage to Google
+Analytics unless the user declined; decodet imports them with their telemetry switched off
+(:func:`_no_telemetry`), leaving alone a user who opted in explicitly (``opt_in_out --opt_in``).
 """
 
 from __future__ import annotations
@@ -129,14 +106,12 @@ def _telemetry_opted_in() -> bool:
 def core() -> Any:
     """The process's one ``openvino.Core``: every compilation and query goes through it.
 
-    Each ``Core`` loads its own CPU plugin, and the plugin swaps the calling thread's alternate
-    signal stack for one of its own on creation and puts back the one it found when destroyed,
-    unmapping its own.  Two Cores destroyed in the order they were made therefore leave the
-    thread on the first one's unmapped stack, and the next signal delivered to a Python handler
-    (all are ``SA_ONSTACK``; SIGCHLD under torch's DataLoader, SIGINT, SIGTERM) kills the
-    process with a SIGSEGV that faulthandler cannot report: the test suite's segmentation fault,
-    and a hazard for ``decodet serve`` (a Core per Detector).  One Core, never destroyed, makes
-    one swap for the process (tests/test_openvino.py reproduces the crash with two Cores)."""
+    Each Core's CPU plugin swaps the thread's alternate signal stack for its own on creation and
+    restores the one it found when destroyed, unmapping its own: two Cores destroyed in creation
+    order leave the thread on an unmapped stack, and the next signal to a Python handler
+    (``SA_ONSTACK``: SIGCHLD under DataLoader, SIGINT, SIGTERM) segfaults past faulthandler (the
+    test suite's crash; a hazard for ``decodet serve``).  One Core, never destroyed, swaps once
+    (tests/test_openvino.py reproduces the crash with two Cores)."""
     return _require().Core()
 
 
@@ -158,15 +133,10 @@ def read_model(path: str | os.PathLike) -> tuple[Any, OnnxInfo]:
     return model, parse_metadata(meta, path)
 
 
-# The backbone's stem (ResNet's ``conv1``, ResNet-D's ``conv1.conv1_1..3``) stays float in
-# OpenVINO int8 under the ``full`` scheme.  Measured there on the demo's deco_tiny (fp32 AP
-# 0.556, 300 validation images): all int8 0.451; stem float 0.549; of the stem's three
-# convolutions ``conv1_2`` alone accounts for it (0.548 with only that one float); calibration
-# choices did not help (128 images, histogram or quantile ranges, symmetric activations, bias
-# correction off or full, the 7-bit overflow fix: 0.437-0.455).  On deco_r50 at 640 the float
-# stem costs 5% of the int8 latency.  Under ``smoothquant`` the stem is int8: a float stem
-# measured no better on that model (0.5559 float, 0.5557 int8, fp32 0.5557) and worse on a
-# second demo model (0.5566 float, 0.5630 int8, fp32 0.5630).
+# The backbone's stem stays float in int8 under ``full``: all-int8 lost 10 AP points on the demo
+# deco_tiny, float stem 0.7 (``conv1_2`` alone accounts for it; calibration choices did not help),
+# for 5% of deco_r50's int8 latency.  Under ``smoothquant`` a float stem measured no better, so it
+# is int8.  Figures: docs/benchmarks.md ("Moved from source docstrings").
 FLOAT_STEM = re.compile(r"\bbackbone(\.body)?\.(conv1|bn1|stem)\b")
 
 #: OpenVINO int8 schemes (module docstring): name -> NNCF model type.

@@ -1,27 +1,18 @@
 """int8 for ONNX Runtime that keeps its accuracy: calibrate once, sweep layer groups, keep the
-harmful ones in fp32.
+harmful ones in fp32.  Steps of :func:`quantize_onnx` (``export_onnx(precision="int8")``):
 
-Steps of :func:`quantize_onnx` (called by :func:`~decodet.export.onnx.export_onnx` for
-``precision="int8"``):
-
-1. **Calibration** on real images (the caller passes them; synthetic noise only with a
-   warning): ONNX Runtime's calibrator runs once and its ranges are cached in a file, so
-   every quantised variant below reuses them (``quantize_static(calibration_cache_path=)``).
-2. **Quantisation** (``Int8Options``): QDQ format, per-channel symmetric int8 weights,
-   activations uint8 (asymmetric) by default: the u8 x s8 pairing is what x86 VNNI's
-   ``vpdpbusd`` multiplies, and ORT's CPU kernels use it directly.  ``reduce_range`` (7-bit
-   weights) is switched on automatically on CPUs without VNNI, where u8 x s8 products can
-   saturate 16-bit intermediate sums.  Only Conv/MatMul/Gemm are quantised: the
-   post-processing (TopK, Gather, box scaling) stays float.
-3. **Sensitivity sweep** (``exclude="auto"``): the Conv/MatMul/Gemm nodes are grouped by the
-   module they come from (the exporter's name scopes, cut at 4 levels, e.g.
-   ``model.backbone.body.layer1``, ``model.decoder.layers.0``, ``model.class_heads.5``).
-   Each group is quantised *alone* and the result compared with fp32: by default with
-   :func:`detection_error` on the sweep images; with ``score_fn`` (e.g. COCO AP on a
-   labelled split) by the drop of that score.  The ``max_excluded`` groups that hurt most
-   are kept in fp32 if each costs at least ``min_share`` of what quantising everything
-   costs.  The sweep, the rule and the excluded groups go into the file's metadata
-   (``int8_*`` keys) and, when asked, a Markdown/CSV report.
+1. **Calibration** on real images (synthetic noise only with a warning): ORT's calibrator runs
+   once and its ranges are cached in a file that every variant below reuses.
+2. **Quantisation** (``Int8Options``): QDQ, per-channel symmetric int8 weights, uint8 activations
+   by default (u8 x s8 is what x86 VNNI's ``vpdpbusd`` multiplies and ORT's CPU kernels use).
+   ``reduce_range`` (7-bit weights) is on automatically on CPUs without VNNI, where u8 x s8
+   products can saturate 16-bit sums.  Only Conv/MatMul/Gemm: post-processing stays float.
+3. **Sensitivity sweep** (``exclude="auto"``): those nodes are grouped by module (name scopes cut
+   at 4 levels, e.g. ``model.decoder.layers.0``); each group is quantised *alone* and compared
+   with fp32 (:func:`detection_error` on the sweep images, or the drop of ``score_fn``, e.g.
+   COCO AP).  The ``max_excluded`` worst groups stay fp32 if each costs at least ``min_share``
+   of quantising everything.  Sweep, rule and excluded groups go into the ``int8_*`` metadata
+   and, when asked, a Markdown/CSV report.
 """
 
 from __future__ import annotations
@@ -32,7 +23,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,14 +178,8 @@ class _Reader:
     def get_next(self) -> Feed | None:
         return next(self._it, None)
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Feed:
-        item = self.get_next()
-        if item is None:
-            raise StopIteration
-        return item
+    def __iter__(self) -> Iterator[Feed]:
+        return iter(self.get_next, None)
 
 
 class _Quantizer:

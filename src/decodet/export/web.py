@@ -10,19 +10,13 @@ The folder ``decodet export --format web`` writes::
     model.json        what the page needs from the file's metadata: size, mean/std, classes
     ort/              onnxruntime-web's WASM backend: ort.wasm.min.mjs, ort-wasm-simd-threaded.{mjs,wasm}
 
-onnxruntime-web is not vendored in decodet (its WASM binary alone is ~14 MB): the export
-takes it from npm, ``npm pack onnxruntime-web@ORT_WEB_VERSION --prefer-offline`` (npm's local
-cache first, the npm registry otherwise; npm checks the tarball's integrity), and keeps the
-three files it needs in ``~/.cache/decodet`` (``$XDG_CACHE_HOME``).  ``ort_web=`` (CLI
-``--ort-web``) or ``$DECODET_ORT_WEB`` points at an onnxruntime-web package folder or ``.tgz``
-instead, for machines without npm.
-
-The page runs ONNX Runtime single-threaded, so it needs no cross-origin isolation
-(COOP/COEP headers): any static file server works.
-
-The page is decodet's one web front-end: ``decodet serve`` serves the same files
-(:data:`PAGE_ASSETS`), with :func:`page_html` pointing the page at its HTTP API instead of
-an ONNX model beside it.
+onnxruntime-web is not vendored (its WASM binary alone is ~14 MB): the export runs ``npm pack
+onnxruntime-web@ORT_WEB_VERSION --prefer-offline`` (npm checks the tarball's integrity) and keeps
+the three files in ``~/.cache/decodet`` (``$XDG_CACHE_HOME``); ``ort_web=`` (``--ort-web``) or
+``$DECODET_ORT_WEB`` names a package folder or ``.tgz`` instead, for machines without npm.  The
+page runs single-threaded, so it needs no cross-origin isolation (COOP/COEP): any static server
+works.  ``decodet serve`` serves the same page (:data:`PAGE_ASSETS`, :func:`page_html` pointing it
+at its HTTP API).
 """
 
 from __future__ import annotations
@@ -67,23 +61,12 @@ def export_web(
     ort_web: str | os.PathLike | None = None,
     int8: Any = None,
 ) -> Path:
-    """Write the static web folder (module docstring) to ``out_dir``.
+    """Write the static web folder (module docstring) to ``out_dir``, returned as a ``Path``.
 
-    Args:
-        model_or_weights: a decodet model or a checkpoint path.
-        out_dir: the folder to write; replaced if it holds an earlier web export, refused if
-            it holds anything else.  Written beside it, then renamed into place.
-        precision: ``"fp32"`` or ``"int8"`` (ONNX Runtime static quantisation, see ``export_onnx``).
-        imgsz: fixed input ``(height, width)`` (default: the model's evaluation size).
-        calib_images: int8 calibration images (see ``export_onnx``).
-        threshold: the page's initial score threshold (a slider changes it).
-        ort_web: an onnxruntime-web package folder or ``.tgz``; default: ``$DECODET_ORT_WEB``,
-            else npm (see :func:`ort_web_files`).
-        int8: :class:`~decodet.export.quantize.Int8Options` for ``precision="int8"`` (default:
-            the sensitivity sweep keeps the most harmful layer groups fp32).
-
-    Returns:
-        ``out_dir`` as a ``Path``.
+    ``out_dir`` is replaced if it holds an earlier web export, refused if it holds anything else
+    (written beside it, then renamed into place).  ``precision``, ``imgsz``, ``calib_images`` and
+    ``int8``: as for ``export_onnx`` (fp32 or int8 only).  ``threshold``: the page's initial score
+    threshold.  ``ort_web``: an onnxruntime-web folder or ``.tgz`` (default: :func:`ort_web_files`).
     """
     import onnx
 

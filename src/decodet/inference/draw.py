@@ -25,18 +25,10 @@ def draw_detections(
     class_names: ClassNames | None = None,
     score_threshold: float = 0.3,
 ) -> Image.Image:
-    """Draw boxes labelled ``"name 0.87"``, one colour per class, on a copy of ``image``.
-
-    Args:
-        image: PIL image, ``uint8`` tensor ``[C, H, W]`` (C = 1 or 3) or ``uint8`` array ``[H, W(, C)]``.
-        detections: ``{"boxes": [N, 4] xyxy pixels, "scores": [N], "labels": [N]}``; boxes are
-            clipped to the image.
-        class_names: label -> name, as a sequence indexed by label or a dict; missing names
-            (and ``None``) show the label number.
-        score_threshold: detections scoring below it are not drawn.
-
-    Returns:
-        An RGB PIL image of the input's size.
+    """An RGB PIL copy of ``image`` (PIL, ``uint8`` ``[C, H, W]`` tensor with C 1 or 3, or ``uint8``
+    ``[H, W(, C)]`` array) with the ``detections`` scoring at least ``score_threshold`` drawn as
+    boxes labelled ``"name 0.87"``, clipped to the image, one colour per class.  ``class_names``:
+    label -> name (a sequence or dict); missing names (and ``None``) show the label number.
     """
     pixels = _to_uint8_chw(image)
     height, width = pixels.shape[-2:]

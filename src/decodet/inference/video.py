@@ -1,14 +1,12 @@
 """Video in and out with PyAV (FFmpeg): decode frame by frame, encode H.264 MP4.
 
-Reading is lazy — one decoded frame at a time — so memory does not grow with the length
-of the video.  A file FFmpeg cannot open (corrupt, not a video, unknown codec) is a
-one-line :class:`DecodetError` naming it.  A truncated file yields the frames that decode
-and then logs a warning: truncation shows up either as a decode error part-way through
-or as fewer frames than the container declares.  (An MP4 whose index, the ``moov`` box,
-was written at the end cannot be opened at all once cut: that is reported as corrupt.)
+Reading is lazy (one decoded frame at a time), so memory does not grow with the video.  A file
+FFmpeg cannot open is a one-line :class:`DecodetError` naming it.  A truncated file yields the
+frames that decode, then logs a warning (a decode error part-way, or fewer frames than the
+container declares); an MP4 cut before its end-of-file ``moov`` index cannot be opened: corrupt.
 
-Frames are RGB ``uint8 [H, W, 3]`` numpy arrays, what :func:`~decodet.inference.inputs.iter_images`
-takes.  PyAV is the optional ``video`` extra (``pip install 'decodet[video]'``).
+Frames are RGB ``uint8 [H, W, 3]`` numpy arrays (what :func:`~decodet.inference.inputs.iter_images`
+takes).  PyAV is the optional ``video`` extra (``pip install 'decodet[video]'``).
 """
 
 from __future__ import annotations

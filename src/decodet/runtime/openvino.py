@@ -31,13 +31,8 @@ class OvModel:
     deco_r50 at 640 96 -> 90 ms): each input shape gets its own compiled copy, made on first
     use (batch 1 at construction), up to :attr:`MAX_SHAPES`; further shapes share one
     dynamic-shape compilation, so a server with many batch sizes neither recompiles nor grows.
-
-    Args:
-        weights: a checkpoint / module (exported to ONNX first), a decodet ``.onnx`` or ``.xml``.
-        precision: ``fp32`` | ``bf16`` | ``int8`` (module docstring); ``None``: the file's.
-        threads: ``INFERENCE_NUM_THREADS`` (``None``: OpenVINO's default).
-        device: OpenVINO device name (``"cpu"`` -> ``CPU``).
-        int8_scheme: how a float model is quantised for ``precision="int8"`` (:data:`INT8_SCHEMES`).
+    ``precision`` ``None``: the file's; ``threads``: ``INFERENCE_NUM_THREADS``; ``device``: an
+    OpenVINO device name (``"cpu"`` -> ``CPU``); ``int8_scheme``: :data:`INT8_SCHEMES`.
     """
 
     MAX_SHAPES = 4

@@ -1,22 +1,18 @@
 """Reduced-precision torch inference: bf16 weights and compute, fp32 where accuracy needs it.
 
-:func:`to_bf16` turns an inference copy (:func:`~decodet.inference.graph.prepare_model`) into
-a bf16 model: every weight and activation in bfloat16, channels-last so oneDNN runs its
-native bf16 convolutions (AVX-512 BF16 / AMX), except the modules of :func:`fp32_modules`,
-which keep fp32 weights and compute:
+:func:`to_bf16` turns an inference copy (:func:`~decodet.inference.graph.prepare_model`) into a
+bf16, channels-last model (so oneDNN runs native bf16 convolutions, AVX-512 BF16 / AMX), except
+the modules of :func:`fp32_modules`, which keep fp32 weights and compute:
 
-* the class heads (``class_heads``, ``dec_score_head``, ``enc_score_head``): scores are
-  compared with each other (top-K over query x class, DECO+'s top-k query selection) and
-  bf16's 8-bit mantissa makes near-ties order differently;
-* the box heads (``box_heads``, ``dec_bbox_head``, ``enc_bbox_head``): their outputs go
-  through ``sigmoid(delta + inverse_sigmoid(ref))`` into pixel boxes, where one bf16 step
-  (2^-8 relative) is up to 2-3 px at 640 px.
+* the class heads: scores are compared with each other (top-K over query x class, DECO+'s query
+  selection) and bf16's 8-bit mantissa reorders near-ties;
+* the box heads: ``sigmoid(delta + inverse_sigmoid(ref))`` turns one bf16 step (2^-8 relative)
+  into up to 2-3 px at 640 px.
 
-Those heads are a few small Linear layers (well under 1% of the FLOPs), so fp32 there costs
-nothing measurable.  Box decoding and post-processing then run in fp32 too, because their
-inputs are fp32.  The measured effect of each choice is in the README ("Precision and
-backends").  :func:`compile_model` wraps any of these in ``torch.compile`` with Inductor's
-weight freezing (constant-folded, oneDNN-prepacked weights).
+They are well under 1% of the FLOPs, so fp32 there costs nothing measurable; box decoding and
+post-processing run in fp32 too (their inputs are).  Measured effects: README ("Precision and
+backends").  :func:`compile_model` wraps any of these in ``torch.compile`` with Inductor's weight
+freezing.
 """
 
 from __future__ import annotations

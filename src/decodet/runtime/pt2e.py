@@ -1,22 +1,16 @@
 """int8 on x86 CPUs through PyTorch 2 export quantisation (PT2E) and Inductor.
 
-:func:`quantize_pt2e` takes a decodet model, exports ``DeployModel`` (model plus
-post-processing) with ``torch.export``, annotates it with the x86 Inductor quantizer
-(static, per-channel symmetric int8 weights, uint8 activations: the u8 x s8 pairing of
-VNNI/AMX), calibrates on real images, converts (quantize/dequantize pairs around each conv
-and linear), lowers the pairs to oneDNN int8 convolutions and matmuls with prepacked weights
-(torchao's ``lower_pt2e_quantized_to_x86``: Inductor's freezing passes on real weights) and
-compiles the rest with ``torch.compile``.  The post-processing (top-K, gathers, box scaling)
-is not annotated and stays float.
+:func:`quantize_pt2e` exports ``DeployModel`` with ``torch.export``, annotates it with the x86
+Inductor quantizer (static, per-channel symmetric int8 weights, uint8 activations: VNNI/AMX's
+u8 x s8), calibrates on real images, converts, lowers the quantize/dequantize pairs to oneDNN int8
+convolutions and matmuls with prepacked weights (torchao's ``lower_pt2e_quantized_to_x86``) and
+compiles the rest; the post-processing is not annotated and stays float.
 
 Why lowering first: with torch 2.14 and torchao 0.18, ``torch.compile(converted,
-options={"freezing": True})`` fails (``onednn.qconv_prepack`` has no fake-tensor kernel, so
-Inductor cannot trace the prepacking it inserts); lowering folds the prepacking on real
-tensors before Inductor sees the graph.
-
-The quantisation flow moved out of ``torch.ao.quantization`` into ``torchao``
-(``torchao.quantization.pt2e``) in recent PyTorch releases; both places are tried.  The
-result keeps the ``DeployModel`` call::
+options={"freezing": True})`` fails (``onednn.qconv_prepack`` has no fake-tensor kernel);
+lowering folds the prepacking on real tensors before Inductor sees the graph.  The flow moved
+from ``torch.ao.quantization`` to ``torchao.quantization.pt2e``; both are tried.  The result keeps
+the ``DeployModel`` call::
 
     run = quantize_pt2e(model, calib_images)        # calib: [N, 3, H, W] preprocessed
     boxes, scores, labels = run(images, orig_sizes)  # [B, K, 4], [B, K], [B, K]
@@ -104,19 +98,12 @@ def quantize_pt2e(
 ) -> Pt2eModel:
     """Static int8 of ``model`` with PT2E and the x86 Inductor quantizer (module docstring).
 
-    Args:
-        model: a decodet model or a checkpoint path.
-        calib_images: ``[N, 3, H, W]`` float, preprocessed exactly as for inference (resized to
-            the deploy size and normalised); ``H, W`` become the model's fixed input size.
-        num_top: K, detections per image (default: the preset's).
-        batch: calibration batch size.
-        mode: ``"compiled"`` (lowered to oneDNN int8, then ``torch.compile``: the fast one;
-            compiling takes minutes for large models), ``"lowered"`` (oneDNN int8 kernels, no
-            Inductor code generation) or ``"reference"`` (the converted graph in eager mode:
-            quantize/dequantize in float, slow, the same numbers up to rounding).
-        dynamic_batch: export with a symbolic batch axis (otherwise fixed at ``batch``;
-            lowering specialises on the example batch, so ``"lowered"``/``"compiled"`` recompile
-            or pad for other batch sizes).
+    ``calib_images``: ``[N, 3, H, W]`` preprocessed as for inference; ``H, W`` become the fixed
+    input size.  ``batch``: calibration batch (the batch axis too unless ``dynamic_batch``; lowering
+    specialises on it, so other sizes recompile or pad).  ``mode``: ``"compiled"`` (oneDNN int8,
+    then ``torch.compile``: fastest, compiling takes minutes on large models), ``"lowered"``
+    (oneDNN int8 kernels, no Inductor codegen) or ``"reference"`` (eager quantize/dequantize in
+    float: slow, the same numbers up to rounding).
     """
     if mode not in PT2E_MODES:
         raise DecodetError(f"unknown PT2E mode {mode!r}; choose one of {', '.join(PT2E_MODES)}")

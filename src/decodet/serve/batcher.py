@@ -1,18 +1,14 @@
 """Dynamic batching: requests that arrive close together share one forward pass.
 
-One asyncio task collects queued images into batches of at most ``max_batch``: the first
-image of a batch waits at most ``max_wait_ms`` for company, then the batch runs on a single
-worker thread (the event loop keeps serving meanwhile; one model instance, one forward at
-a time).  Each request gets its own row of the batched outputs.
+One asyncio task collects queued images into batches of at most ``max_batch`` (the first waits
+at most ``max_wait_ms`` for company) and runs each on a single worker thread (the event loop keeps
+serving; one model, one forward at a time).  Each request gets its own row of the outputs.
 
-Answers do not depend on the batch: rows of a batched forward are computed independently,
-and padded (``Detector.predict_batch(pad_to=...)``) every forward has the same shape, so even
-libraries that pick their kernels by batch size (oneDNN convolutions in PyTorch do) compute
-every image the same way.
-A request whose caller gave up (timeout) is dropped before its forward when it can be.
-
-Hand-written: the model-serving libraries that batch (Triton, TorchServe, Ray Serve) are
-whole servers of their own; this is a few dozen lines on asyncio.
+Answers do not depend on the batch: rows are computed independently, and padded
+(``Detector.predict_batch(pad_to=...)``) every forward has the same shape, so even kernels chosen
+by batch size (oneDNN convolutions) compute every image the same way.  A request whose caller
+gave up is dropped before its forward when it can be.  Hand-written: the serving libraries that
+batch (Triton, TorchServe, Ray Serve) are whole servers; this is a few dozen lines on asyncio.
 """
 
 from __future__ import annotations
