@@ -288,10 +288,7 @@ def _normalised_cxcywh(boxes: torch.Tensor, H: int, W: int) -> torch.Tensor:
 
 
 def _pair(imgsz: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(imgsz, int):
-        pair = (imgsz, imgsz)
-    else:
-        pair = tuple(int(s) for s in imgsz)
+    pair = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(int(s) for s in imgsz)
     if len(pair) != 2 or min(pair) < 8:
         raise DecodetError(f"image size must be an int or (height, width) of at least 8, got {imgsz!r}")
     return pair

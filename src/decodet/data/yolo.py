@@ -32,6 +32,7 @@ reaching more than a pixel outside the image are clipped and listed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -300,11 +301,8 @@ def copy_image(src: Path, dst: Path, link: bool) -> None:
     if not src.is_file():
         raise DecodetError("image file not found", src)
     if link:
-        try:
-            os.link(src, dst)
-            return
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            return os.link(src, dst)
     shutil.copy2(src, dst)
 
 
