@@ -48,11 +48,8 @@ Transforms = Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]]
 
 @dataclass
 class ImageRecord:
-    """One image of the annotation file and its training boxes.
-
-    ``boxes``: float32 [N, 4] xyxy pixels in the annotated ``width`` x ``height`` frame;
-    ``labels``: int64 [N] contiguous labels; ``num_crowd``: crowd annotations left out.
-    """
+    """One image and its training boxes: ``boxes`` float32 [N, 4] xyxy pixels of the annotated
+    ``width`` x ``height``; ``labels`` int64 [N] contiguous; ``num_crowd`` crowd annotations left out."""
 
     id: int
     file_name: str
@@ -74,12 +71,8 @@ class CocoAnnotations:
 
 
 def parse_coco(ann_file: str | os.PathLike) -> CocoAnnotations:
-    """Read and validate a COCO detection JSON (rules in the module docstring).
-
-    Returns:
-        :class:`CocoAnnotations` with images in file order, categories sorted by id, and the
-        counted problems (``issues``), which are also logged as one warning.
-    """
+    """Read and validate a COCO detection JSON (module docstring): images in file order, categories
+    sorted by id, the counted problems in ``issues`` (also logged as one warning)."""
     ann_file = Path(ann_file)
     content = read_json(ann_file, "annotation file")
     if not isinstance(content, dict):
@@ -173,7 +166,7 @@ class CocoDetection(Dataset):
 
     @classmethod
     def from_split(cls, split: Any, **kwargs: Any) -> CocoDetection:
-        """Build from a :class:`decodet.data.spec.SplitSpec` (``images_dir``, ``ann_file``)."""
+        """Build from a :class:`decodet.data.spec.SplitSpec`."""
         return cls(split.images_dir, split.ann_file, **kwargs)
 
     @property
@@ -254,8 +247,7 @@ class CocoDetection(Dataset):
                 missing.append(i)
         if not missing:
             return
-        first = self.records[missing[0]].file_name
-        total = len(self.records)
+        first, total = self.records[missing[0]].file_name, len(self.records)
         if len(missing) == total:
             raise DecodetError(
                 f"none of the {len(missing)} images of {self.ann_file.name} is in this folder (first: {first})",
