@@ -125,19 +125,16 @@ class CocoDetection(Dataset):
     Args:
         images_dir: folder holding the ``file_name`` of every image in ``ann_file``.
         ann_file: COCO detection JSON.
-        transforms: callable ``(image, target) -> (image, target)`` on ``tv_tensors``
-            (see :func:`decodet.data.transforms.build_transforms`); ``None`` only converts the
-            image to float in [0, 1].
+        transforms: ``(image, target) -> (image, target)`` on ``tv_tensors`` (``build_transforms``);
+            ``None`` only converts the image to float in [0, 1].
         skip_bad_images: on an unreadable image, log a warning and return the next readable
             sample instead of raising. Files missing from ``images_dir`` are found up front (one
             listing per folder) and reported in one warning; none present is a :class:`DecodetError`.
         max_pixels: decompression-bomb guard passed to :func:`~decodet.data.images.load_image`.
 
-    ``dataset[i]`` is ``(image, target)``: ``image`` a float tensor [3, H, W] (after transforms);
-    ``target`` a dict with ``boxes`` (``tv_tensors.BoundingBoxes`` [N, 4], XYXY pixels of the
-    transformed image), ``labels`` (int64 [N], contiguous), ``image_id`` (int) and
-    ``orig_size`` (int64 [2], the annotated ``[height, width]``, the frame in which predictions
-    are reported). Use :func:`decodet.data.transforms.collate` to batch.
+    ``dataset[i]`` is ``(image float [3, H, W], target)``: ``boxes`` (``tv_tensors.BoundingBoxes``, XYXY
+    pixels of the transformed image), ``labels`` (int64, contiguous), ``image_id``, ``orig_size`` (int64
+    annotated ``[height, width]``, the frame predictions are reported in). Batch with ``collate``.
     """
 
     def __init__(

@@ -1,13 +1,7 @@
 """The bundled dataset: coloured, textured shapes on cluttered backgrounds, in COCO format.
 
-``generate_synthetic(out_dir)`` writes::
-
-    out_dir/
-      data.yaml                         names both splits (see decodet.data.spec)
-      annotations/instances_train.json
-      annotations/instances_val.json
-      train/000001.jpg ...
-      val/000001.jpg ...
+``generate_synthetic(out_dir)`` writes ``data.yaml`` (naming both splits), ``train/000001.jpg ...``,
+``val/...`` and ``annotations/instances_{train,val}.json``.
 
 Eight classes (:data:`CLASSES`), each a distinct shape with its own texture; colour is drawn per
 instance from the same distribution for every class, so only shape (and texture, on larger objects)
@@ -19,11 +13,10 @@ by the image border. Backgrounds: a colour gradient, low-frequency blotches, pix
 random lines and soft blobs (distractors, not classes); a few thin lines are also drawn over
 the objects.
 
-Occlusion rule: objects may overlap, later ones on top, but an object is only placed if
-every object already there keeps at least half of its pixels visible; so every annotated
-object is at least 50% visible, and nothing heavily hidden is annotated. The box is the
-object's full extent inside the image (occluded parts included), tight to its pixels;
-``area`` is its visible pixel count.
+Occlusion rule: objects may overlap, later ones on top, but an object is only placed if every
+object already there keeps at least half of its pixels visible, so nothing heavily hidden is
+annotated. The box is the object's full extent inside the image (occluded parts included), tight
+to its pixels; ``area`` is its visible pixel count.
 
 Deterministic: image ``i`` of a split depends only on ``(seed, split, i)``, so the same
 arguments give byte-identical files. Numpy + Pillow only, a few ms per 256 px image.
