@@ -47,14 +47,11 @@ RECIPE = {
     "eval_subset": 100,
     "workers": 1,
     # No random zoom, shift or colour jitter (a flip remains): the bundled splits share one
-    # distribution, and at this budget augmentation only slows fitting.  4 epochs: zoom 0.4 ->
-    # AP 0.384, 0.2 -> 0.419, 0 -> 0.504.  With zoom 0, 1,579 steps: shift 0.1 and jitter 0.2
-    # -> AP 0.513; none -> see the README's table.
+    # distribution, and at this budget augmentation only slows fitting (measured: docs/benchmarks.md).
     "zoom": 0.0,
     "shift": 0.0,
     "jitter": 0.0,
-    # A heavier class term than DECO+'s 1: on the demo run, weight 3 gave AP 0.359, weight 2
-    # 0.316, weight 5 0.360 (and after 1,125 steps: 2 -> 0.244, 1 -> 0.201).
+    # A heavier class term than DECO+'s 1: best AP on the demo run (docs/benchmarks.md).
     "loss_overrides": {"weight_class": 3.0},
 }
 # An upper bound: the budget decides the run's length (12 epochs, 4,500 steps, would need under
@@ -114,7 +111,6 @@ def run_demo(
             raise DecodetError("exists but holds no data.yaml; remove it or pass another --data", data_dir)
         log.info("generating the bundled dataset in %s", data_dir)
         generate_synthetic(data_dir, **DATA)
-    threads = threads or max(1, min(os.cpu_count() or 1, 8))
     cfg = demo_config(data_dir, out_dir, minutes, threads)  # amp "auto": the trainer times bf16 and fp32
     metrics = train(cfg)
     run_dir = Path(metrics.get("run_dir", out_dir))

@@ -48,11 +48,8 @@ Transforms = Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]]
 
 @dataclass
 class ImageRecord:
-    """One image of the annotation file and its training boxes.
-
-    ``boxes``: float32 [N, 4] xyxy pixels in the annotated ``width`` x ``height`` frame;
-    ``labels``: int64 [N] contiguous labels; ``num_crowd``: crowd annotations left out.
-    """
+    """One image and its training boxes: ``boxes`` float32 [N, 4] xyxy pixels of the annotated
+    ``width`` x ``height``; ``labels`` int64 [N] contiguous; ``num_crowd`` crowd annotations left out."""
 
     id: int
     file_name: str
@@ -74,12 +71,8 @@ class CocoAnnotations:
 
 
 def parse_coco(ann_file: str | os.PathLike) -> CocoAnnotations:
-    """Read and validate a COCO detection JSON (rules in the module docstring).
-
-    Returns:
-        :class:`CocoAnnotations` with images in file order, categories sorted by id, and the
-        counted problems (``issues``), which are also logged as one warning.
-    """
+    """Read and validate a COCO detection JSON (module docstring): images in file order, categories
+    sorted by id, the counted problems in ``issues`` (also logged as one warning)."""
     ann_file = Path(ann_file)
     content = read_json(ann_file, "annotation file")
     if not isinstance(content, dict):
@@ -132,19 +125,16 @@ class CocoDetection(Dataset):
     Args:
         images_dir: folder holding the ``file_name`` of every image in ``ann_file``.
         ann_file: COCO detection JSON.
-        transforms: callable ``(image, target) -> (image, target)`` on ``tv_tensors``
-            (see :func:`decodet.data.transforms.build_transforms`); ``None`` only converts the
-            image to float in [0, 1].
+        transforms: ``(image, target) -> (image, target)`` on ``tv_tensors`` (``build_transforms``);
+            ``None`` only converts the image to float in [0, 1].
         skip_bad_images: on an unreadable image, log a warning and return the next readable
             sample instead of raising. Files missing from ``images_dir`` are found up front (one
             listing per folder) and reported in one warning; none present is a :class:`DecodetError`.
         max_pixels: decompression-bomb guard passed to :func:`~decodet.data.images.load_image`.
 
-    ``dataset[i]`` is ``(image, target)``: ``image`` a float tensor [3, H, W] (after transforms);
-    ``target`` a dict with ``boxes`` (``tv_tensors.BoundingBoxes`` [N, 4], XYXY pixels of the
-    transformed image), ``labels`` (int64 [N], contiguous), ``image_id`` (int) and
-    ``orig_size`` (int64 [2], the annotated ``[height, width]``, the frame in which predictions
-    are reported). Use :func:`decodet.data.transforms.collate` to batch.
+    ``dataset[i]`` is ``(image float [3, H, W], target)``: ``boxes`` (``tv_tensors.BoundingBoxes``, XYXY
+    pixels of the transformed image), ``labels`` (int64, contiguous), ``image_id``, ``orig_size`` (int64
+    annotated ``[height, width]``, the frame predictions are reported in). Batch with ``collate``.
     """
 
     def __init__(
@@ -173,7 +163,7 @@ class CocoDetection(Dataset):
 
     @classmethod
     def from_split(cls, split: Any, **kwargs: Any) -> CocoDetection:
-        """Build from a :class:`decodet.data.spec.SplitSpec` (``images_dir``, ``ann_file``)."""
+        """Build from a :class:`decodet.data.spec.SplitSpec`."""
         return cls(split.images_dir, split.ann_file, **kwargs)
 
     @property
@@ -254,8 +244,7 @@ class CocoDetection(Dataset):
                 missing.append(i)
         if not missing:
             return
-        first = self.records[missing[0]].file_name
-        total = len(self.records)
+        first, total = self.records[missing[0]].file_name, len(self.records)
         if len(missing) == total:
             raise DecodetError(
                 f"none of the {len(missing)} images of {self.ann_file.name} is in this folder (first: {first})",

@@ -32,11 +32,8 @@ _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 class CocoBuilder:
-    """Accumulates one split's COCO instances dict; image and annotation ids count from 1.
-
-    Boxes are COCO ``[x, y, w, h]`` in pixels, kept as Python floats (no float32 rounding), so
-    a conversion round-trips exactly up to the decimals written.
-    """
+    """Accumulates one split's COCO instances dict; ids count from 1. Boxes (``[x, y, w, h]`` pixels)
+    stay Python floats (no float32 rounding), so a conversion round-trips up to the decimals written."""
 
     def __init__(self, categories: list[dict[str, Any]]) -> None:
         self.images: list[dict[str, Any]] = []
@@ -90,11 +87,8 @@ class ConvertedDataset:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` of an image as decoded upright (EXIF orientation applied), from its header only.
-
-    Raises:
-        OSError: the file is missing or not an image Pillow can identify.
-    """
+    """``(width, height)`` of an image as decoded upright (EXIF orientation applied), from its header only;
+    OSError if the file is missing or not an image Pillow can identify."""
     try:
         with Image.open(path) as im:  # lazy: reads the header, not the pixels
             width, height = im.size

@@ -35,18 +35,8 @@ BACKGROUND_GREY = (128, 128, 128)
 
 
 def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode ``path`` into an upright 8-bit RGB image.
-
-    Args:
-        path: image file (any format Pillow reads: JPEG, PNG, BMP, GIF, TIFF, WebP, ...).
-        max_pixels: refuse images with more pixels than this (decompression-bomb guard).
-
-    Returns:
-        ``PIL.Image.Image`` in mode ``"RGB"``, size ``(W, H)`` after EXIF orientation.
-
-    Raises:
-        DecodetError: ``"cannot read image: <reason>"`` with ``path`` set.
-    """
+    """Decode ``path`` (any format Pillow reads) into an upright ``"RGB"`` image (module docstring);
+    ``max_pixels`` is the decompression-bomb guard."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -97,11 +87,8 @@ def _upright(img: Image.Image, path: Path) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert a decoded image of any mode to 8-bit ``"RGB"`` (see the module docstring).
-
-    Useful on its own for images that did not come from a file (e.g. a ``PIL.Image`` passed
-    to a detector).
-    """
+    """Convert a decoded image of any mode to 8-bit ``"RGB"`` (module docstring), e.g. a ``PIL.Image``
+    passed to a detector."""
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         return Image.fromarray(_scale_to_uint8(np.asarray(img), mode)).convert("RGB")

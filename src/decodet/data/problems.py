@@ -44,12 +44,7 @@ class Problems:
         self.items: list[Problem] = []
 
     def add(
-        self,
-        kind: str,
-        file: Path,
-        line: int | None = None,
-        detail: str = "",
-        annotation_id: int | None = None,
+        self, kind: str, file: Path, line: int | None = None, detail: str = "", annotation_id: int | None = None
     ) -> None:
         self.items.append(Problem(kind, Path(file), line, annotation_id, detail))
 

@@ -1,48 +1,26 @@
 """Where a dataset lives: ``resolve_data(path) -> DataSpec`` with one image folder + COCO JSON per split.
 
-Three ways to point at a dataset:
+``path`` may be:
 
-1. **A folder in the COCO layout.** Every ``annotations/instances_<split>.json`` paired with an
-   image folder ``<split>/`` (or ``images/<split>/``) is a split, whatever its name::
-
-       coco/                          mydata/
-         annotations/                   annotations/
-           instances_train2017.json       instances_train.json
-           instances_val2017.json         instances_val.json
-         train2017/  val2017/           train/  val/
-
-2. **A dataset file** (YAML or JSON) naming each split's image folder and annotation file.
-   Relative paths resolve against ``path``, itself relative to the file (absent: the file's folder)::
+1. **A folder in the COCO layout**: every ``annotations/instances_<split>.json`` paired with an
+   image folder ``<split>/`` (or ``images/<split>/``) is a split, whatever its name.
+2. **A dataset file** (YAML or JSON) naming each split's image folder and annotation file;
+   relative paths resolve against ``path``, itself relative to the file (absent: the file's folder)::
 
        path: .                 # optional dataset root (as YOLO files: see decodet.data.yolo)
-       train:
-         images: train
-         annotations: annotations/instances_train.json
-       val:
-         images: val
-         annotations: annotations/instances_val.json
+       train: {images: train, annotations: annotations/instances_train.json}
+       val: {images: val, annotations: annotations/instances_val.json}
 
-   Other top-level keys (``names``, ``nc``, comments...) are ignored: class names come from
-   the annotation files.
-
+   Other top-level keys (``names``, ``nc``...) are ignored: class names come from the annotation files.
 3. **A folder holding such a file** as ``data.yaml`` (or ``data.yml`` / ``data.json``).
+4. **A YOLO dataset** (ultralytics layout, :mod:`decodet.data.yolo`).
+5. **A Pascal VOC folder**, or a folder holding exactly one (``VOCdevkit``): :mod:`decodet.data.voc`.
 
-4. **A YOLO dataset** (ultralytics layout): a ``data.yaml`` whose splits are image folders or
-   lists (``train: images/train``), labels in ``labels/...`` beside ``images/...``. See
-   :mod:`decodet.data.yolo`.
-
-5. **A Pascal VOC folder** (``Annotations/``, ``JPEGImages/``, ``ImageSets/Main/``), or a folder
-   holding exactly one (``VOCdevkit``). See :mod:`decodet.data.voc`.
-
-YOLO and VOC datasets are read into COCO-style annotations, written as ``instances_<split>.json``
-to a cache folder (:mod:`decodet.data.converted`), so every split is an image folder plus a COCO
-JSON whatever the format; ``DataSpec.format`` says which format it was.
-
-Split aliases: ``spec.split("train")`` also finds ``train2017``/``train2014`` when no split is
-called exactly ``train`` (likewise ``val``/``test``).
-
-A dataset without a usable ``val`` split trains without evaluation: :meth:`DataSpec.no_val_warning`
-is the one line that ``decodet train`` and ``decodet data check`` log about it.
+YOLO and VOC datasets are converted to ``instances_<split>.json`` in a cache folder
+(:mod:`decodet.data.converted`), so every split is an image folder plus a COCO JSON whatever the
+format; ``DataSpec.format`` says which it was. ``spec.split("train")`` also finds ``train2017`` /
+``train2014`` when no split is called exactly ``train`` (likewise ``val``/``test``). Without a
+usable ``val`` split training runs without evaluation (:meth:`DataSpec.no_val_warning`).
 """
 
 from __future__ import annotations
@@ -97,10 +75,10 @@ class DataSpec:
 
     def split(self, name: str) -> SplitSpec:
         """The split called ``name`` (or ``name2017``/``name2014``); DecodetError if absent."""
-        for candidate in (name, f"{name}2017", f"{name}2014"):
+        for candidate in _aliases(name):
             if candidate in self.splits:
                 return self.splits[candidate]
-        for candidate in (name, f"{name}2017", f"{name}2014"):
+        for candidate in _aliases(name):
             if candidate in self.missing:
                 raise DecodetError(f"split {candidate!r} is unusable: {self.missing[candidate]}", self.source)
         have = ", ".join(sorted(self.splits)) or "none"
@@ -108,7 +86,7 @@ class DataSpec:
 
     def has_split(self, name: str) -> bool:
         """Whether :meth:`split` would succeed for ``name``."""
-        return any(c in self.splits for c in (name, f"{name}2017", f"{name}2014"))
+        return any(c in self.splits for c in _aliases(name))
 
     def no_val_warning(self, name: str = "val") -> str:
         """The one-line warning that training on this dataset runs without evaluation; ``""`` with a ``name`` split.
@@ -119,7 +97,7 @@ class DataSpec:
         if self.has_split(name):
             return ""
         consequence = "training runs without evaluation"
-        for candidate in (name, f"{name}2017", f"{name}2014"):
+        for candidate in _aliases(name):
             if candidate in self.missing:
                 return f"{self.source}: split {candidate!r} is unusable ({self.missing[candidate]}): {consequence}"
         if self.format == "voc":
@@ -194,13 +172,10 @@ def _from_file(file: Path) -> DataSpec:
             file,
         )
     root = dataset_root(file, content)  # the YOLO reader's rule
-
     splits: dict[str, SplitSpec] = {}
     for name, value in content.items():
-        if name == "path" or not isinstance(value, (dict, str, list)):
-            continue
         if not isinstance(value, dict):
-            continue  # other keys, e.g. names: [...] (a split given as a path is YOLO, read above)
+            continue  # path, names: [...]... (a split given as a path is YOLO, read above)
         images = _pick(value, _IMAGES_KEYS)
         annotations = _pick(value, _ANNOTATIONS_KEYS)
         if images is None or annotations is None:
@@ -217,7 +192,8 @@ def _from_file(file: Path) -> DataSpec:
 
 
 def _pick(mapping: dict[str, Any], keys: tuple[str, ...]) -> str | None:
-    for key in keys:
-        if isinstance(mapping.get(key), str):
-            return mapping[key]
-    return None
+    return next((mapping[key] for key in keys if isinstance(mapping.get(key), str)), None)
+
+
+def _aliases(name: str) -> tuple[str, str, str]:
+    return name, f"{name}2017", f"{name}2014"

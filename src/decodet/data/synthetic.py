@@ -1,30 +1,11 @@
 """The bundled dataset: coloured, textured shapes on cluttered backgrounds, in COCO format.
 
-``generate_synthetic(out_dir)`` writes::
+``generate_synthetic(out_dir)`` writes ``data.yaml`` (naming both splits), ``train/000001.jpg ...``,
+``val/...`` and ``annotations/instances_{train,val}.json``.
 
-    out_dir/
-      data.yaml                         names both splits (see decodet.data.spec)
-      annotations/instances_train.json
-      annotations/instances_val.json
-      train/000001.jpg ...
-      val/000001.jpg ...
-
-Eight classes, each a distinct shape with its own texture; colour is drawn per instance from
-the same distribution for every class, so only shape (and texture, on larger objects)
+Eight classes (:data:`CLASSES`), each a distinct shape with its own texture; colour is drawn per
+instance from the same distribution for every class, so only shape (and texture, on larger objects)
 identifies the class. Category ids are deliberately not contiguous (gaps at 4 and 8).
-
-============  ==  =====================
-name          id  texture
-============  ==  =====================
-circle         1  stripes
-square         2  checkerboard
-triangle       3  dots
-ring           5  plain
-cross          6  plain
-star           7  cross-hatching
-hexagon        9  grid lines
-ellipse       10  diagonal stripes
-============  ==  =====================
 
 Per image: 1 to 12 objects (fewer when they do not fit, never 0), sizes log-uniform from
 7% to 50% of the image side, random rotation (except circles and rings), up to ~20% cut off
@@ -32,11 +13,10 @@ by the image border. Backgrounds: a colour gradient, low-frequency blotches, pix
 random lines and soft blobs (distractors, not classes); a few thin lines are also drawn over
 the objects.
 
-Occlusion rule: objects may overlap, later ones on top, but an object is only placed if
-every object already there keeps at least half of its pixels visible; so every annotated
-object is at least 50% visible, and nothing heavily hidden is annotated. The box is the
-object's full extent inside the image (occluded parts included), tight to its pixels;
-``area`` is its visible pixel count.
+Occlusion rule: objects may overlap, later ones on top, but an object is only placed if every
+object already there keeps at least half of its pixels visible, so nothing heavily hidden is
+annotated. The box is the object's full extent inside the image (occluded parts included), tight
+to its pixels; ``area`` is its visible pixel count.
 
 Deterministic: image ``i`` of a split depends only on ``(seed, split, i)``, so the same
 arguments give byte-identical files. Numpy + Pillow only, a few ms per 256 px image.
@@ -57,6 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from decodet.errors import DecodetError
+from decodet.io.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -417,10 +398,7 @@ def _write_split(out: Path, split: str, count: int, draw: Callable, seed: int, i
         "annotations": annotations,
         "categories": [{"id": cid, "name": name, "supercategory": "shape"} for cid, name, *_ in CLASSES],
     }
-    ann_file = out / "annotations" / f"instances_{split}.json"
-    tmp = ann_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(content), encoding="utf-8")
-    tmp.replace(ann_file)
+    atomic_write_text(out / "annotations" / f"instances_{split}.json", json.dumps(content))
 
 
 def _write_data_yaml(out: Path, splits: dict[str, int], S: int, seed: int) -> None:

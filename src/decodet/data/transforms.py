@@ -68,10 +68,8 @@ def build_transforms(
         shift: ``light`` training only: random shift up to ``shift`` of each side (0: none).
         jitter: ``light`` training only: brightness and contrast in ``1 +- jitter`` (0: none).
 
-    Returns:
-        ``v2.Compose`` taking a PIL image or uint8 ``tv_tensors.Image`` and a target dict with
-        ``boxes`` (``tv_tensors.BoundingBoxes``) and ``labels``; returns a float image [3, H, W]
-        and the target with boxes moved, clamped and sanitised (labels filtered alike).
+    The ``v2.Compose`` takes a PIL image or uint8 ``tv_tensors.Image`` and a target with ``boxes``
+    and ``labels``; it returns a float image [3, H, W], boxes moved, clamped and sanitised (labels alike).
     """
     h, w = _pair(imgsz)
     fill = _fill(normalize)
@@ -146,11 +144,9 @@ def _rtdetr(h: int, w: int, train: bool, fill: tuple[int, int, int]) -> list[v2.
 
 
 class ShortSideResize(v2.Transform):
-    """Keep-aspect resize: the short side to ``size`` (an int, or a random choice from a list),
-    the long side capped at ``max_size`` (then the short side shrinks to keep the aspect ratio).
-
-    Sizes follow ``v2.Resize(size, max_size)``; unlike it, no side drops below 1 px, so a very
-    elongated image (aspect ratio beyond ``max_size : 1``) is resized instead of failing.
+    """Keep-aspect resize: the short side to ``size`` (an int, or a random choice from a list), the long
+    side capped at ``max_size``, as ``v2.Resize(size, max_size)``; unlike it, no side drops below 1 px,
+    so a very elongated image (aspect ratio beyond ``max_size : 1``) is resized instead of failing.
     """
 
     def __init__(self, size: int | Sequence[int], max_size: int | None = None) -> None:
@@ -183,10 +179,8 @@ class RandomIoUCrop(v2.RandomIoUCrop):
 
 
 class RandomSizeCrop(v2.Transform):
-    """DETR's random crop: height and width each uniform in ``[min_size, min(max_size, side)]``.
-
-    The crop position is uniform; boxes are shifted and clipped (sanitise afterwards).
-    """
+    """DETR's random crop: height and width each uniform in ``[min_size, min(max_size, side)]``, at a
+    uniform position; boxes are shifted and clipped (sanitise afterwards)."""
 
     def __init__(self, min_size: int, max_size: int) -> None:
         super().__init__()
@@ -203,23 +197,14 @@ class RandomSizeCrop(v2.Transform):
 
 
 def collate(batch: Sequence[Sample], size_divisor: int = 1) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """Batch samples by zero-padding images to a common size (bottom / right).
+    """Batch ``(image [3, h_i, w_i], target)`` samples by zero-padding (bottom / right) to the largest.
 
-    Args:
-        batch: ``(image [3, h_i, w_i] float, target)`` pairs from the dataset.
-        size_divisor: round the padded size up to a multiple of this.
-
-    Returns:
-        ``images``: float [B, 3, H, W] with ``H = max h_i``, ``W = max w_i`` (rounded up).
-        ``targets``: one dict per image with
-
-        - ``boxes``: float [N, 4] **normalised cxcywh relative to the padded canvas** ``W x H``
-          (not to the image's own ``w_i x h_i``): the models take no padding mask, so their
-          predictions live in the canvas they see. To get pixels of the image, multiply by
-          ``[W, H, W, H]``; to get the original image frame, also scale by ``orig_size / size``;
-        - ``labels``: int64 [N]; ``image_id``: int; ``orig_size``: int64 [2] ``[h, w]`` of the
-          original image;
-        - ``size``: int64 [2] ``[h_i, w_i]``, the image content inside the canvas.
+    Returns ``images`` float [B, 3, H, W] (``H = max h_i``, ``W = max w_i``, rounded up to a multiple
+    of ``size_divisor``) and one target per image: ``labels``, ``image_id``, ``orig_size`` (int64
+    ``[h, w]`` of the original image), ``size`` (int64 ``[h_i, w_i]``, the content inside the canvas)
+    and ``boxes``: float [N, 4] **normalised cxcywh relative to the padded canvas** ``W x H``, not to
+    the image's own ``w_i x h_i``: the models take no padding mask, so their predictions live in the
+    canvas they see (pixels: multiply by ``[W, H, W, H]``; original frame: also scale by ``orig_size / size``).
     """
     images = [img.as_subclass(torch.Tensor) if isinstance(img, torch.Tensor) else img for img in [b[0] for b in batch]]
     H = _round_up(max(img.shape[-2] for img in images), size_divisor)
@@ -237,12 +222,10 @@ def collate(batch: Sequence[Sample], size_divisor: int = 1) -> tuple[torch.Tenso
 
 
 class MultiScaleCollate:
-    """RT-DETR-style multi-scale batches: :func:`collate`, then resize the batch to a random square.
-
-    Each call draws one side from ``sizes`` (with ``torch`` randomness, so DataLoader worker
-    seeding applies) and resizes the padded batch bilinearly to it. Normalised boxes are
-    unchanged (they are relative to the canvas); ``size`` is rescaled. Set ``enabled = False``
-    (e.g. for the last epochs, as RT-DETR does) to get plain :func:`collate`.
+    """RT-DETR-style multi-scale batches: :func:`collate`, then a bilinear resize to a square side drawn
+    from ``sizes`` (``torch`` randomness: DataLoader worker seeding applies). Normalised boxes stay
+    (relative to the canvas); ``size`` is rescaled. ``enabled = False`` (RT-DETR's last epochs) is
+    plain :func:`collate`.
     """
 
     def __init__(self, sizes: Sequence[int], size_divisor: int = 1) -> None:
@@ -288,10 +271,7 @@ def _normalised_cxcywh(boxes: torch.Tensor, H: int, W: int) -> torch.Tensor:
 
 
 def _pair(imgsz: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(imgsz, int):
-        pair = (imgsz, imgsz)
-    else:
-        pair = tuple(int(s) for s in imgsz)
+    pair = (imgsz, imgsz) if isinstance(imgsz, int) else tuple(int(s) for s in imgsz)
     if len(pair) != 2 or min(pair) < 8:
         raise DecodetError(f"image size must be an int or (height, width) of at least 8, got {imgsz!r}")
     return pair

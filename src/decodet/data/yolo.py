@@ -9,11 +9,11 @@ Layout::
     images/train/a.jpg
     labels/train/a.txt   one object per line: ``class cx cy w h``, centre and size divided by the image size
 
-Without ``path`` the root is the file's own folder, for decodet and for ultralytics alike
-(``check_det_dataset``), so such a file works from any working directory; ``decodet data convert
---to yolo`` writes none. A relative ``path`` is the one place where the two differ: decodet reads it
-relative to this file's folder, ultralytics relative to the working directory (then its
-``datasets_dir`` setting).
+Without ``path`` the root is the file's own folder, for decodet and ultralytics alike
+(``check_det_dataset``), so the file works from any working directory (``decodet data convert --to
+yolo`` writes none: ultralytics would read ``path: .`` against the working directory). A relative
+``path`` is where the two differ: decodet reads it against this file's folder, ultralytics against
+the working directory (then its ``datasets_dir``).
 
 An image's label file is its path with the last ``images`` folder replaced by ``labels`` and the
 suffix by ``.txt``; an image without one has no objects. A polygon line (``class x1 y1 x2 y2 ...``,
@@ -32,6 +32,7 @@ reaching more than a pixel outside the image are clipped and listed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -271,9 +272,8 @@ def write_yolo_split(
 ) -> None:
     """Write one COCO-style split as ``out/images/<split>/...`` and ``out/labels/<split>/....txt``.
 
-    ``index_of`` maps category ids to YOLO class indices. Every annotation is written (filter
-    crowd and invalid boxes before); every image gets a label file, empty when it has no objects.
-    """
+    ``index_of``: category id -> YOLO class. Every annotation is written (filter crowd and invalid
+    boxes before); every image gets a label file, empty without objects."""
     by_image: dict[int, list[str]] = {img["id"]: [] for img in coco["images"]}
     sizes = {img["id"]: (img["width"], img["height"]) for img in coco["images"]}
     for ann in coco["annotations"]:
@@ -289,8 +289,7 @@ def write_yolo_split(
             raise DecodetError(f"two images share the label file {label.name} (same name, other suffix)", rel)
         written.add(label)
         label.parent.mkdir(parents=True, exist_ok=True)
-        lines = by_image[img["id"]]
-        label.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        label.write_text("".join(line + "\n" for line in by_image[img["id"]]), encoding="utf-8")
         copy_image(images_dir / rel, out / "images" / split / rel, link)
 
 
@@ -300,20 +299,14 @@ def copy_image(src: Path, dst: Path, link: bool) -> None:
     if not src.is_file():
         raise DecodetError("image file not found", src)
     if link:
-        try:
-            os.link(src, dst)
-            return
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            return os.link(src, dst)
     shutil.copy2(src, dst)
 
 
 def write_data_yaml(out: Path, splits: list[str], names: list[str]) -> None:
-    """``out/data.yaml`` naming ``images/<split>`` folders, without ``path``: its root is its own folder.
-
-    ``path: .`` would be read by ultralytics relative to the working directory (then its
-    ``datasets_dir``), so the dataset would only be found from inside its folder.
-    """
+    """``out/data.yaml`` naming ``images/<split>`` folders, without ``path`` (the module docstring says
+    why): its root is its own folder."""
     content = {**{s: f"images/{s}" for s in splits}, "names": dict(enumerate(names))}
     header = (
         "# YOLO dataset written by decodet data convert\n"

@@ -154,11 +154,8 @@ def safe_torch_load(path: Path) -> Any:
 
 
 def _read_official(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
-    obj = safe_torch_load(path)
-    state = _extract_state(obj, path)
-    state = official_to_ours(state)
-    cfg = infer_config(state, path)
-    return cfg, state
+    state = official_to_ours(_extract_state(safe_torch_load(path), path))
+    return infer_config(state, path), state
 
 
 def _extract_state(obj: Any, path: Path) -> dict[str, Tensor]:
@@ -275,11 +272,8 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], path: str | os.PathL
 
 def class_head_keys(model: nn.Module) -> list[str]:
     """State-dict keys of the class heads (re-initialised when fine-tuning to new classes)."""
-    keys = []
-    for k in model.state_dict():
-        if k.startswith(("class_heads.", "decoder.dec_score_head.", "decoder.enc_score_head.")):
-            keys.append(k)
-    return keys
+    heads = ("class_heads.", "decoder.dec_score_head.", "decoder.enc_score_head.")
+    return [k for k in model.state_dict() if k.startswith(heads)]
 
 
 def load_weights_into(model: nn.Module, path: str | os.PathLike) -> dict[str, list[str]]:

@@ -16,17 +16,11 @@ from decodet.errors import DecodetError
 
 
 def detections_to_coco(dets: Mapping[int, Mapping[str, Any]], max_dets: int | None = 100) -> list[dict]:
-    """Torchvision-style detections -> COCO results list.
+    """``{image_id: {"boxes": [N, 4] xyxy, "scores": [N], "labels": [N] category ids}}`` -> COCO results
+    ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]`` as unrounded Python floats.
 
-    Args:
-        dets: ``{image_id: {"boxes": [N, 4] xyxy, "scores": [N], "labels": [N] category ids}}``.
-        max_dets: keep the ``max_dets`` highest-scoring detections per image (``None``: all).
-            Kept detections stay in their input order (COCOeval breaks score ties by order).
-
-    Returns:
-        ``[{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}]`` with
-        unrounded Python floats (float32 inputs convert exactly).
-    """
+    ``max_dets`` keeps the highest-scoring detections per image (``None``: all), in their input order
+    (COCOeval breaks score ties by order)."""
     results = []
     for image_id, det in dets.items():
         boxes, scores, labels = det_arrays(det, image_id)

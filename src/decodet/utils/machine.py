@@ -23,7 +23,6 @@ import torch
 
 FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
 LIBRARIES = ("torch", "onnxruntime", "openvino", "torchao", "nncf")
-PEAK_PRECISIONS = ("fp32", "bf16", "int8")
 
 
 def _cpuinfo() -> str:
