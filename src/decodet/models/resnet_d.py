@@ -75,13 +75,7 @@ class ConvNormLayer(nn.Module):
     ``x: [B, C_in, H, W] -> [B, C_out, H', W']``."""
 
     def __init__(
-        self,
-        ch_in: int,
-        ch_out: int,
-        kernel_size: int,
-        stride: int,
-        padding: int | None = None,
-        act: str | None = None,
+        self, ch_in: int, ch_out: int, kernel_size: int, stride: int, padding: int | None = None, act: str | None = None
     ) -> None:
         super().__init__()
         padding = (kernel_size - 1) // 2 if padding is None else padding
