@@ -6,9 +6,8 @@ kernels at all a few training steps of each are timed (a few seconds) instead of
 its flags; where it has none (AVX2 only), bf16 is emulated and fp32 is taken without a probe.  The two precisions
 alternate step by step (bf16, fp32, bf16, fp32, ...) and the choice is the median of the
 rounds' bf16/fp32 ratios: a transient load (a ``pip install``, a CPU hog at the start) slows
-both precisions of a round alike and cannot decide the choice.  (Timed one precision after the
-other, a hog over the first minute once measured bf16 at 1.590 s and fp32 at 1.527 s on a CPU
-where bf16 steps take 0.43 s and fp32 steps 0.71 s.)  On CUDA, bf16 is taken where supported.
+both precisions of a round alike and cannot decide the choice (timed one after the other, it
+once did: docs/benchmarks.md).  On CUDA, bf16 is taken where supported.
 """
 
 from __future__ import annotations
