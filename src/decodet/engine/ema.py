@@ -43,9 +43,7 @@ class ModelEMA:
     def current_decay(self, updates: int | None = None) -> float:
         """The decay used at update number ``updates`` (default: the last one)."""
         n = self.updates if updates is None else updates
-        if self.warmup <= 0:
-            return self.decay
-        return self.decay * (1.0 - math.exp(-n / self.warmup))
+        return self.decay if self.warmup <= 0 else self.decay * (1.0 - math.exp(-n / self.warmup))
 
     def _tensors(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         """(ema floats, live floats, ema others, live others), cached per live model."""

@@ -257,13 +257,8 @@ class Trainer:
         eval_stats: dict[str, float] = {}
         if self.val_set is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             eval_stats = self._evaluate(plots=last and cfg.plots, subset=0 if last else cfg.eval_subset)
-        record = {
-            "epoch": epoch + 1,
-            "step": self.global_step,
-            **train_stats,
-            "epoch_time": epoch_time,
-            **{f"val/{k}": v for k, v in eval_stats.items()},
-        }
+        record = {"epoch": epoch + 1, "step": self.global_step, **train_stats, "epoch_time": epoch_time}
+        record.update({f"val/{k}": v for k, v in eval_stats.items()})
         # a subset's AP is a curve point, not comparable with a full evaluation's for "best" or patience
         full_eval = bool(eval_stats) and "subset" not in eval_stats
         improved = full_eval and eval_stats[BEST_METRIC] > self.best
