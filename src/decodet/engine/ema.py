@@ -52,14 +52,9 @@ class ModelEMA:
             ema = self.module.state_dict(keep_vars=True)
             floats = [k for k, v in ema.items() if v.dtype.is_floating_point]
             others = [k for k, v in ema.items() if not v.dtype.is_floating_point]
-            self._pairs = (
-                id(model),
-                [ema[k].data for k in floats],
-                [live[k].data for k in floats],
-                [ema[k].data for k in others],
-                [live[k].data for k in others],
-            )
-        return self._pairs[1], self._pairs[2], self._pairs[3], self._pairs[4]
+            tensors = [[sd[k].data for k in keys] for keys in (floats, others) for sd in (ema, live)]
+            self._pairs = (id(model), *tensors)
+        return self._pairs[1:]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -139,10 +139,7 @@ class HungarianMatcher(nn.Module):
                 if n == 0:
                     indices.append((empty, empty))
                     continue
-                c = block[b, :, :n]
-                if k > 1:
-                    c = np.tile(c, (1, k))
-                q_idx, t_idx = linear_sum_assignment(c)
+                q_idx, t_idx = linear_sum_assignment(np.tile(block[b, :, :n], (1, k)))  # k: one-to-k columns
                 indices.append(
                     (torch.as_tensor(q_idx, dtype=torch.int64), torch.as_tensor(t_idx % n, dtype=torch.int64))
                 )

@@ -43,9 +43,7 @@ PRETRAINED_URLS = {
 def activation(name: str | None) -> nn.Module:
     """``"relu" | "silu" | "gelu" | None`` -> module."""
     acts = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
-    if name is None:
-        return nn.Identity()
-    return acts[name]()
+    return nn.Identity() if name is None else acts[name]()
 
 
 @torch.no_grad()
