@@ -115,13 +115,9 @@ def cpu_has_bf16() -> bool:
 def resolve_amp(
     cfg: TrainConfig, model: nn.Module, criterion: nn.Module, dataset: Dataset, device: torch.device
 ) -> TrainConfig:
-    """``cfg`` with ``amp="auto"`` replaced by the precision to train in (other values unchanged).
-
-    CUDA: ``bf16`` where the device supports it, else ``none``.  CPU: ``none`` where it has no
-    bf16 kernels (:func:`cpu_has_bf16`), else :func:`fastest_amp` on the run's model and a batch of
-    its training data (every process times; rank 0's choice is taken).  Other devices: ``none``.
-    One log line gives the choice and the times measured.
-    """
+    """``cfg`` with ``amp="auto"`` replaced by the precision to train in (module docstring; on a
+    CPU with bf16 kernels every process times a batch of the training data, rank 0's choice is
+    taken); one log line gives the choice and the times measured."""
     if cfg.amp != "auto":
         return cfg
     if device.type == "cuda":

@@ -10,11 +10,9 @@ accumulation, DDP, evaluation, atomic checkpoints and exact resume.
     last_state.pt       optimizer, scheduler, scaler, EMA, RNG states, epoch/step: for --resume
     metrics.jsonl/.csv  one record per epoch (decodet.engine.metrics_log); loss.png, map.png: curves
 
-Determinism: the data order is a function of ``(seed, epoch)`` (a seeded sampler), and the
-global RNGs (augmentation, drop path) are re-seeded from ``(seed, epoch, rank)`` at each epoch
-start, so a run resumed at an epoch boundary continues exactly as an uninterrupted one (on
-CPU).  A run stopped part-way through an epoch (time budget, ``max_steps``) saves its RNG
-states and the batches done; resuming skips those batches and restores the RNG states.
+Determinism (:mod:`~decodet.engine.seeding`): a run resumed at an epoch boundary continues
+exactly as an uninterrupted one (on CPU); one stopped mid-epoch (time budget, ``max_steps``)
+saves its RNG states and the batches done, and its resume skips those and restores the states.
 
 Only rank 0 writes files; every rank evaluates its shard of the validation set and the
 detections are gathered before scoring.
@@ -108,11 +106,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 class Trainer:
-    """Holds everything one training run needs; :meth:`fit` runs it (module docstring).
-
-    Built step by step: process and config (:meth:`_start`), data, model and criterion
-    (:meth:`_build_model`), loader, optimisation (:meth:`_build_optimization`), progress counters
-    (restored when resuming), DDP, the run folder and its files."""
+    """Holds everything one training run needs; :meth:`fit` runs it (module docstring)."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         given, state = self._start(cfg)
