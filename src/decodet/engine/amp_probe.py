@@ -6,9 +6,8 @@ kernels at all a few training steps of each are timed (a few seconds) instead of
 its flags; where it has none (AVX2 only), bf16 is emulated and fp32 is taken without a probe.  The two precisions
 alternate step by step (bf16, fp32, bf16, fp32, ...) and the choice is the median of the
 rounds' bf16/fp32 ratios: a transient load (a ``pip install``, a CPU hog at the start) slows
-both precisions of a round alike and cannot decide the choice.  (Timed one precision after the
-other, a hog over the first minute once measured bf16 at 1.590 s and fp32 at 1.527 s on a CPU
-where bf16 steps take 0.43 s and fp32 steps 0.71 s.)  On CUDA, bf16 is taken where supported.
+both precisions of a round alike and cannot decide the choice (timed one after the other, it
+once did: docs/benchmarks.md).  On CUDA, bf16 is taken where supported.
 """
 
 from __future__ import annotations
@@ -116,13 +115,9 @@ def cpu_has_bf16() -> bool:
 def resolve_amp(
     cfg: TrainConfig, model: nn.Module, criterion: nn.Module, dataset: Dataset, device: torch.device
 ) -> TrainConfig:
-    """``cfg`` with ``amp="auto"`` replaced by the precision to train in (other values unchanged).
-
-    CUDA: ``bf16`` where the device supports it, else ``none``.  CPU: ``none`` where it has no
-    bf16 kernels (:func:`cpu_has_bf16`), else :func:`fastest_amp` on the run's model and a batch of
-    its training data (every process times; rank 0's choice is taken).  Other devices: ``none``.
-    One log line gives the choice and the times measured.
-    """
+    """``cfg`` with ``amp="auto"`` replaced by the precision to train in (module docstring; on a
+    CPU with bf16 kernels every process times a batch of the training data, rank 0's choice is
+    taken); one log line gives the choice and the times measured."""
     if cfg.amp != "auto":
         return cfg
     if device.type == "cuda":

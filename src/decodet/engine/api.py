@@ -71,13 +71,8 @@ def train(
 
     metrics = dict(run_training(cfg))
     run_dir = Path(metrics.pop("run_dir"))
-    best = run_dir / BEST_WEIGHTS
-    return TrainResult(
-        metrics=metrics,
-        run_dir=run_dir,
-        best=best if best.is_file() else run_dir / LAST_WEIGHTS,
-        last=run_dir / LAST_WEIGHTS,
-    )
+    best, last = run_dir / BEST_WEIGHTS, run_dir / LAST_WEIGHTS
+    return TrainResult(metrics=metrics, run_dir=run_dir, best=best if best.is_file() else last, last=last)
 
 
 __all__ = ["TrainResult", "train"]

@@ -12,10 +12,8 @@ the rate never jumps, and it reaches its floor just inside the budget.  The conf
 The step time is :func:`steady_step_time` of the recent windows: recent windows weigh more, and
 windows far from the weighted median (an epoch's first batches, a loader restart, a stall) are
 left out; their cost is already paid in the time left, and is not extrapolated over every
-remaining step.  A transient slowdown at the start therefore no longer decides the whole run
-(one run was planned at 593 steps from 1.23 s/step while a ``pip install`` ran, then stepped
-at 0.40 s and stopped after 5 of 12.5 minutes).  Every process gets the same plan (the mean of
-their measurements).
+remaining step, so a transient slowdown at the start no longer decides the whole run (measured
+case: docs/benchmarks.md).  Every process gets the same plan (the mean of their measurements).
 """
 
 from __future__ import annotations

@@ -43,9 +43,7 @@ class ModelEMA:
     def current_decay(self, updates: int | None = None) -> float:
         """The decay used at update number ``updates`` (default: the last one)."""
         n = self.updates if updates is None else updates
-        if self.warmup <= 0:
-            return self.decay
-        return self.decay * (1.0 - math.exp(-n / self.warmup))
+        return self.decay if self.warmup <= 0 else self.decay * (1.0 - math.exp(-n / self.warmup))
 
     def _tensors(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         """(ema floats, live floats, ema others, live others), cached per live model."""
@@ -54,14 +52,9 @@ class ModelEMA:
             ema = self.module.state_dict(keep_vars=True)
             floats = [k for k, v in ema.items() if v.dtype.is_floating_point]
             others = [k for k, v in ema.items() if not v.dtype.is_floating_point]
-            self._pairs = (
-                id(model),
-                [ema[k].data for k in floats],
-                [live[k].data for k in floats],
-                [ema[k].data for k in others],
-                [live[k].data for k in others],
-            )
-        return self._pairs[1], self._pairs[2], self._pairs[3], self._pairs[4]
+            tensors = [[sd[k].data for k in keys] for keys in (floats, others) for sd in (ema, live)]
+            self._pairs = (id(model), *tensors)
+        return self._pairs[1:]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -86,11 +86,9 @@ def loader_worker_error(exc: BaseException, run_dir: Path | None) -> DecodetErro
     if match is None:
         return None
     pids, how = match.group(1).strip(), match.group(2).strip().rstrip(". ")
-    last = run_dir / STATE_FILE if run_dir is not None else None
-    if last is not None and last.is_file():
+    kept = "no checkpoint was written yet"
+    if run_dir is not None and (run_dir / STATE_FILE).is_file():
         kept = f"the last checkpoint is kept: continue with --resume {run_dir}"
-    else:
-        kept = "no checkpoint was written yet"
     return DecodetError(
         f"training stopped: data loader worker (pid {pids}) {how} — often the out-of-memory killer: "
         f"try fewer --workers or a smaller --batch-size; {kept}"

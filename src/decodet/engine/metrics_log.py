@@ -64,8 +64,9 @@ class MetricsLogger:
         """Append ``record`` merged with ``values`` (a ``time`` stamp is added); returns what was written."""
         row = _flatten({**(record or {}), **values})
         row.setdefault("time", round(time.time(), 3))
-        line = json.dumps(row) + "\n"
-        _append(self.jsonl_path, line)
+        with open(self.jsonl_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            _flush(f)
         if any(key not in self.columns for key in row):
             self._rebuild_csv(read_metrics(self.run_dir))
         else:
@@ -188,12 +189,6 @@ def _flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _append(path: Path, text: str) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(text)
-        _flush(f)
 
 
 def _flush(f: Any) -> None:

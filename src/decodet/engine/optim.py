@@ -209,20 +209,11 @@ def build_scheduler(
         drop_epoch: ``step`` schedule's drop epoch; ``None`` is 2/3 of ``epochs`` (100 of 150).
         max_steps: caps the total steps the cosine decays over.
     """
-    total = steps_per_epoch * epochs
-    if max_steps is not None:
-        total = min(total, max_steps)
+    total = steps_per_epoch * epochs if max_steps is None else min(steps_per_epoch * epochs, max_steps)
     if drop_epoch is None:
         drop_epoch = max(1, round(epochs * 2 / 3))
-    factor = LRFactor(
-        schedule,
-        total_steps=total,
-        warmup_steps=warmup_steps,
-        drop_steps=(drop_epoch * steps_per_epoch,),
-        drop_factor=drop_factor,
-        min_ratio=min_ratio,
-    )
-    return LambdaLR(optimizer, factor)
+    drop_steps = (drop_epoch * steps_per_epoch,)
+    return LambdaLR(optimizer, LRFactor(schedule, total, warmup_steps, drop_steps, drop_factor, min_ratio))
 
 
 def fit_total_steps(planned: int, steps_done: int, seconds_per_step: float, seconds_left: float) -> int:

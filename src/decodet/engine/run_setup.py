@@ -40,15 +40,8 @@ def open_train_set(cfg: TrainConfig) -> tuple[DataSpec, CocoDetection]:
 def add_transforms(cfg: TrainConfig, spec: DataSpec, train_set: CocoDetection, normalize: bool) -> CocoDetection | None:
     """Give the training set its augmentation; returns the validation set (``None`` when the
     dataset has no validation split, with a warning naming the missing file)."""
-    train_set.transforms = build_transforms(
-        cfg.transforms,
-        train=True,
-        imgsz=cfg.imgsz,
-        normalize=normalize,
-        zoom=cfg.zoom,
-        shift=cfg.shift,
-        jitter=cfg.jitter,
-    )
+    augment = dict(zoom=cfg.zoom, shift=cfg.shift, jitter=cfg.jitter)
+    train_set.transforms = build_transforms(cfg.transforms, train=True, imgsz=cfg.imgsz, normalize=normalize, **augment)
     if not spec.has_split(cfg.val_split):
         log.warning("%s", spec.no_val_warning(cfg.val_split))  # names the missing file (decodet data check too)
         return None

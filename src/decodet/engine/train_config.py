@@ -1,15 +1,9 @@
 """``TrainConfig``: every training setting in one typed, serialisable dataclass.
 
-Fields left at ``None`` are filled by :func:`resolve` from the preset's recipes, kept with the
-preset in :mod:`decodet.registry` (:func:`~decodet.registry.train_recipe`), chosen by whether
-the backbone starts from pretrained weights:
-
-- **pretrained** (a pretrained backbone or ``--weights``): the authors' published recipe.
-  DECO: AdamW lr 1e-4, backbone and encoder 1e-5, weight decay 1e-4, lr / 10 at 2/3 of the
-  epochs (100 of 150), frozen BN, frozen stem + layer1.  DECO+: lr 1.5e-4, backbone 1.5e-5,
-  no weight decay on norms and biases, constant lr, EMA 0.9999 with 2000 warm-up updates.
-- **from scratch**: nothing is frozen (BN trains too), one higher lr for every parameter,
-  a linear warm-up and a cosine decay.
+Fields left at ``None`` are filled by :func:`resolve` from the preset's recipe
+(:func:`decodet.registry.train_recipe`): the authors' published one when the backbone starts
+from pretrained weights (or ``--weights``), else a from-scratch one (nothing frozen, one higher
+lr for every parameter, a linear warm-up and a cosine decay).
 
 A config round-trips through YAML / JSON (:meth:`TrainConfig.save`, :meth:`TrainConfig.load`);
 :func:`parse_train_args` builds one from command-line flags over an optional ``--config FILE``.

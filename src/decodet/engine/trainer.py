@@ -10,11 +10,9 @@ accumulation, DDP, evaluation, atomic checkpoints and exact resume.
     last_state.pt       optimizer, scheduler, scaler, EMA, RNG states, epoch/step: for --resume
     metrics.jsonl/.csv  one record per epoch (decodet.engine.metrics_log); loss.png, map.png: curves
 
-Determinism: the data order is a function of ``(seed, epoch)`` (a seeded sampler), and the
-global RNGs (augmentation, drop path) are re-seeded from ``(seed, epoch, rank)`` at each epoch
-start, so a run resumed at an epoch boundary continues exactly as an uninterrupted one (on
-CPU).  A run stopped part-way through an epoch (time budget, ``max_steps``) saves its RNG
-states and the batches done; resuming skips those batches and restores the RNG states.
+Determinism (:mod:`~decodet.engine.seeding`): a run resumed at an epoch boundary continues
+exactly as an uninterrupted one (on CPU); one stopped mid-epoch (time budget, ``max_steps``)
+saves its RNG states and the batches done, and its resume skips those and restores the states.
 
 Only rank 0 writes files; every rank evaluates its shard of the validation set and the
 detections are gathered before scoring.
@@ -108,11 +106,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 class Trainer:
-    """Holds everything one training run needs; :meth:`fit` runs it (module docstring).
-
-    Built step by step: process and config (:meth:`_start`), data, model and criterion
-    (:meth:`_build_model`), loader, optimisation (:meth:`_build_optimization`), progress counters
-    (restored when resuming), DDP, the run folder and its files."""
+    """Holds everything one training run needs; :meth:`fit` runs it (module docstring)."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         given, state = self._start(cfg)
@@ -257,13 +251,8 @@ class Trainer:
         eval_stats: dict[str, float] = {}
         if self.val_set is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             eval_stats = self._evaluate(plots=last and cfg.plots, subset=0 if last else cfg.eval_subset)
-        record = {
-            "epoch": epoch + 1,
-            "step": self.global_step,
-            **train_stats,
-            "epoch_time": epoch_time,
-            **{f"val/{k}": v for k, v in eval_stats.items()},
-        }
+        record = {"epoch": epoch + 1, "step": self.global_step, **train_stats, "epoch_time": epoch_time}
+        record.update({f"val/{k}": v for k, v in eval_stats.items()})
         # a subset's AP is a curve point, not comparable with a full evaluation's for "best" or patience
         full_eval = bool(eval_stats) and "subset" not in eval_stats
         improved = full_eval and eval_stats[BEST_METRIC] > self.best

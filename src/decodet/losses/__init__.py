@@ -18,21 +18,11 @@ __all__ = ["HungarianMatcher", "SetCriterion", "build_criterion", "criterion_opt
 # The authors' settings per architecture.  ``alpha=None`` means the class loss's usual value:
 # 0.25 for focal, 0.75 for varifocal.
 # DECO: Deformable-DETR's focal criterion (the released main.py defaults).
-_DECO: dict[str, Any] = {
-    "use_vfl": False,
-    "weight_class": 2.0,
-    "weight_bbox": 5.0,
-    "weight_giou": 2.0,
-    "alpha": None,
-    "gamma": 2.0,
-    "cost_class": 1.0,
-    "cost_bbox": 5.0,
-    "cost_giou": 2.0,
-    "matcher_alpha": 0.25,
-    "matcher_gamma": 2.0,
-    "one_to_many": 0,
-    "o2m_weight": 1.0,
-}
+_DECO: dict[str, Any] = dict(
+    use_vfl=False, weight_class=2.0, weight_bbox=5.0, weight_giou=2.0, alpha=None, gamma=2.0,  # the loss
+    cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, matcher_alpha=0.25, matcher_gamma=2.0,  # the matching
+    one_to_many=0, o2m_weight=1.0,  # the hybrid branch
+)  # fmt: skip
 _RECIPES: dict[str, dict[str, Any]] = {
     "deco": _DECO,
     # DECO+: RT-DETR's varifocal criterion (decoplus_base.yml); the rest as DECO's.
@@ -61,14 +51,9 @@ def criterion_options(name_or_config: Any) -> dict[str, Any]:
 def build_criterion(name_or_config: Any, **overrides: Any) -> SetCriterion:
     """The authors' criterion for a preset name (``"deco_r50"``) or a ``DecoConfig`` / ``DecoPlusConfig``.
 
-    Args:
-        name_or_config: preset name or model config; ``arch == "deco"`` gives the focal setup,
-            ``"decoplus"`` the varifocal one.
-        overrides: any key of :func:`criterion_options`: ``use_vfl`` (IoU-aware varifocal class loss),
-            ``weight_class`` / ``weight_bbox`` / ``weight_giou`` (loss weights), ``alpha`` / ``gamma`` (class
-            loss; ``alpha=None`` means 0.25 for focal, 0.75 for varifocal), ``cost_class`` / ``cost_bbox`` /
-            ``cost_giou`` / ``matcher_alpha`` / ``matcher_gamma`` (matching), ``one_to_many`` (k of the
-            hybrid one-to-many branch, 0 = off) and ``o2m_weight``.
+    ``arch == "deco"`` gives the focal setup, ``"decoplus"`` the varifocal one.  ``overrides``: any
+    key of :func:`criterion_options` (``use_vfl``: the IoU-aware varifocal class loss; ``alpha=None``:
+    0.25 for focal, 0.75 for varifocal; ``one_to_many``: k of the hybrid branch, 0 = off).
     """
     options = criterion_options(name_or_config)
     reject_unknown(overrides, options, "criterion option(s)")

@@ -34,14 +34,7 @@ CLASS_LOSSES = ("focal", "vfl")
 
 
 def paired_iou_giou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
-    """IoU and generalised IoU of row-aligned box pairs.
-
-    Args:
-        boxes1, boxes2: [M, 4] cxcywh.
-
-    Returns:
-        ``(iou, giou)``, each [M].
-    """
+    """``(iou, giou)``, each [M], of row-aligned box pairs ``boxes1, boxes2: [M, 4]`` cxcywh."""
     a = box_convert(boxes1, "cxcywh", "xyxy")
     b = box_convert(boxes2, "cxcywh", "xyxy")
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
@@ -160,14 +153,8 @@ class SetCriterion(nn.Module):
     def _group_losses(
         self, outputs: dict[str, Tensor], targets: _FlatTargets, indices: Indices, num_boxes: float
     ) -> dict[str, Tensor]:
-        """Unweighted ``loss_<class_loss>``, ``loss_bbox``, ``loss_giou`` of one prediction group.
-
-        Args:
-            outputs: ``pred_logits`` [B, Q, C] and ``pred_boxes`` [B, Q, 4].
-            targets: the batch's targets, concatenated.
-            indices: B ``(query_idx, target_idx)`` pairs from the matcher.
-            num_boxes: the normaliser.
-        """
+        """Unweighted ``loss_<class_loss>``, ``loss_bbox``, ``loss_giou`` of one prediction group
+        (``pred_logits`` [B, Q, C], ``pred_boxes`` [B, Q, 4]) matched by ``indices``."""
         dtype = _loss_dtype(outputs)
         logits = outputs["pred_logits"].to(dtype)
         device = logits.device

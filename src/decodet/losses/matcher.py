@@ -81,17 +81,9 @@ class HungarianMatcher(nn.Module):
     def match_groups(
         self, groups: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]], k: int = 1
     ) -> list[Indices]:
-        """Match several prediction groups for the same targets at once (one device-to-host copy).
-
-        Args:
-            groups: G dicts like ``outputs`` of :meth:`forward`; every group has the batch size B and class
-                count C, the query count may differ.
-            targets: as in :meth:`forward`.
-            k: as in :meth:`forward`.
-
-        Returns:
-            G lists of B ``(query_idx, target_idx)`` pairs, one list per group.
-        """
+        """Match G prediction groups (dicts as :meth:`forward`'s ``outputs``, same B and C, the query
+        count may differ) for the same targets at once (one device-to-host copy); returns G lists of B
+        ``(query_idx, target_idx)`` pairs."""
         if k < 1:
             raise DecodetError(f"matcher repetition k must be >= 1, got {k}")
         sizes = [len(t["boxes"]) for t in targets]
@@ -147,10 +139,7 @@ class HungarianMatcher(nn.Module):
                 if n == 0:
                     indices.append((empty, empty))
                     continue
-                c = block[b, :, :n]
-                if k > 1:
-                    c = np.tile(c, (1, k))
-                q_idx, t_idx = linear_sum_assignment(c)
+                q_idx, t_idx = linear_sum_assignment(np.tile(block[b, :, :n], (1, k)))  # k: one-to-k columns
                 indices.append(
                     (torch.as_tensor(q_idx, dtype=torch.int64), torch.as_tensor(t_idx % n, dtype=torch.int64))
                 )
@@ -158,14 +147,8 @@ class HungarianMatcher(nn.Module):
         return result  # type: ignore[return-value]
 
     def _cost(self, logits: Tensor, boxes: Tensor, tgt_ids: Tensor, tgt_boxes: Tensor) -> Tensor:
-        """Per-image cost matrices.
-
-        Args:
-            logits: [N, Q, C]; boxes: [N, Q, 4] cxcywh; tgt_ids: [N, T]; tgt_boxes: [N, T, 4] cxcywh.
-
-        Returns:
-            [N, Q, T] weighted matching cost.
-        """
+        """Weighted per-image costs ``[N, Q, T]`` of ``logits: [N, Q, C]``, ``boxes: [N, Q, 4]`` cxcywh,
+        ``tgt_ids: [N, T]``, ``tgt_boxes: [N, T, 4]`` cxcywh."""
         prob = logits.gather(2, tgt_ids[:, None, :].expand(-1, logits.shape[1], -1)).sigmoid()  # [N, Q, T]
         pos = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()
         neg = (1 - self.alpha) * prob**self.gamma * -(1 - prob + 1e-8).log()

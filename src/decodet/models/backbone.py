@@ -15,7 +15,7 @@ from torchvision.models import resnet
 from torchvision.models._utils import IntermediateLayerGetter
 
 from decodet.errors import DecodetError
-from decodet.models.layers import ConvNeXtBlock, FrozenBatchNorm2d, LayerNorm2d, channels_last_on_cpu
+from decodet.models.layers import FrozenBatchNorm2d, LayerNorm2d, channels_last_on_cpu, convnext_stages
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,7 @@ class ConvNeXt(nn.Module):
             for i in range(1, len(dims))
         ]
         self.downsample_layers = nn.ModuleList([stem, *downs])
-        total = sum(depths)
-        rates = [drop_path * i / max(total - 1, 1) for i in range(total)]
-        stages, k = [], 0
-        for depth, dim in zip(depths, dims):
-            stages.append(nn.Sequential(*(ConvNeXtBlock(dim, 7, 1e-6, rates[k + j]) for j in range(depth))))
-            k += depth
-        self.stages = nn.ModuleList(stages)
+        self.stages = convnext_stages(dims, depths, 7, drop_path)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         for down, stage in zip(self.downsample_layers, self.stages):
@@ -113,13 +107,8 @@ def _load_convnext_tiny_imagenet(body: ConvNeXt) -> None:
                 sd[f"downsample_layers.{i}.{j}.{k}"] = v
         for b, block in enumerate(tv[2 * i + 1]):
             seq = block.block  # dwconv, Permute, LayerNorm, Linear, GELU, Linear, Permute
-            sd[f"stages.{i}.{b}.dwconv.weight"] = seq[0].weight
-            sd[f"stages.{i}.{b}.dwconv.bias"] = seq[0].bias
-            sd[f"stages.{i}.{b}.norm.weight"] = seq[2].weight
-            sd[f"stages.{i}.{b}.norm.bias"] = seq[2].bias
-            sd[f"stages.{i}.{b}.pwconv1.weight"] = seq[3].weight
-            sd[f"stages.{i}.{b}.pwconv1.bias"] = seq[3].bias
-            sd[f"stages.{i}.{b}.pwconv2.weight"] = seq[5].weight
-            sd[f"stages.{i}.{b}.pwconv2.bias"] = seq[5].bias
+            for name, layer in (("dwconv", seq[0]), ("norm", seq[2]), ("pwconv1", seq[3]), ("pwconv2", seq[5])):
+                sd[f"stages.{i}.{b}.{name}.weight"] = layer.weight
+                sd[f"stages.{i}.{b}.{name}.bias"] = layer.bias
             sd[f"stages.{i}.{b}.gamma"] = block.layer_scale.reshape(-1)
     body.load_state_dict(sd)

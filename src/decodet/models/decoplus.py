@@ -36,14 +36,7 @@ from decodet.config import DecoPlusConfig
 from decodet.errors import DecodetError
 from decodet.models.decoder import DecoDecoderLayer
 from decodet.models.hybrid_encoder import HybridEncoder, upsample2x_to
-from decodet.models.layers import (
-    MLP,
-    DepthwiseConv2d,
-    _exporting,
-    check_images,
-    init_detection_heads,
-    inverse_sigmoid,
-)
+from decodet.models.layers import MLP, DepthwiseConv2d, _exporting, check_images, init_detection_heads, inverse_sigmoid
 from decodet.models.resnet_d import ConvNormLayer, PResNet
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from decodet.models.layers import ConvNeXtBlock, LayerNorm2d
+from decodet.models.layers import LayerNorm2d, convnext_stages
 
 
 class DecoEncoder(nn.Module):
@@ -22,13 +22,7 @@ class DecoEncoder(nn.Module):
             nn.Sequential(LayerNorm2d(dims[i], eps=1e-6), nn.Conv2d(dims[i], dims[i + 1], 1))
             for i in range(len(dims) - 1)
         )
-        total = sum(depths)
-        rates = [drop_path * i / max(total - 1, 1) for i in range(total)]
-        stages, k = [], 0
-        for dim, depth in zip(dims, depths):
-            stages.append(nn.Sequential(*(ConvNeXtBlock(dim, kernel_size, 1e-6, rates[k + j]) for j in range(depth))))
-            k += depth
-        self.stages = nn.ModuleList(stages)
+        self.stages = convnext_stages(dims, depths, kernel_size, drop_path)
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)  # unused, see class docstring
 
     def forward(self, x: Tensor) -> Tensor:

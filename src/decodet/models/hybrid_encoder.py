@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from decodet.models.layers import ConvNeXtBlock
+from decodet.models.layers import convnext_stages
 from decodet.models.resnet_d import ConvNormLayer, activation, fuse_conv_bn
 
 
@@ -83,9 +83,7 @@ class ConvNeXtStages(nn.Module):
 
     def __init__(self, dim: int, depth: int, kernel_size: int = 7, drop_path: float = 0.0) -> None:
         super().__init__()
-        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
-        blocks = [ConvNeXtBlock(dim, kernel_size, drop_path=r) for r in rates]
-        self.stages = nn.ModuleList([nn.Sequential(*blocks)])
+        self.stages = convnext_stages((dim,), (depth,), kernel_size, drop_path)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.trunc_normal_(m.weight, std=0.02)

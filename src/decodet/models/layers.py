@@ -135,6 +135,17 @@ class ConvNeXtBlock(nn.Module):
         return x + self.drop_path(y.permute(0, 3, 1, 2))
 
 
+def convnext_stages(dims, depths, kernel_size: int = 7, drop_path: float = 0.0) -> nn.ModuleList:
+    """Stages of ConvNeXt blocks of widths ``dims`` and depths ``depths`` (``stages.{i}.{j}``, the
+    authors' layout); the stochastic depth rises linearly from 0 to ``drop_path`` over all blocks."""
+    total = sum(depths)
+    rates = iter([drop_path * i / max(total - 1, 1) for i in range(total)])
+    return nn.ModuleList(
+        nn.Sequential(*(ConvNeXtBlock(dim, kernel_size, 1e-6, next(rates)) for _ in range(depth)))
+        for dim, depth in zip(dims, depths)
+    )
+
+
 class MLP(nn.Module):
     """``num_layers`` Linear layers with ReLU between them (DETR's box head)."""
 

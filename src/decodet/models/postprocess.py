@@ -54,16 +54,10 @@ def postprocess(
 ) -> list[dict[str, Tensor]]:
     """Sigmoid scores, top-``num_top`` over all (query, class) pairs, absolute xyxy boxes.
 
-    Args:
-        outputs: ``pred_logits [B, Q, C]`` and ``pred_boxes [B, Q, 4]`` (normalised cxcywh).
-        target_sizes: ``[B, 2]`` (height, width) to scale each image's boxes to — the
-            original image size when the model saw the whole image resized.
-        num_top: detections kept per image (capped at ``Q * C``).
-        category_ids: maps logit index -> category id; ``None`` keeps logit indices.
-        score_threshold: drop detections scoring below it (after top-k).
-
-    Returns:
-        One dict per image: ``boxes [N, 4]`` xyxy pixels (clipped to the image), ``scores [N]``, ``labels [N]`` int64.
+    ``outputs``: ``pred_logits [B, Q, C]``, ``pred_boxes [B, Q, 4]``; ``target_sizes``: ``[B, 2]``
+    (height, width), the original image size when the model saw the whole image resized; the rest
+    as :func:`top_detections`, then detections scoring below ``score_threshold`` are dropped.
+    Returns one dict per image: ``boxes [N, 4]`` xyxy pixels, ``scores [N]``, ``labels [N]`` int64.
     """
     logits = outputs["pred_logits"]
     sizes = torch.as_tensor(target_sizes, dtype=torch.float32, device=logits.device).reshape(logits.shape[0], 2)

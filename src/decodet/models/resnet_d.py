@@ -43,9 +43,7 @@ PRETRAINED_URLS = {
 def activation(name: str | None) -> nn.Module:
     """``"relu" | "silu" | "gelu" | None`` -> module."""
     acts = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
-    if name is None:
-        return nn.Identity()
-    return acts[name]()
+    return nn.Identity() if name is None else acts[name]()
 
 
 @torch.no_grad()
@@ -75,13 +73,7 @@ class ConvNormLayer(nn.Module):
     ``x: [B, C_in, H, W] -> [B, C_out, H', W']``."""
 
     def __init__(
-        self,
-        ch_in: int,
-        ch_out: int,
-        kernel_size: int,
-        stride: int,
-        padding: int | None = None,
-        act: str | None = None,
+        self, ch_in: int, ch_out: int, kernel_size: int, stride: int, padding: int | None = None, act: str | None = None
     ) -> None:
         super().__init__()
         padding = (kernel_size - 1) // 2 if padding is None else padding
