@@ -1,11 +1,12 @@
 """A run's weights and training state, written at each epoch end (rank 0, atomic writes) and read
-back on ``--resume`` and by torchrun restarts (every rank's RNG states: mid-epoch resume is exact)."""
+back on ``--resume`` and by torchrun restarts (every rank's RNG states: mid-epoch resume is exact).
+The functions take the running ``engine.trainer.Trainer`` (typed ``Any``: this module sits below it)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -16,9 +17,6 @@ from decodet.errors import DecodetError
 from decodet.io.atomic import atomic_open
 from decodet.io.checkpoint import safe_torch_load, save_model
 from decodet.utils import distributed as D
-
-if TYPE_CHECKING:
-    from decodet.engine.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +44,7 @@ def load_state(resume: str | Path) -> dict[str, Any]:
     return state
 
 
-def save_checkpoint(trainer: Trainer, improved: bool) -> None:
+def save_checkpoint(trainer: Any, improved: bool) -> None:
     """Write last (and, when ``improved``, best) weights, then the training state."""
     t = trainer
     rng = D.all_gather_object(t.stop_rng or get_rng_state())  # every rank's, for a mid-epoch resume
@@ -80,7 +78,7 @@ def save_checkpoint(trainer: Trainer, improved: bool) -> None:
         torch.save(state, f)
 
 
-def restore_checkpoint(trainer: Trainer, state: dict[str, Any]) -> None:
+def restore_checkpoint(trainer: Any, state: dict[str, Any]) -> None:
     """Load a saved training state (:func:`load_state`) into ``trainer``."""
     t, world_size = trainer, trainer.info.world_size
     t.raw_model.load_state_dict(state["model"])
