@@ -299,6 +299,7 @@ def test_a_killed_data_loader_worker_stops_training_with_one_line(tmp_path: Path
     data = make_tiny_coco(tmp_path / "data", n_train=240, n_val=2)  # 120 steps: the kill lands mid-epoch even late
     cmd = [sys.executable, *_train_args(data, "loader")]
     cmd[cmd.index("--workers") + 1] = "1"
+    cmd[cmd.index("--epochs") + 1] = "1"
     proc = _start(cmd, tmp_path, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + TIMEOUT
     workers: list[int] = []
