@@ -60,13 +60,12 @@ def build_transforms(
         imgsz: an int for a square (``light``, ``rtdetr``) or the short side (``detr``), or ``(height,
             width)`` (``detr`` uses the smaller of the two).
         normalize: ImageNet mean/std normalisation; ``False`` keeps [0, 1] (RT-DETR's convention).
-        zoom: ``light`` training only: random zoom in ``1 - zoom .. 1 + zoom`` (0: none).
-        shift: ``light`` training only: random shift up to ``shift`` of each side (0: none).
-        jitter: ``light`` training only: brightness and contrast in ``1 +- jitter`` (0: none).
+        zoom, shift, jitter: ``light`` training only (0: none): random zoom in ``1 +- zoom``, random shift up
+            to ``shift`` of each side, brightness and contrast in ``1 +- jitter``.
 
-    The ``v2.Compose`` takes a PIL image or uint8 ``tv_tensors.Image`` and a target with ``boxes``
-    and ``labels``; it returns a float image [3, H, W], boxes moved, clamped and sanitised (labels alike).
+    Takes a PIL image or uint8 ``tv_tensors.Image`` and a target with ``boxes`` and ``labels``.
     """
+
     h, w = _pair(imgsz)
     fill = _fill(normalize)
     if recipe == "detr":
