@@ -9,8 +9,7 @@ A preset is one :class:`Preset` record that keeps together everything chosen per
 - its **deploy defaults**: the inference size and the detections kept per image.
 
 Training (``decodet.engine.train_config.resolve``), evaluation, ``Detector`` and export read them from here, so
-adding a preset is one ``register(Preset(...))`` in this file.
-"""
+adding a preset is one ``register(Preset(...))`` in this file."""
 
 from __future__ import annotations
 

@@ -11,8 +11,7 @@ Parsing is strict about structure and forgiving about individual annotations:
 
 Category ids map to contiguous labels ``0..K-1`` in ascending id order: ``category_ids[label]`` is the id,
 ``label_of[id]`` the label. Crowd annotations (``iscrowd=1``) are left out of the training targets (COCO
-evaluation still reads them from the JSON). Images without annotations are kept.
-"""
+evaluation still reads them from the JSON). Images without annotations are kept."""
 
 from __future__ import annotations
 
@@ -129,8 +128,7 @@ class CocoDetection(Dataset):
 
     ``dataset[i]`` is ``(image float [3, H, W], target)``: ``boxes`` (``tv_tensors.BoundingBoxes``, XYXY pixels
     of the transformed image), ``labels`` (int64, contiguous), ``image_id``, ``orig_size`` (int64 annotated
-    ``[height, width]``, the frame predictions are reported in). Batch with ``collate``.
-    """
+    ``[height, width]``, the frame predictions are reported in). Batch with ``collate``."""
 
     def __init__(
         self,

@@ -19,8 +19,7 @@
 YOLO and VOC datasets are converted to ``instances_<split>.json`` in a cache folder (:mod:`decodet.data.converted`),
 so every split is an image folder plus a COCO JSON whatever the format (``DataSpec.format`` says which).
 ``spec.split("train")`` also finds ``train2017`` / ``train2014`` when no split is called exactly ``train``
-(likewise ``val``/``test``). Without a usable ``val`` split training runs without evaluation.
-"""
+(likewise ``val``/``test``). Without a usable ``val`` split training runs without evaluation."""
 
 from __future__ import annotations
 

@@ -18,8 +18,7 @@ object's full extent inside the image (occluded parts included), tight to its pi
 pixel count.
 
 Deterministic: image ``i`` of a split depends only on ``(seed, split, i)``, so the same arguments give
-byte-identical files. Numpy + Pillow only, a few ms per 256 px image.
-"""
+byte-identical files. Numpy + Pillow only, a few ms per 256 px image."""
 
 from __future__ import annotations
 
@@ -68,8 +67,7 @@ def generate_synthetic(
         overwrite: replace an existing dataset in ``out_dir`` (only its ``train/``, ``val/``, ``annotations/``
             and ``data.yaml`` are removed).
         size_range: smallest and largest object size as fractions of ``image_size``.
-        max_objects: objects per image are drawn from ``1..max_objects``.
-    """
+        max_objects: objects per image are drawn from ``1..max_objects``."""
     out = Path(out_dir)
     if image_format not in ("jpg", "png"):
         raise DecodetError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
@@ -110,8 +108,7 @@ def render_image(
 
     Returns ``image``: uint8 [S, S, 3]; ``objects``: dicts with ``category_id``, ``bbox`` (``[x, y, w, h]``
     pixels, COCO) and ``area`` (visible pixels); with ``with_masks`` also ``mask`` (bool [S, S], the whole
-    object) and ``visible`` (bool [S, S]).
-    """
+    object) and ``visible`` (bool [S, S])."""
     S = image_size
     canvas = _background(S, rng)
     _draw_lines(canvas, rng, int(rng.integers(2, 9)), max_width=3)

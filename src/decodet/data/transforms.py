@@ -20,8 +20,7 @@ Areas that zoom-out / affine transforms create are filled with the ImageNet mean
 0 like :func:`collate`'s padding (black when ``normalize=False``, as RT-DETR).
 
 Batching (:func:`collate`) pads to the batch's largest image and turns boxes into normalised cxcywh
-**relative to the padded canvas** (see its docstring).
-"""
+**relative to the padded canvas** (see its docstring)."""
 
 from __future__ import annotations
 
@@ -63,8 +62,7 @@ def build_transforms(
         zoom, shift, jitter: ``light`` training only (0: none): random zoom in ``1 +- zoom``, random shift up
             to ``shift`` of each side, brightness and contrast in ``1 +- jitter``.
 
-    Takes a PIL image or uint8 ``tv_tensors.Image`` and a target with ``boxes`` and ``labels``.
-    """
+    Takes a PIL image or uint8 ``tv_tensors.Image`` and a target with ``boxes`` and ``labels``."""
 
     h, w = _pair(imgsz)
     fill = _fill(normalize)

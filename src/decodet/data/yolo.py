@@ -25,8 +25,7 @@ not exist, a split without images. Counted, skipped and listed (file and line) b
 lines with a wrong number of fields, a non-numeric or non-finite value, a class not in ``names``, a box of zero
 size or entirely outside the image; missing or unreadable images; unreadable label files (their image is
 skipped); label files with no image beside them (orphans, e.g. an image deleted but not its labels: ignored).
-Boxes reaching more than a pixel outside the image are clipped and listed.
-"""
+Boxes reaching more than a pixel outside the image are clipped and listed."""
 
 from __future__ import annotations
 

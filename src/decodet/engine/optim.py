@@ -3,8 +3,7 @@
 Groups follow the authors' releases: DECO trains the backbone and the encoder at their own (lower) rates,
 everything else at ``lr``; DECO+ trains the backbone at a lower rate and puts no weight decay on norm layers and
 biases.  Schedules are per-step :class:`~torch.optim.lr_scheduler.LambdaLR` with a picklable factor object, so
-``state_dict()`` restores them exactly.
-"""
+``state_dict()`` restores them exactly."""
 
 from __future__ import annotations
 
@@ -50,8 +49,7 @@ def param_groups(
         no_decay_norm_bias: no weight decay on norm-layer parameters and biases (DECO+).
 
     Returns non-empty groups with ``params``, ``lr``, ``weight_decay`` and a ``name`` (``backbone``,
-    ``encoder``, ``rest``, with a ``_no_decay`` suffix for the undecayed part).
-    """
+    ``encoder``, ``rest``, with a ``_no_decay`` suffix for the undecayed part)."""
     model = getattr(model, "module", model)
     rates = {"backbone": lr_backbone, "encoder": lr_encoder, "rest": lr}
     groups: dict[str, dict[str, Any]] = {}
@@ -105,8 +103,7 @@ class LRFactor:
     A schedule sized to a time budget (:mod:`decodet.engine.budget`) is re-planned while it runs: :meth:`replan`
     maps the cosine's remaining progress onto a new number of remaining steps and :meth:`resize_warmup` the
     warm-up's remaining ramp onto a new length, each from an anchor (a step and the value reached there), so
-    the rate never jumps.  ``max_total`` (the configured total) bounds every plan.
-    """
+    the rate never jumps.  ``max_total`` (the configured total) bounds every plan."""
 
     def __init__(
         self,
@@ -197,8 +194,7 @@ def build_scheduler(
     """A per-optimizer-step :class:`LambdaLR` (call ``scheduler.step()`` after each ``optimizer.step()``).
 
     ``steps_per_epoch`` counts optimizer steps (after gradient accumulation); ``drop_epoch`` ``None`` is 2/3 of
-    ``epochs`` (100 of 150); ``max_steps`` caps the total steps the cosine decays over.
-    """
+    ``epochs`` (100 of 150); ``max_steps`` caps the total steps the cosine decays over."""
     total = steps_per_epoch * epochs if max_steps is None else min(steps_per_epoch * epochs, max_steps)
     if drop_epoch is None:
         drop_epoch = max(1, round(epochs * 2 / 3))

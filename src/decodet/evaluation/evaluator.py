@@ -6,8 +6,7 @@ bits of some stats, so it is not offered.)
 
 Detections: a COCO results list (``image_id``, ``category_id``, ``bbox`` xywh, ``score``), a path to a JSON file
 of one, or ``{image_id: {"boxes": [N, 4] xyxy, "scores", "labels"}}`` with category ids as labels (what
-``postprocess(..., category_ids=...)`` returns).
-"""
+``postprocess(..., category_ids=...)`` returns)."""
 
 from __future__ import annotations
 
@@ -64,8 +63,7 @@ def evaluate_coco(
     The dict form of ``detections`` is not truncated here (the detector's top-k decides).  ``image_ids``:
     evaluate on these only (default: all of the ground truth); listed images without detections count as
     misses.  As in pycocotools, -1.0 means the (sub)set has no ground truth (e.g. ``APs`` with no small
-    object).  :class:`DecodetError`: unreadable or malformed files, detections for unknown images or ``image_ids``.
-    """
+    object).  :class:`DecodetError`: unreadable or malformed files, detections for unknown images or ``image_ids``."""
     ev = run_coco_eval(gt_json, detections, iou_type=iou_type, image_ids=image_ids)
     return {name: float(value) for name, value in zip(STAT_NAMES, ev.stats)}
 
@@ -114,8 +112,7 @@ class CocoEvaluator:
     >>> stats = ev.summarize(gt_json) if rank == 0 else None
 
     An image seen twice (``DistributedSampler`` pads the last batch with repeats) counts once: the first copy
-    wins. Only images passed to ``update`` are evaluated.
-    """
+    wins. Only images passed to ``update`` are evaluated."""
 
     def __init__(self, max_dets: int | None = None) -> None:
         self.max_dets = max_dets

@@ -15,8 +15,7 @@ The file is fetched from ``$DECODET_HUB`` (default: the authors' GitHub release)
   has its checksum recorded at first use).
 
 Downloads use the standard library's ``urllib``: one GET with a ``Range`` header is all this needs, and it keeps
-the package free of an HTTP client dependency (requests / httpx).
-"""
+the package free of an HTTP client dependency (requests / httpx)."""
 
 from __future__ import annotations
 

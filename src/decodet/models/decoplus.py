@@ -16,8 +16,7 @@ RT-DETR's frame with every attention replaced by convolution (see the spec, "DEC
 Odd input sizes: level sizes are ``ceil`` halves of each other (see ``resnet_d``).  For the stride-16 merge,
 the stride-8 map is zero-padded at the bottom/right to twice the stride-16 size before its 2x2 stride-2 conv,
 and the 2x-upsampled stride-32 map is cropped at the bottom/right; both are no-ops when the input is a
-multiple of 32, where this equals the authors' code.  Anchors are built for the actual level sizes (cached).
-"""
+multiple of 32, where this equals the authors' code.  Anchors are built for the actual level sizes (cached)."""
 
 from __future__ import annotations
 
@@ -47,8 +46,7 @@ def make_anchors(
 
     Level ``l`` cell ``(y, x)``: centre ``((x + 0.5) / W, (y + 0.5) / H)``, size ``grid_size * 2**l``.  An
     anchor with any coordinate outside ``(eps, 1 - eps)`` is invalid and set to ``+inf``.  Returns ``anchors:
-    [1, N, 4]`` (float32) and ``valid: [1, N, 1]`` (bool), ``N = sum(H * W)``, row-major per level.
-    """
+    [1, N, 4]`` (float32) and ``valid: [1, N, 1]`` (bool), ``N = sum(H * W)``, row-major per level."""
     anchors = []
     for lvl, (h, w) in enumerate(shapes):
         ys, xs = torch.meshgrid(

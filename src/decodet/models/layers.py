@@ -45,8 +45,7 @@ class _DepthwiseConvFn(torch.autograd.Function):
 
     - input gradient: the gradient convolved with the flipped kernel (a "full" correlation);
     - weight gradient: each padded input plane correlated with its own gradient plane (a depthwise conv over
-      ``B * C`` planes whose *kernel* is the gradient map), summed over the batch (1.6 ms for the case above).
-    """
+      ``B * C`` planes whose *kernel* is the gradient map), summed over the batch (1.6 ms for the case above)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
@@ -193,8 +192,7 @@ def adaptive_max_pool2d(x: Tensor, output_size: tuple[int, int]) -> Tensor:
     """``F.adaptive_max_pool2d`` that also exports to ONNX at any fixed input size.  ``[B, C, H, W] -> [B, C,
     oh, ow]``.  ONNX has no adaptive pooling; even division is a plain max pool.  Uneven windows (e.g. 25x38
     onto 10x10) are one max over each window's row slice then column slice (PyTorch's windows,
-    ``[floor(i*H/oh), ceil((i+1)*H/oh))``), exported as Slice/ReduceMax/Concat.  Eager runs the native kernel.
-    """
+    ``[floor(i*H/oh), ceil((i+1)*H/oh))``), exported as Slice/ReduceMax/Concat.  Eager runs the native kernel."""
 
     oh, ow = output_size
     h, w = x.shape[-2:]

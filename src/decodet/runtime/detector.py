@@ -65,8 +65,7 @@ class Detector:
     :class:`~decodet.runtime.options.RunOptions`' fields as keywords (``backend``, ``precision``, ``imgsz``,
     ``score_threshold``, ``max_det``, ``batch_size``, ``device``, ``threads``, ``calib_images``, ``compile``,
     ...; keywords override ``options``).  ONNX Runtime or OpenVINO with a checkpoint export it first (fp32,
-    dynamic batch), once per ``Detector``; an exported file carries its own fixed ``imgsz``, precision, batch.
-    """
+    dynamic batch), once per ``Detector``; an exported file carries its own fixed ``imgsz``, precision, batch."""
 
     def __init__(
         self, weights: str | os.PathLike | nn.Module, *args: Any, options: RunOptions | None = None, **kwargs: Any
