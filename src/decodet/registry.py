@@ -257,5 +257,4 @@ def build_from_config(cfg: ModelConfig) -> torch.nn.Module:
 
 def build_model(name: str, num_classes: int = 80, **overrides: Any) -> torch.nn.Module:
     """Build preset ``name`` with ``num_classes`` logits and config ``overrides``: ``build_model("deco_tiny")``."""
-
     return build_from_config(get_config(name, num_classes=num_classes, **overrides))

@@ -223,7 +223,6 @@ class CocoDetection(Dataset):
 
     def _skip_missing_files(self) -> None:
         """Drop images whose file is absent (one warning), so ``len`` counts those used; raise if all are."""
-
         listings: dict[Path, set[str]] = {}
         missing = []
         for i in range(len(self.records)):

@@ -58,8 +58,7 @@ class DataSpec:
         source: the folder or dataset file it was resolved from (used in error messages).
         splits: split name -> :class:`SplitSpec`, for splits whose files all exist.
         missing: split name -> why it is unusable (e.g. annotation file without its image folder).
-        problems: what was skipped converting a YOLO / VOC dataset (empty for COCO, checked when loaded).
-    """
+        problems: what was skipped converting a YOLO / VOC dataset (empty for COCO, checked when loaded)."""
 
     source: Path
     root: Path
@@ -105,7 +104,6 @@ class DataSpec:
 def resolve_data(data: str | os.PathLike) -> DataSpec:
     """Resolve a dataset folder or file (module docstring) into a :class:`DataSpec`; :class:`DecodetError` if
     missing, malformed, naming absent files, or a folder with no recognisable dataset."""
-
     path = Path(data).expanduser()
     if not path.exists():
         raise DecodetError("dataset not found (no such file or folder)", path)

@@ -314,7 +314,6 @@ def _paint(canvas: np.ndarray, origin: tuple[int, int], mask: np.ndarray, textur
 def _background(S: int, rng: np.random.Generator) -> np.ndarray:
     """Gradient between two muted colours with low-frequency blotches, float32 [S, S, 3].  Cheap: built on a
     coarse grid and upsampled bilinearly in one resize (a linear gradient survives bilinear interpolation)."""
-
     a = _random_colour(rng, (0.0, 0.45), (0.15, 0.85))
     b = _random_colour(rng, (0.0, 0.45), (0.15, 0.85))
     phi = rng.uniform(0, 2 * math.pi)

@@ -63,7 +63,6 @@ def build_transforms(
             to ``shift`` of each side, brightness and contrast in ``1 +- jitter``.
 
     Takes a PIL image or uint8 ``tv_tensors.Image`` and a target with ``boxes`` and ``labels``."""
-
     h, w = _pair(imgsz)
     fill = _fill(normalize)
     if recipe == "detr":
@@ -161,8 +160,7 @@ class ShortSideResize(v2.Transform):
 
 
 class RandomIoUCrop(v2.RandomIoUCrop):
-    """torchvision's SSD-style IoU crop, leaving images under 4 px a side as they are (its crop
-    height can round to 0 there, and the aspect-ratio draw then divides by zero)."""
+    """torchvision's IoU crop, skipping images under 4 px a side (crop height rounds to 0, then divides by 0)."""
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         if min(_query_size(flat_inputs)) < 4:
@@ -242,7 +240,6 @@ class MultiScaleCollate:
 def multiscale_sizes(imgsz: int, step: int = 32, spread: float = 0.25, base_repeat: int = 3) -> list[int]:
     """Square sides for :class:`MultiScaleCollate`: ``imgsz * (1 +- spread)`` in ``step``s, base repeated.
     ``multiscale_sizes(640)`` is RT-DETR's list: 480, 512, ..., 800 with 640 three times."""
-
     lo = max(step, math.ceil(imgsz * (1 - spread) / step) * step)
     hi = math.floor(imgsz * (1 + spread) / step) * step
     sizes = [s for s in range(lo, hi + 1, step) if s != imgsz]

@@ -302,7 +302,6 @@ def copy_image(src: Path, dst: Path, link: bool) -> None:
 
 def write_data_yaml(out: Path, splits: list[str], names: list[str]) -> None:
     """``out/data.yaml`` naming ``images/<split>`` folders, without ``path`` (module docstring: root = its folder)."""
-
     content = {**{s: f"images/{s}" for s in splits}, "names": dict(enumerate(names))}
     header = (
         "# YOLO dataset written by decodet data convert\n"

@@ -205,6 +205,5 @@ def build_scheduler(
 def fit_total_steps(planned: int, steps_done: int, seconds_per_step: float, seconds_left: float) -> int:
     """The schedule's total steps that end within ``seconds_left`` at ``seconds_per_step``: never more than
     ``planned`` (a fast machine runs the configured schedule), never fewer than ``steps_done + 1``."""
-
     affordable = steps_done + int(seconds_left / max(seconds_per_step, 1e-9))
     return max(steps_done + 1, min(int(planned), affordable))

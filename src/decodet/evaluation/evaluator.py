@@ -174,7 +174,6 @@ def merge_detections(parts: Iterable[Mapping[int, Any] | None]) -> dict[int, Any
 def load_coco_gt(gt: GroundTruth) -> Any:
     """Path / dict / ``COCO`` -> an indexed, validated ``pycocotools.coco.COCO``.  Annotations without
     ``area`` get ``w * h`` and without ``iscrowd`` get 0 (on a copy)."""
-
     from pycocotools.coco import COCO
 
     if isinstance(gt, COCO):

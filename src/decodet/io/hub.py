@@ -188,7 +188,6 @@ class _Interrupted(Exception):
 def download(url: str, dest: Path, progress: bool | None = None, attempts: int = 3) -> Path:
     """Fetch ``url`` into ``dest`` via ``dest.part`` (resumed with HTTP Range), then rename.  Up to
     ``attempts`` tries resume where the last stopped; after that ``.part`` stays for the next call."""
-
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -272,12 +272,10 @@ def _backbone_depth(name: str) -> int:
 
 
 class DECOPlus(nn.Module):
-    """The DECO+ detector.  Parameter names equal the authors' release (``backbone.``, ``encoder.``,
-    ``decoder.``) so their state dicts load as they are.
-
-    ``forward(images: [B, 3, H, W])`` (float, [0, 1] pixels unless ``normalize``; checked as DECO checks it)
-    ``-> {"pred_logits": [B, Q, C], "pred_boxes": [B, Q, 4]}`` (sigmoid cxcywh in [0, 1]); in training also
-    ``aux_outputs`` (decoder layers ``0..L-2``, then the encoder's top-k selection)."""
+    """The DECO+ detector; parameter names equal the authors' (``backbone.``, ``encoder.``, ``decoder.``) so
+    their state dicts load as they are.  ``forward(images: [B, 3, H, W])`` (float, [0, 1] pixels unless
+    ``normalize``; checked as DECO checks it) ``-> {"pred_logits": [B, Q, C], "pred_boxes": [B, Q, 4]}`` (sigmoid
+    cxcywh in [0, 1]); in training also ``aux_outputs`` (decoder layers ``0..L-2``, then the encoder's top-k)."""
 
     def __init__(self, cfg: DecoPlusConfig) -> None:
         super().__init__()

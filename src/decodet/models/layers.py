@@ -105,8 +105,7 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class ConvNeXtBlock(nn.Module):
-    """dwconv k x k -> LayerNorm -> Linear(d, 4d) -> GELU -> Linear(4d, d) -> layer scale -> residual.
-    ``x: [B, d, H, W] -> [B, d, H, W]``."""
+    """dwconv kxk -> LN -> Linear(d, 4d) -> GELU -> Linear(4d, d) -> layer scale -> residual; ``[B, d, H, W]``."""
 
     def __init__(self, dim: int, kernel_size: int = 7, layer_scale: float = 1e-6, drop_path: float = 0.0) -> None:
         super().__init__()
@@ -193,7 +192,6 @@ def adaptive_max_pool2d(x: Tensor, output_size: tuple[int, int]) -> Tensor:
     oh, ow]``.  ONNX has no adaptive pooling; even division is a plain max pool.  Uneven windows (e.g. 25x38
     onto 10x10) are one max over each window's row slice then column slice (PyTorch's windows,
     ``[floor(i*H/oh), ceil((i+1)*H/oh))``), exported as Slice/ReduceMax/Concat.  Eager runs the native kernel."""
-
     oh, ow = output_size
     h, w = x.shape[-2:]
     if not _exporting():

@@ -48,9 +48,6 @@ log = logging.getLogger(__name__)
 _EXPORTED = (".onnx", ".xml")  # files from `decodet export` (ONNX, OpenVINO IR)
 
 
-# ----------------------------------------------------------------------------- detector
-
-
 #: the order ``Detector``'s options took positionally before they became keyword-only
 _POSITIONAL = ("device", "backend", "imgsz", "score_threshold", "max_det", "batch_size", "threads", "precision",
                "calib_images", "compile")  # fmt: skip
@@ -251,7 +248,6 @@ def _id_to_name(cfg: Any) -> dict[int, str]:
 def pad_batch(images: Tensor, sizes: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """``images [B, ...]``, ``sizes [B, 2]`` filled up to ``n`` rows with copies of the last image (compiled
     and fixed-batch runners see one batch size)."""
-
     extra = n - images.shape[0]
     if extra <= 0:
         return images, sizes
