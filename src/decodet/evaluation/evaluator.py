@@ -58,7 +58,7 @@ def evaluate_coco(
     image_ids: Iterable[int] | None = None,
 ) -> dict[str, float]:
     """The 12 COCO stats (``AP``, ``AP50``, ... ``ARl``, floats in [0, 1]) of ``detections`` against
-    ``gt_json`` (a COCO instances JSON path, its dict, or a ``COCO``).
+    ``gt_json`` (a COCO instances JSON path, its dict, or a ``COCO``).  ``detections`` may hold tensors or arrays.
 
     The dict form of ``detections`` is not truncated here (the detector's top-k decides).  ``image_ids``:
     evaluate on these only (default: all of the ground truth); listed images without detections count as
