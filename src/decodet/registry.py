@@ -3,15 +3,13 @@
 A preset is one :class:`Preset` record that keeps together everything chosen per model:
 
 - how to build its model config;
-- its **data recipe** (:class:`DataRecipe`: augmentation, image size, multi-scale), for
-  training and evaluation;
-- its **training recipes** (:class:`TrainRecipe`) from a pretrained backbone (or ``--weights``)
-  and from scratch: the defaults of ``TrainConfig``'s ``None`` fields and what is frozen;
+- its **data recipe** (:class:`DataRecipe`: augmentation, image size, multi-scale), for training and evaluation;
+- its **training recipes** (:class:`TrainRecipe`) from a pretrained backbone (or ``--weights``) and from
+  scratch: the defaults of ``TrainConfig``'s ``None`` fields and what is frozen;
 - its **deploy defaults**: the inference size and the detections kept per image.
 
-Training (``decodet.engine.train_config.resolve``), evaluation, ``Detector`` and export read
-them from here, so adding a preset is one ``register(Preset(...))`` in this file.
-"""
+Training (``decodet.engine.train_config.resolve``), evaluation, ``Detector`` and export read them from here, so
+adding a preset is one ``register(Preset(...))`` in this file."""
 
 from __future__ import annotations
 
@@ -37,8 +35,7 @@ class DataRecipe:
 
 @dataclass(frozen=True)
 class TrainRecipe:
-    """Defaults of ``TrainConfig``'s recipe fields, and the model config overrides that say
-    what is frozen (``freeze_backbone_bn``, ``freeze_stem_layer1`` / ``freeze_at``)."""
+    """Defaults of ``TrainConfig``'s recipe fields; ``freeze``: model config overrides (what is frozen)."""
 
     lr: float
     lr_backbone: float
@@ -65,8 +62,7 @@ class Preset:
     data: DataRecipe
     pretrained: TrainRecipe  # a pretrained backbone, or --weights
     scratch: TrainRecipe  # random weights
-    # Deploy defaults.  None: the model config carries the value (DECO+'s ``eval_size`` and
-    # ``num_top_queries``; training records the size it trained at in ``eval_size``).
+    # Deploy defaults.  None: the config carries them (DECO+'s ``eval_size``, set by training; ``num_top_queries``).
     imgsz: tuple[int, int] | None = None
     num_top: int | None = None
 
@@ -82,8 +78,7 @@ def register(preset: Preset) -> Preset:
 
 # ----------------------------------------------------------------------------- recipes
 
-# DECO, the authors' recipe: AdamW lr 1e-4, backbone and encoder 1e-5, weight decay 1e-4 on
-# every parameter, lr / 10 at 2/3 of the epochs (100 of 150), frozen BN, stem and layer1.
+# DECO, the authors' recipe (step schedule: lr / 10 at 2/3 of the epochs, 100 of 150).
 DECO_PRETRAINED = TrainRecipe(
     lr=1e-4, lr_backbone=1e-5, lr_encoder=1e-5, weight_decay=1e-4, norm_bias_decay=True, schedule="step",
     warmup_steps=0, ema=False, freeze={"freeze_backbone_bn": True, "freeze_stem_layer1": True},
@@ -91,8 +86,7 @@ DECO_PRETRAINED = TrainRecipe(
 
 
 def rtdetr_pretrained(freeze_stem_and_bn: bool) -> TrainRecipe:
-    """DECO+ on RT-DETR's recipe: lr 1.5e-4, backbone 1.5e-5, no weight decay on norms and
-    biases, constant lr, EMA.  ResNet-D-50 and up freeze the stem and batch norm."""
+    """DECO+ on RT-DETR's recipe.  ResNet-D-50 and up freeze the stem and batch norm."""
     freeze = {"freeze_backbone_bn": freeze_stem_and_bn, "freeze_at": 0 if freeze_stem_and_bn else -1}
     return TrainRecipe(
         lr=1.5e-4, lr_backbone=1.5e-5, lr_encoder=None, weight_decay=1e-4, norm_bias_decay=False,
@@ -101,8 +95,7 @@ def rtdetr_pretrained(freeze_stem_and_bn: bool) -> TrainRecipe:
 
 
 def from_scratch(ema: bool, freeze: Mapping[str, Any]) -> TrainRecipe:
-    """From random weights: everything trains (batch norm included) at one, higher learning
-    rate, with a linear warm-up and a cosine decay."""
+    """From random weights: everything (batch norm included) at one, higher rate, warm-up then cosine."""
     return TrainRecipe(
         lr=4e-4, lr_backbone=4e-4, lr_encoder=None, weight_decay=1e-4, norm_bias_decay=False, schedule="cosine",
         warmup_steps=200, ema=ema, freeze=freeze,
@@ -111,19 +104,16 @@ def from_scratch(ema: bool, freeze: Mapping[str, Any]) -> TrainRecipe:
 
 DECO_SCRATCH = from_scratch(ema=False, freeze={"freeze_backbone_bn": False, "freeze_stem_layer1": False})
 DECOPLUS_SCRATCH = from_scratch(ema=True, freeze={"freeze_backbone_bn": False, "freeze_at": -1})
-# DETR's augmentation at short side 800, one image per evaluation batch (no padding).
-DETR_DATA = DataRecipe("detr", 800)
-# RT-DETR's augmentation at the eval square (640), multi-scale batches.
-RTDETR_DATA = DataRecipe("rtdetr", multiscale=True)
+DETR_DATA = DataRecipe("detr", 800)  # one image per evaluation batch (no padding)
+RTDETR_DATA = DataRecipe("rtdetr", multiscale=True)  # at the eval square (640)
 
 
 # ----------------------------------------------------------------------------- presets
 
 
 def deco_preset(name: str, backbone: str) -> Preset:
-    """A single-scale DECO preset on the authors' recipes.  Deploy defaults: 640x640 (the
-    authors evaluate at short side 800 keeping the aspect ratio; inference and export take
-    one fixed size, and DECO's config has none) and the authors' 100 detections."""
+    """A single-scale DECO preset on the authors' recipes.  Deploy: 640x640 (the authors evaluate at short side
+    800 keeping aspect; inference and export take one fixed size, and DECO's config has none), 100 detections."""
     return Preset(
         name,
         lambda: DecoConfig(name=name, backbone=backbone),
@@ -166,9 +156,8 @@ register(
     )
 )
 
-# Our CPU-sized member of the family, on the DECO+ frame: query selection from dense encoder
-# predictions converges far faster from random weights than DECO's learned queries (see
-# README, "deco_tiny").  Everything trains, batch norm included; the light augmentation.
+# Our CPU-sized member, on the DECO+ frame: query selection from dense encoder predictions converges far
+# faster from random weights than DECO's learned queries (README, "deco_tiny").
 register(
     Preset(
         "deco_tiny",
@@ -185,8 +174,7 @@ register(
             query_grid=(10, 10),
             num_top_queries=100,
             eval_size=(320, 320),
-            # Queries placed on the grid by box centre: on the bundled data, AP 0.384 vs 0.359
-            # in score order (the demo recipe with zoom 0.4, 1,500 steps).
+            # On the bundled data, AP 0.384 vs 0.359 in score order (demo recipe, zoom 0.4, 1,500 steps).
             query_layout="spatial",
         ),
         DataRecipe("light"),
@@ -217,28 +205,23 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
 
 
 def data_recipe(cfg: ModelConfig) -> dict[str, Any]:
-    """``transforms``, ``imgsz`` and ``multiscale`` for a model config (its preset's data recipe;
-    a square recipe without a size of its own takes the config's ``eval_size``)."""
+    """``transforms``, ``imgsz``, ``multiscale`` of a config's preset (a sizeless recipe takes ``eval_size``)."""
     recipe = get_preset(cfg.name).data
     imgsz = recipe.imgsz if recipe.imgsz is not None else int(cfg.eval_size[0])
     return {"transforms": recipe.transforms, "imgsz": imgsz, "multiscale": recipe.multiscale}
 
 
 def train_recipe(name: str, pretrained: bool) -> dict[str, Any]:
-    """Default training settings of preset ``name`` by whether its backbone starts pretrained.
-
-    A dict of ``TrainConfig`` field values (data recipe included); its ``model_overrides``
-    entry holds the freezing settings for the model config.
-    """
+    """Default ``TrainConfig`` field values (data recipe included) of preset ``name``, by whether its backbone
+    starts pretrained; ``model_overrides`` holds the freezing settings."""
     preset = get_preset(name)
     recipe = preset.pretrained if pretrained else preset.scratch
     return {**data_recipe(preset.config()), **recipe.fields()}
 
 
 def trained_size_fields(name: str, transforms: str, imgsz: int) -> dict[str, Any]:
-    """Model config fields recording the size a model trains at: a preset whose config carries
-    its inference size (``eval_size``) gets the training square when the augmentation resizes
-    to one (``light``, ``rtdetr``), so evaluation, ``Detector`` and export run it at that size."""
+    """Config fields recording the training size: a preset whose config carries ``eval_size`` gets the training
+    square when the augmentation resizes to one, so evaluation, ``Detector`` and export run at that size."""
     if get_preset(name).imgsz is None and transforms in ("light", "rtdetr"):
         return {"eval_size": (imgsz, imgsz)}
     return {}
@@ -273,8 +256,5 @@ def build_from_config(cfg: ModelConfig) -> torch.nn.Module:
 
 
 def build_model(name: str, num_classes: int = 80, **overrides: Any) -> torch.nn.Module:
-    """Build preset ``name`` with ``num_classes`` logits and config ``overrides``.
-
-    >>> model = build_model("deco_tiny", num_classes=6)
-    """
+    """Build preset ``name`` with ``num_classes`` logits and config ``overrides``: ``build_model("deco_tiny")``."""
     return build_from_config(get_config(name, num_classes=num_classes, **overrides))

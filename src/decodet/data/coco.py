@@ -2,18 +2,16 @@
 
 Parsing is strict about structure and forgiving about individual annotations:
 
-- fatal (:class:`DecodetError` naming the JSON file): unreadable or malformed JSON, a missing
-  ``images`` / ``annotations`` / ``categories`` list, no categories, an image without
-  ``id`` / ``file_name`` / positive ``width`` and ``height``, duplicate image or category ids;
-- counted, then reported in one ``logging`` warning per file: annotations that name an unknown
-  image or category, boxes that are missing, not finite, of zero/negative size or entirely
-  outside the image (dropped), boxes reaching more than a pixel outside the image (clipped).
+- fatal (:class:`DecodetError` naming the JSON file): unreadable or malformed JSON, a missing ``images`` /
+  ``annotations`` / ``categories`` list, no categories, an image without ``id`` / ``file_name`` / positive
+  ``width`` and ``height``, duplicate image or category ids;
+- counted, then reported in one ``logging`` warning per file: annotations naming an unknown image or category,
+  boxes that are missing, not finite, of zero/negative size or entirely outside the image (dropped), boxes
+  reaching more than a pixel outside the image (clipped).
 
-Category ids map to contiguous labels ``0..K-1`` in ascending id order: ``category_ids[label]``
-is the id, ``label_of[id]`` the label. Crowd annotations (``iscrowd=1``) are left out of the
-training targets (COCO evaluation still reads them from the JSON). Images without annotations
-are kept.
-"""
+Category ids map to contiguous labels ``0..K-1`` in ascending id order: ``category_ids[label]`` is the id,
+``label_of[id]`` the label. Crowd annotations (``iscrowd=1``) are left out of the training targets (COCO
+evaluation still reads them from the JSON). Images without annotations are kept."""
 
 from __future__ import annotations
 
@@ -39,17 +37,15 @@ from decodet.io.files import read_json
 
 logger = logging.getLogger(__name__)
 
-# Boxes overshooting the image by at most this many pixels are clipped without being counted
-# (rounding in many exported datasets); larger overshoots are clipped and reported.
-CLIP_TOLERANCE = 1.0
+CLIP_TOLERANCE = 1.0  # overshoots up to this many px (rounding in many exported datasets) are clipped unreported
 
 Transforms = Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]]
 
 
 @dataclass
 class ImageRecord:
-    """One image and its training boxes: ``boxes`` float32 [N, 4] xyxy pixels of the annotated
-    ``width`` x ``height``; ``labels`` int64 [N] contiguous; ``num_crowd`` crowd annotations left out."""
+    """One image: ``boxes`` float32 [N, 4] xyxy pixels of the annotated ``width`` x ``height``; ``labels``
+    int64 [N] contiguous; ``num_crowd`` crowd annotations left out."""
 
     id: int
     file_name: str
@@ -71,8 +67,8 @@ class CocoAnnotations:
 
 
 def parse_coco(ann_file: str | os.PathLike) -> CocoAnnotations:
-    """Read and validate a COCO detection JSON (module docstring): images in file order, categories
-    sorted by id, the counted problems in ``issues`` (also logged as one warning)."""
+    """Read and validate a COCO detection JSON (module docstring): images in file order, categories sorted by
+    id, the counted problems in ``issues`` (also logged as one warning)."""
     ann_file = Path(ann_file)
     content = read_json(ann_file, "annotation file")
     if not isinstance(content, dict):
@@ -123,19 +119,16 @@ class CocoDetection(Dataset):
     """A COCO-format detection split as a torch ``Dataset``.
 
     Args:
-        images_dir: folder holding the ``file_name`` of every image in ``ann_file``.
-        ann_file: COCO detection JSON.
-        transforms: ``(image, target) -> (image, target)`` on ``tv_tensors`` (``build_transforms``);
-            ``None`` only converts the image to float in [0, 1].
-        skip_bad_images: on an unreadable image, log a warning and return the next readable
-            sample instead of raising. Files missing from ``images_dir`` are found up front (one
-            listing per folder) and reported in one warning; none present is a :class:`DecodetError`.
+        transforms: ``(image, target) -> (image, target)`` on ``tv_tensors`` (``build_transforms``); ``None``
+            only converts the image to float in [0, 1].
+        skip_bad_images: on an unreadable image, warn and return the next readable sample instead of raising.
+            Files missing from ``images_dir`` are found up front (one listing per folder) and reported in one
+            warning; none present is a :class:`DecodetError`.
         max_pixels: decompression-bomb guard passed to :func:`~decodet.data.images.load_image`.
 
-    ``dataset[i]`` is ``(image float [3, H, W], target)``: ``boxes`` (``tv_tensors.BoundingBoxes``, XYXY
-    pixels of the transformed image), ``labels`` (int64, contiguous), ``image_id``, ``orig_size`` (int64
-    annotated ``[height, width]``, the frame predictions are reported in). Batch with ``collate``.
-    """
+    ``dataset[i]`` is ``(image float [3, H, W], target)``: ``boxes`` (``tv_tensors.BoundingBoxes``, XYXY pixels
+    of the transformed image), ``labels`` (int64, contiguous), ``image_id``, ``orig_size`` (int64 annotated
+    ``[height, width]``, the frame predictions are reported in). Batch with ``collate``."""
 
     def __init__(
         self,
@@ -229,8 +222,7 @@ class CocoDetection(Dataset):
         raise DecodetError("no readable image in this dataset", self.images_dir)
 
     def _skip_missing_files(self) -> None:
-        """Drop images whose file is absent (one warning), so ``len`` counts the images used; raise if
-        every file is absent."""
+        """Drop images whose file is absent (one warning), so ``len`` counts those used; raise if all are."""
         listings: dict[Path, set[str]] = {}
         missing = []
         for i in range(len(self.records)):

@@ -16,12 +16,10 @@
 4. **A YOLO dataset** (ultralytics layout, :mod:`decodet.data.yolo`).
 5. **A Pascal VOC folder**, or a folder holding exactly one (``VOCdevkit``): :mod:`decodet.data.voc`.
 
-YOLO and VOC datasets are converted to ``instances_<split>.json`` in a cache folder
-(:mod:`decodet.data.converted`), so every split is an image folder plus a COCO JSON whatever the
-format; ``DataSpec.format`` says which it was. ``spec.split("train")`` also finds ``train2017`` /
-``train2014`` when no split is called exactly ``train`` (likewise ``val``/``test``). Without a
-usable ``val`` split training runs without evaluation (:meth:`DataSpec.no_val_warning`).
-"""
+YOLO and VOC datasets are converted to ``instances_<split>.json`` in a cache folder (:mod:`decodet.data.converted`),
+so every split is an image folder plus a COCO JSON whatever the format (``DataSpec.format`` says which).
+``spec.split("train")`` also finds ``train2017`` / ``train2014`` when no split is called exactly ``train``
+(likewise ``val``/``test``). Without a usable ``val`` split training runs without evaluation."""
 
 from __future__ import annotations
 
@@ -58,13 +56,9 @@ class DataSpec:
 
     Attributes:
         source: the folder or dataset file it was resolved from (used in error messages).
-        root: the dataset root folder.
         splits: split name -> :class:`SplitSpec`, for splits whose files all exist.
         missing: split name -> why it is unusable (e.g. annotation file without its image folder).
-        format: ``"coco"``, ``"yolo"`` or ``"voc"``.
-        problems: what was skipped while converting a YOLO / VOC dataset (empty for COCO, whose
-            annotation files are checked when they are loaded).
-    """
+        problems: what was skipped converting a YOLO / VOC dataset (empty for COCO, checked when loaded)."""
 
     source: Path
     root: Path
@@ -89,11 +83,8 @@ class DataSpec:
         return any(c in self.splits for c in _aliases(name))
 
     def no_val_warning(self, name: str = "val") -> str:
-        """The one-line warning that training on this dataset runs without evaluation; ``""`` with a ``name`` split.
-
-        It names the file that would hold the split (VOC ``ImageSets/Main/<name>.txt``, COCO
-        ``annotations/instances_<name>.json``, the dataset file's ``<name>:`` entry), or why it is unusable.
-        """
+        """The one-line warning that training runs without evaluation, naming the file that would hold the
+        split or why it is unusable; ``""`` with a ``name`` split."""
         if self.has_split(name):
             return ""
         consequence = "training runs without evaluation"
@@ -111,12 +102,8 @@ class DataSpec:
 
 
 def resolve_data(data: str | os.PathLike) -> DataSpec:
-    """Resolve a dataset folder or dataset file (see the module docstring) into a :class:`DataSpec`.
-
-    Raises:
-        DecodetError: the path does not exist, the dataset file is malformed or names files that
-            do not exist, or a folder holds no recognisable dataset.
-    """
+    """Resolve a dataset folder or file (module docstring) into a :class:`DataSpec`; :class:`DecodetError` if
+    missing, malformed, naming absent files, or a folder with no recognisable dataset."""
     path = Path(data).expanduser()
     if not path.exists():
         raise DecodetError("dataset not found (no such file or folder)", path)

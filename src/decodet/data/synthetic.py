@@ -1,26 +1,24 @@
 """The bundled dataset: coloured, textured shapes on cluttered backgrounds, in COCO format.
 
-``generate_synthetic(out_dir)`` writes ``data.yaml`` (naming both splits), ``train/000001.jpg ...``,
-``val/...`` and ``annotations/instances_{train,val}.json``.
+``generate_synthetic(out_dir)`` writes ``data.yaml`` (naming both splits), ``train/000001.jpg ...``, ``val/...``
+and ``annotations/instances_{train,val}.json``.
 
-Eight classes (:data:`CLASSES`), each a distinct shape with its own texture; colour is drawn per
-instance from the same distribution for every class, so only shape (and texture, on larger objects)
-identifies the class. Category ids are deliberately not contiguous (gaps at 4 and 8).
+Eight classes (:data:`CLASSES`), each a distinct shape with its own texture; colour is drawn per instance from
+the same distribution for every class, so only shape (and texture, on larger objects) identifies the class.
+Category ids are deliberately not contiguous (gaps at 4 and 8).
 
-Per image: 1 to 12 objects (fewer when they do not fit, never 0), sizes log-uniform from
-7% to 50% of the image side, random rotation (except circles and rings), up to ~20% cut off
-by the image border. Backgrounds: a colour gradient, low-frequency blotches, pixel noise,
-random lines and soft blobs (distractors, not classes); a few thin lines are also drawn over
-the objects.
+Per image: 1 to 12 objects (fewer when they do not fit, never 0), sizes log-uniform from 7% to 50% of the
+image side, random rotation (except circles and rings), up to ~20% cut off by the image border. Backgrounds:
+a colour gradient, low-frequency blotches, pixel noise, random lines and soft blobs (distractors, not
+classes); a few thin lines are also drawn over the objects.
 
-Occlusion rule: objects may overlap, later ones on top, but an object is only placed if every
-object already there keeps at least half of its pixels visible, so nothing heavily hidden is
-annotated. The box is the object's full extent inside the image (occluded parts included), tight
-to its pixels; ``area`` is its visible pixel count.
+Occlusion rule: objects may overlap, later ones on top, but an object is only placed if every object already
+there keeps at least half of its pixels visible, so nothing heavily hidden is annotated. The box is the
+object's full extent inside the image (occluded parts included), tight to its pixels; ``area`` is its visible
+pixel count.
 
-Deterministic: image ``i`` of a split depends only on ``(seed, split, i)``, so the same
-arguments give byte-identical files. Numpy + Pillow only, a few ms per 256 px image.
-"""
+Deterministic: image ``i`` of a split depends only on ``(seed, split, i)``, so the same arguments give
+byte-identical files. Numpy + Pillow only, a few ms per 256 px image."""
 
 from __future__ import annotations
 
@@ -59,22 +57,17 @@ def generate_synthetic(
     size_range: tuple[float, float] = (MIN_SIZE_FRACTION, MAX_SIZE_FRACTION),
     max_objects: int = MAX_OBJECTS,
 ) -> Path:
-    """Write the synthetic shapes dataset (module docstring) and return ``out_dir``.
+    """Write the synthetic shapes dataset (module docstring) and return ``out_dir`` as a ``Path``, which
+    ``decodet.data.resolve_data(out_dir)`` reads.
 
     Args:
         out_dir: dataset root to create; must be empty or absent unless ``overwrite``.
-        train, val: number of images per split (``val=0`` writes no val split).
-        image_size: side of the square images in pixels.
-        seed: everything is a pure function of the seed.
+        train, val: images per split (``val=0`` writes no val split).
         image_format: ``"jpg"`` (quality 90, small and fast) or ``"png"`` (lossless).
-        overwrite: replace an existing dataset in ``out_dir`` (only its ``train/``, ``val/``,
-            ``annotations/`` and ``data.yaml`` are removed).
+        overwrite: replace an existing dataset in ``out_dir`` (only its ``train/``, ``val/``, ``annotations/``
+            and ``data.yaml`` are removed).
         size_range: smallest and largest object size as fractions of ``image_size``.
-        max_objects: objects per image are drawn from ``1..max_objects``.
-
-    Returns:
-        ``out_dir`` as a ``Path``; ``decodet.data.resolve_data(out_dir)`` reads it.
-    """
+        max_objects: objects per image are drawn from ``1..max_objects``."""
     out = Path(out_dir)
     if image_format not in ("jpg", "png"):
         raise DecodetError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
@@ -113,11 +106,9 @@ def render_image(
 ) -> tuple[np.ndarray, list[dict]]:
     """Draw one square image of side ``image_size`` (object sizes as fractions of it in ``size_range``).
 
-    Returns:
-        ``image``: uint8 [S, S, 3]; ``objects``: dicts with ``category_id``, ``bbox``
-        (``[x, y, w, h]`` pixels, COCO) and ``area`` (visible pixels); with ``with_masks``
-        also ``mask`` (bool [S, S], the whole object) and ``visible`` (bool [S, S]).
-    """
+    Returns ``image``: uint8 [S, S, 3]; ``objects``: dicts with ``category_id``, ``bbox`` (``[x, y, w, h]``
+    pixels, COCO) and ``area`` (visible pixels); with ``with_masks`` also ``mask`` (bool [S, S], the whole
+    object) and ``visible`` (bool [S, S])."""
     S = image_size
     canvas = _background(S, rng)
     _draw_lines(canvas, rng, int(rng.integers(2, 9)), max_width=3)
@@ -221,8 +212,7 @@ def _ellipse(R, u, v):
     return (u / R) ** 2 + (v / (0.55 * R)) ** 2 <= 1
 
 
-# Texture periods stay a few pixels wide whatever the object's size, so that a texture
-# element (a checker cell, a dot) never looks like a small object of another class.
+# Texture periods stay a few pixels wide at any object size, so a texture element never looks like a small object.
 def _period(R: float, frac: float, lo: float, hi: float) -> float:
     return min(max(lo, R * frac), hi)
 
@@ -322,11 +312,8 @@ def _paint(canvas: np.ndarray, origin: tuple[int, int], mask: np.ndarray, textur
 
 
 def _background(S: int, rng: np.random.Generator) -> np.ndarray:
-    """Gradient between two muted colours with low-frequency blotches, float32 [S, S, 3].
-
-    Built on a coarse grid and upsampled bilinearly in one resize (a linear gradient survives
-    bilinear interpolation), which keeps it cheap.
-    """
+    """Gradient between two muted colours with low-frequency blotches, float32 [S, S, 3].  Cheap: built on a
+    coarse grid and upsampled bilinearly in one resize (a linear gradient survives bilinear interpolation)."""
     a = _random_colour(rng, (0.0, 0.45), (0.15, 0.85))
     b = _random_colour(rng, (0.0, 0.45), (0.15, 0.85))
     phi = rng.uniform(0, 2 * math.pi)

@@ -1,29 +1,26 @@
 """Training / evaluation recipes on ``torchvision.transforms.v2``, and batching.
 
 A sample is ``(image, target)``: ``image`` a ``tv_tensors.Image`` and ``target["boxes"]`` a
-``tv_tensors.BoundingBoxes`` (XYXY pixels), so every geometric transform moves the boxes
-with the pixels. Every recipe ends with: float conversion, optional ImageNet normalisation,
-clamping of the boxes to the image and removal of boxes that became degenerate (< 1 px).
+``tv_tensors.BoundingBoxes`` (XYXY pixels), so every geometric transform moves the boxes with the pixels.
+Every recipe ends with: float conversion, optional ImageNet normalisation, clamping of the boxes to the image
+and removal of degenerate (< 1 px) boxes.
 
 Recipes (``build_transforms(recipe, train, imgsz)``):
 
-- ``"detr"``: DETR's. Train: horizontal flip, then either a random short side in
-  480..800 (step 32, long side <= 1333), or a short side of 400/500/600 -> random crop of
-  384..600 per side -> a random short side in 480..800. Eval: short side 800 (long <= 1333).
-  All sizes scale by ``imgsz / 800`` (``imgsz=800`` is the published recipe).
-- ``"light"``: for small CPU runs. Train: resize to the fixed ``imgsz`` square (aspect ratio
-  not kept, so batches need no padding), flip, random zoom 1 +- ``zoom`` (default 0.4) with +-10% translation,
-  mild brightness/contrast jitter. Eval: resize to the square.
-- ``"rtdetr"``: RT-DETR's. Train: photometric distortion, zoom out (up to 4x), IoU crop
-  (p=0.8), flip, resize to the ``imgsz`` square. Eval: resize to the square. Multi-scale
-  training is done per batch by :class:`MultiScaleCollate`.
+- ``"detr"``: DETR's. Train: horizontal flip, then either a random short side in 480..800 (step 32, long
+  side <= 1333), or a short side of 400/500/600 -> random crop of 384..600 per side -> a random short side in
+  480..800. Eval: short side 800 (long <= 1333). All sizes scale by ``imgsz / 800`` (800 is the published one).
+- ``"light"``: for small CPU runs. Train: resize to the fixed ``imgsz`` square (aspect ratio not kept, so
+  batches need no padding), flip, random zoom 1 +- ``zoom`` with +- ``shift`` translation, mild
+  brightness/contrast jitter. Eval: resize to the square.
+- ``"rtdetr"``: RT-DETR's. Train: photometric distortion, zoom out (up to 4x), IoU crop (p=0.8), flip, resize
+  to the ``imgsz`` square. Eval: resize to the square. Multi-scale is per batch (:class:`MultiScaleCollate`).
 
-Areas that zoom-out / affine transforms create are filled with the ImageNet mean colour, which
-normalises to 0 like :func:`collate`'s padding (black when ``normalize=False``, as RT-DETR).
+Areas that zoom-out / affine transforms create are filled with the ImageNet mean colour, which normalises to
+0 like :func:`collate`'s padding (black when ``normalize=False``, as RT-DETR).
 
-Batching (:func:`collate`) pads to the largest image of the batch and turns boxes into
-normalised cxcywh **relative to the padded canvas** (see its docstring).
-"""
+Batching (:func:`collate`) pads to the batch's largest image and turns boxes into normalised cxcywh
+**relative to the padded canvas** (see its docstring)."""
 
 from __future__ import annotations
 
@@ -58,19 +55,14 @@ def build_transforms(
     """The transform pipeline ``(image, target) -> (image, target)`` of a recipe (module docstring).
 
     Args:
-        recipe: ``"detr"``, ``"light"`` or ``"rtdetr"``.
         train: training augmentation, or the deterministic evaluation resize.
-        imgsz: output size: an int for a square (``light``, ``rtdetr``) or the short side
-            (``detr``), or ``(height, width)`` (``detr`` uses the smaller of the two).
-        normalize: subtract ImageNet mean and divide by its std; ``False`` keeps [0, 1]
-            (RT-DETR's convention).
-        zoom: ``light`` training only: random zoom in ``1 - zoom .. 1 + zoom`` (0: none).
-        shift: ``light`` training only: random shift up to ``shift`` of each side (0: none).
-        jitter: ``light`` training only: brightness and contrast in ``1 +- jitter`` (0: none).
+        imgsz: an int for a square (``light``, ``rtdetr``) or the short side (``detr``), or ``(height,
+            width)`` (``detr`` uses the smaller of the two).
+        normalize: ImageNet mean/std normalisation; ``False`` keeps [0, 1] (RT-DETR's convention).
+        zoom, shift, jitter: ``light`` training only (0: none): random zoom in ``1 +- zoom``, random shift up
+            to ``shift`` of each side, brightness and contrast in ``1 +- jitter``.
 
-    The ``v2.Compose`` takes a PIL image or uint8 ``tv_tensors.Image`` and a target with ``boxes``
-    and ``labels``; it returns a float image [3, H, W], boxes moved, clamped and sanitised (labels alike).
-    """
+    Takes a PIL image or uint8 ``tv_tensors.Image`` and a target with ``boxes`` and ``labels``."""
     h, w = _pair(imgsz)
     fill = _fill(normalize)
     if recipe == "detr":
@@ -146,8 +138,7 @@ def _rtdetr(h: int, w: int, train: bool, fill: tuple[int, int, int]) -> list[v2.
 class ShortSideResize(v2.Transform):
     """Keep-aspect resize: the short side to ``size`` (an int, or a random choice from a list), the long
     side capped at ``max_size``, as ``v2.Resize(size, max_size)``; unlike it, no side drops below 1 px,
-    so a very elongated image (aspect ratio beyond ``max_size : 1``) is resized instead of failing.
-    """
+    so a very elongated image (aspect ratio beyond ``max_size : 1``) is resized instead of failing."""
 
     def __init__(self, size: int | Sequence[int], max_size: int | None = None) -> None:
         super().__init__()
@@ -169,8 +160,7 @@ class ShortSideResize(v2.Transform):
 
 
 class RandomIoUCrop(v2.RandomIoUCrop):
-    """torchvision's SSD-style IoU crop, leaving images under 4 px a side as they are (its crop
-    height can round to 0 there, and the aspect-ratio draw then divides by zero)."""
+    """torchvision's IoU crop, skipping images under 4 px a side (crop height rounds to 0, then divides by 0)."""
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         if min(_query_size(flat_inputs)) < 4:
@@ -199,13 +189,12 @@ class RandomSizeCrop(v2.Transform):
 def collate(batch: Sequence[Sample], size_divisor: int = 1) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """Batch ``(image [3, h_i, w_i], target)`` samples by zero-padding (bottom / right) to the largest.
 
-    Returns ``images`` float [B, 3, H, W] (``H = max h_i``, ``W = max w_i``, rounded up to a multiple
-    of ``size_divisor``) and one target per image: ``labels``, ``image_id``, ``orig_size`` (int64
-    ``[h, w]`` of the original image), ``size`` (int64 ``[h_i, w_i]``, the content inside the canvas)
-    and ``boxes``: float [N, 4] **normalised cxcywh relative to the padded canvas** ``W x H``, not to
-    the image's own ``w_i x h_i``: the models take no padding mask, so their predictions live in the
-    canvas they see (pixels: multiply by ``[W, H, W, H]``; original frame: also scale by ``orig_size / size``).
-    """
+    Returns ``images`` float [B, 3, H, W] (``H = max h_i``, ``W = max w_i``, rounded up to a multiple of
+    ``size_divisor``) and one target per image: ``labels``, ``image_id``, ``orig_size`` (int64 ``[h, w]`` of
+    the original image), ``size`` (int64 ``[h_i, w_i]``, the content inside the canvas) and ``boxes``: float
+    [N, 4] **normalised cxcywh relative to the padded canvas** ``W x H``, not to the image's ``w_i x h_i``:
+    the models take no padding mask, so their predictions live in the canvas they see (pixels: multiply by
+    ``[W, H, W, H]``; original frame: also scale by ``orig_size / size``)."""
     images = [img.as_subclass(torch.Tensor) if isinstance(img, torch.Tensor) else img for img in [b[0] for b in batch]]
     H = _round_up(max(img.shape[-2] for img in images), size_divisor)
     W = _round_up(max(img.shape[-1] for img in images), size_divisor)
@@ -222,11 +211,9 @@ def collate(batch: Sequence[Sample], size_divisor: int = 1) -> tuple[torch.Tenso
 
 
 class MultiScaleCollate:
-    """RT-DETR-style multi-scale batches: :func:`collate`, then a bilinear resize to a square side drawn
-    from ``sizes`` (``torch`` randomness: DataLoader worker seeding applies). Normalised boxes stay
-    (relative to the canvas); ``size`` is rescaled. ``enabled = False`` (RT-DETR's last epochs) is
-    plain :func:`collate`.
-    """
+    """RT-DETR-style multi-scale batches: :func:`collate`, then a bilinear resize to a square side drawn from
+    ``sizes`` (``torch`` randomness: DataLoader worker seeding applies). Normalised boxes stay (relative to the
+    canvas); ``size`` is rescaled. ``enabled = False`` (RT-DETR's last epochs) is plain :func:`collate`."""
 
     def __init__(self, sizes: Sequence[int], size_divisor: int = 1) -> None:
         if not sizes:
@@ -252,9 +239,7 @@ class MultiScaleCollate:
 
 def multiscale_sizes(imgsz: int, step: int = 32, spread: float = 0.25, base_repeat: int = 3) -> list[int]:
     """Square sides for :class:`MultiScaleCollate`: ``imgsz * (1 +- spread)`` in ``step``s, base repeated.
-
-    ``multiscale_sizes(640)`` is RT-DETR's list: 480, 512, ..., 800 with 640 three times.
-    """
+    ``multiscale_sizes(640)`` is RT-DETR's list: 480, 512, ..., 800 with 640 three times."""
     lo = max(step, math.ceil(imgsz * (1 - spread) / step) * step)
     hi = math.floor(imgsz * (1 + spread) / step) * step
     sizes = [s for s in range(lo, hi + 1, step) if s != imgsz]

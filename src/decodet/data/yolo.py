@@ -9,26 +9,23 @@ Layout::
     images/train/a.jpg
     labels/train/a.txt   one object per line: ``class cx cy w h``, centre and size divided by the image size
 
-Without ``path`` the root is the file's own folder, for decodet and ultralytics alike
-(``check_det_dataset``), so the file works from any working directory (``decodet data convert --to
-yolo`` writes none: ultralytics would read ``path: .`` against the working directory). A relative
-``path`` is where the two differ: decodet reads it against this file's folder, ultralytics against
-the working directory (then its ``datasets_dir``).
+Without ``path`` the root is the file's own folder, for decodet and ultralytics alike (``check_det_dataset``),
+so the file works from any working directory (``decodet data convert --to yolo`` writes none: ultralytics would
+read ``path: .`` against the working directory). A relative ``path`` is where the two differ: decodet reads it
+against this file's folder, ultralytics against the working directory (then its ``datasets_dir``).
 
-An image's label file is its path with the last ``images`` folder replaced by ``labels`` and the
-suffix by ``.txt``; an image without one has no objects. A polygon line (``class x1 y1 x2 y2 ...``,
-ultralytics' segmentation labels) counts as its bounding box. Lines of a ``.txt`` image list are
-relative to the list's folder. Class ``k`` becomes COCO category id ``k``, so predictions report
-the YOLO class index. Image sizes come from the image headers (no pixel decoding).
+An image's label file is its path with the last ``images`` folder replaced by ``labels`` and the suffix by
+``.txt``; an image without one has no objects. A polygon line (``class x1 y1 x2 y2 ...``, ultralytics'
+segmentation labels) counts as its bounding box. Lines of a ``.txt`` image list are relative to the list's
+folder. Class ``k`` becomes COCO category id ``k``, so predictions report the YOLO class index. Image sizes
+come from the image headers (no pixel decoding).
 
-Fatal (:class:`DecodetError` naming ``data.yaml``): malformed YAML, no usable ``names``, a split
-path that does not exist, a split without images. Counted, skipped and listed (file and line) by
-``decodet data check``: label lines with a wrong number of fields, a non-numeric or non-finite
-value, a class not in ``names``, a box of zero size or entirely outside the image; images that
-are missing or unreadable; label files that cannot be read (their image is skipped); label files
-with no image beside them (orphans, e.g. an image deleted but not its labels: ignored). Boxes
-reaching more than a pixel outside the image are clipped and listed.
-"""
+Fatal (:class:`DecodetError` naming ``data.yaml``): malformed YAML, no usable ``names``, a split path that does
+not exist, a split without images. Counted, skipped and listed (file and line) by ``decodet data check``: label
+lines with a wrong number of fields, a non-numeric or non-finite value, a class not in ``names``, a box of zero
+size or entirely outside the image; missing or unreadable images; unreadable label files (their image is
+skipped); label files with no image beside them (orphans, e.g. an image deleted but not its labels: ignored).
+Boxes reaching more than a pixel outside the image are clipped and listed."""
 
 from __future__ import annotations
 
@@ -270,10 +267,9 @@ def _parse_line(
 def write_yolo_split(
     coco: dict[str, Any], images_dir: Path, out: Path, split: str, index_of: dict[int, int], link: bool = False
 ) -> None:
-    """Write one COCO-style split as ``out/images/<split>/...`` and ``out/labels/<split>/....txt``.
-
-    ``index_of``: category id -> YOLO class. Every annotation is written (filter crowd and invalid
-    boxes before); every image gets a label file, empty without objects."""
+    """Write one COCO-style split as ``out/images/<split>/...`` and ``out/labels/<split>/....txt``.  ``index_of``:
+    category id -> YOLO class. Every annotation is written (filter crowd and invalid boxes before); every image
+    gets a label file, empty without objects."""
     by_image: dict[int, list[str]] = {img["id"]: [] for img in coco["images"]}
     sizes = {img["id"]: (img["width"], img["height"]) for img in coco["images"]}
     for ann in coco["annotations"]:
@@ -305,8 +301,7 @@ def copy_image(src: Path, dst: Path, link: bool) -> None:
 
 
 def write_data_yaml(out: Path, splits: list[str], names: list[str]) -> None:
-    """``out/data.yaml`` naming ``images/<split>`` folders, without ``path`` (the module docstring says
-    why): its root is its own folder."""
+    """``out/data.yaml`` naming ``images/<split>`` folders, without ``path`` (module docstring: root = its folder)."""
     content = {**{s: f"images/{s}" for s in splits}, "names": dict(enumerate(names))}
     header = (
         "# YOLO dataset written by decodet data convert\n"

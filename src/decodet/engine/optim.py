@@ -1,10 +1,9 @@
 """AdamW parameter groups and per-step learning-rate schedules.
 
-Groups follow the authors' releases: DECO trains the backbone and the encoder at their own
-(lower) rates, everything else at ``lr``; DECO+ trains the backbone at a lower rate and puts
-no weight decay on norm layers and biases.  Schedules are :class:`torch.optim.lr_scheduler.LambdaLR`
-over optimizer steps with a picklable factor object, so ``state_dict()`` restores them exactly.
-"""
+Groups follow the authors' releases: DECO trains the backbone and the encoder at their own (lower) rates,
+everything else at ``lr``; DECO+ trains the backbone at a lower rate and puts no weight decay on norm layers and
+biases.  Schedules are per-step :class:`~torch.optim.lr_scheduler.LambdaLR` with a picklable factor object, so
+``state_dict()`` restores them exactly."""
 
 from __future__ import annotations
 
@@ -46,16 +45,11 @@ def param_groups(
 
     Args:
         lr: the rate of everything outside the backbone (and the encoder, see ``lr_encoder``).
-        lr_backbone: the rate of parameters under a ``backbone`` module.
-        weight_decay: decoupled weight decay.
-        lr_encoder: the rate of parameters under an ``encoder`` module (DECO); ``None`` puts
-            them with the rest.
+        lr_encoder: the rate of parameters under an ``encoder`` module (DECO); ``None`` puts them with the rest.
         no_decay_norm_bias: no weight decay on norm-layer parameters and biases (DECO+).
 
-    Returns:
-        Non-empty groups, each with ``params``, ``lr``, ``weight_decay`` and a ``name``
-        (``backbone``, ``encoder``, ``rest``, with a ``_no_decay`` suffix for the undecayed part).
-    """
+    Returns non-empty groups with ``params``, ``lr``, ``weight_decay`` and a ``name`` (``backbone``,
+    ``encoder``, ``rest``, with a ``_no_decay`` suffix for the undecayed part)."""
     model = getattr(model, "module", model)
     rates = {"backbone": lr_backbone, "encoder": lr_encoder, "rest": lr}
     groups: dict[str, dict[str, Any]] = {}
@@ -100,19 +94,16 @@ class LRFactor:
     """The learning-rate multiplier at optimizer step ``step`` (0-based): warm-up, then a schedule.
 
     - ``constant``: 1.
-    - ``step``: ``drop_factor ** (number of drop steps passed)``; ``drop_steps`` are the steps
-      at which the rate drops (e.g. epoch 100 x steps per epoch).
+    - ``step``: ``drop_factor ** (number of drop steps passed)`` (e.g. drop at epoch 100 x steps per epoch).
     - ``cosine``: from 1 at the end of warm-up to ``min_ratio`` at ``total_steps``.
 
-    Warm-up multiplies by ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps.
-    A plain object (not a lambda) so ``LambdaLR.state_dict()`` saves its settings.
+    Warm-up multiplies by ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps.  A plain object
+    (not a lambda) so ``LambdaLR.state_dict()`` saves its settings.
 
-    A schedule sized to a time budget (:mod:`decodet.engine.budget`) is re-planned while it runs:
-    :meth:`replan` maps the cosine's remaining progress onto a new number of remaining steps
-    and :meth:`resize_warmup` the warm-up's remaining ramp onto a new length, each from an
-    anchor (a step and the value reached there), so the rate never jumps.  ``max_total`` (the
-    configured total) bounds every plan.
-    """
+    A schedule sized to a time budget (:mod:`decodet.engine.budget`) is re-planned while it runs: :meth:`replan`
+    maps the cosine's remaining progress onto a new number of remaining steps and :meth:`resize_warmup` the
+    warm-up's remaining ramp onto a new length, each from an anchor (a step and the value reached there), so
+    the rate never jumps.  ``max_total`` (the configured total) bounds every plan."""
 
     def __init__(
         self,
@@ -170,18 +161,16 @@ class LRFactor:
         return warm * (self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
     def replan(self, step: int, total_steps: int) -> None:
-        """End the schedule at ``total_steps`` (at most ``max_total``, at least ``step + 1``) instead,
-        continuing from the value at ``step``: the rest of the cosine is spread over the new
-        remaining steps."""
+        """End the schedule at ``total_steps`` (at most ``max_total``, at least ``step + 1``) instead, spreading
+        the rest of the cosine from ``step`` over the new remaining steps."""
         total = max(step + 1, min(int(total_steps), self.max_total))
         if step > self.warmup_steps:  # the cosine has begun: anchor its progress here
             self.anchor_step, self.anchor_progress = step, self.progress(step)
         self.total_steps = total
 
     def resize_warmup(self, step: int, warmup_steps: int) -> None:
-        """Re-aim a running warm-up to end at ``warmup_steps``, ramping from the value at ``step``
-        at most twice as steeply as a warm-up of that length would (so it may end later); no
-        change once the warm-up is (nearly) over."""
+        """Re-aim a running warm-up to end at ``warmup_steps``, ramping from the value at ``step`` at most twice
+        as steeply as a warm-up of that length would (so it may end later); no-op once it is (nearly) over."""
         x = step + 1
         if not self.warmup_steps or x >= self.warmup_steps - 1:
             return
@@ -204,11 +193,8 @@ def build_scheduler(
 ) -> LambdaLR:
     """A per-optimizer-step :class:`LambdaLR` (call ``scheduler.step()`` after each ``optimizer.step()``).
 
-    Args:
-        steps_per_epoch: optimizer steps per epoch (after gradient accumulation).
-        drop_epoch: ``step`` schedule's drop epoch; ``None`` is 2/3 of ``epochs`` (100 of 150).
-        max_steps: caps the total steps the cosine decays over.
-    """
+    ``steps_per_epoch`` counts optimizer steps (after gradient accumulation); ``drop_epoch`` ``None`` is 2/3 of
+    ``epochs`` (100 of 150); ``max_steps`` caps the total steps the cosine decays over."""
     total = steps_per_epoch * epochs if max_steps is None else min(steps_per_epoch * epochs, max_steps)
     if drop_epoch is None:
         drop_epoch = max(1, round(epochs * 2 / 3))
@@ -217,10 +203,7 @@ def build_scheduler(
 
 
 def fit_total_steps(planned: int, steps_done: int, seconds_per_step: float, seconds_left: float) -> int:
-    """The schedule's total steps that end within ``seconds_left`` at ``seconds_per_step``.
-
-    Never more than ``planned`` (the configured total: a fast machine runs the configured
-    schedule) and never fewer than ``steps_done + 1``.
-    """
+    """The schedule's total steps that end within ``seconds_left`` at ``seconds_per_step``: never more than
+    ``planned`` (a fast machine runs the configured schedule), never fewer than ``steps_done + 1``."""
     affordable = steps_done + int(seconds_left / max(seconds_per_step, 1e-9))
     return max(steps_done + 1, min(int(planned), affordable))

@@ -1,13 +1,12 @@
 """COCO box evaluation: detections + COCO ground truth -> the 12 standard stats.
 
-The numbers come from pycocotools' ``COCOeval``, run quietly; this module validates inputs,
-converts detection formats and collects detections across processes.  (faster-coco-eval 1.8
-differs from pycocotools in the last bits of some stats, so it is not offered.)
+The numbers come from pycocotools' ``COCOeval``, run quietly; this module validates inputs, converts detection
+formats and collects detections across processes.  (faster-coco-eval 1.8 differs from pycocotools in the last
+bits of some stats, so it is not offered.)
 
-Detections: a COCO results list (``image_id``, ``category_id``, ``bbox`` xywh, ``score``), a path
-to a JSON file of one, or ``{image_id: {"boxes": [N, 4] xyxy, "scores", "labels"}}`` with
-category ids as labels (what ``postprocess(..., category_ids=...)`` returns).
-"""
+Detections: a COCO results list (``image_id``, ``category_id``, ``bbox`` xywh, ``score``), a path to a JSON file
+of one, or ``{image_id: {"boxes": [N, 4] xyxy, "scores", "labels"}}`` with category ids as labels (what
+``postprocess(..., category_ids=...)`` returns)."""
 
 from __future__ import annotations
 
@@ -58,16 +57,13 @@ def evaluate_coco(
     iou_type: str = "bbox",
     image_ids: Iterable[int] | None = None,
 ) -> dict[str, float]:
-    """The 12 COCO stats (``AP``, ``AP50``, ... ``ARl``, floats in [0, 1]) of ``detections``
-    against ``gt_json`` (a COCO instances JSON path, its dict, or a ``COCO``) with ``COCOeval``.
+    """The 12 COCO stats (``AP``, ``AP50``, ... ``ARl``, floats in [0, 1]) of ``detections`` against
+    ``gt_json`` (a COCO instances JSON path, its dict, or a ``COCO``).  ``detections`` may hold tensors or arrays.
 
-    ``detections``: any form of the module docstring (tensors or arrays); the dict form is not
-    truncated here (the detector's top-k decides).  ``image_ids``: evaluate on these only
-    (default: all of the ground truth); listed images without detections count as misses.  As in
-    pycocotools, -1.0 means the (sub)set has no ground truth (e.g. ``APs`` with no small object).
-    :class:`DecodetError`: unreadable or malformed files, detections for images not in the ground
-    truth, unknown ``image_ids``.
-    """
+    The dict form of ``detections`` is not truncated here (the detector's top-k decides).  ``image_ids``:
+    evaluate on these only (default: all of the ground truth); listed images without detections count as
+    misses.  As in pycocotools, -1.0 means the (sub)set has no ground truth (e.g. ``APs`` with no small
+    object).  :class:`DecodetError`: unreadable or malformed files, detections for unknown images or ``image_ids``."""
     ev = run_coco_eval(gt_json, detections, iou_type=iou_type, image_ids=image_ids)
     return {name: float(value) for name, value in zip(STAT_NAMES, ev.stats)}
 
@@ -79,11 +75,8 @@ def run_coco_eval(
     iou_type: str = "bbox",
     image_ids: Iterable[int] | None = None,
 ) -> Any:
-    """As :func:`evaluate_coco`, but returns the summarised ``pycocotools`` ``COCOeval`` itself.
-
-    Its ``stats`` are the 12 numbers; ``eval["precision"]`` (``[T, R, K, A, M]``) and
-    ``eval["recall"]`` (``[T, K, A, M]``) are what :mod:`decodet.evaluation.analysis` breaks down per class.
-    """
+    """As :func:`evaluate_coco`, but returns the summarised ``COCOeval`` itself: ``eval["precision"]``
+    (``[T, R, K, A, M]``) and ``eval["recall"]`` (``[T, K, A, M]``) feed :mod:`decodet.evaluation.analysis`."""
     if iou_type != "bbox":
         raise DecodetError(f"iou_type must be 'bbox', got {iou_type!r}")
     gt = load_coco_gt(gt_json)
@@ -118,9 +111,8 @@ class CocoEvaluator:
     >>> ev.gather()  # every rank (collective when torch.distributed is initialised)
     >>> stats = ev.summarize(gt_json) if rank == 0 else None
 
-    An image seen twice (a ``DistributedSampler`` pads the last batch with repeats) is counted
-    once: the first copy wins. Only images passed to ``update`` are evaluated.
-    """
+    An image seen twice (``DistributedSampler`` pads the last batch with repeats) counts once: the first copy
+    wins. Only images passed to ``update`` are evaluated."""
 
     def __init__(self, max_dets: int | None = None) -> None:
         self.max_dets = max_dets
@@ -180,10 +172,8 @@ def merge_detections(parts: Iterable[Mapping[int, Any] | None]) -> dict[int, Any
 
 
 def load_coco_gt(gt: GroundTruth) -> Any:
-    """Path / dict / ``COCO`` -> an indexed ``pycocotools.coco.COCO`` (validated, quietly built).
-
-    Annotations without ``area`` get ``w * h`` and without ``iscrowd`` get 0 (on a copy).
-    """
+    """Path / dict / ``COCO`` -> an indexed, validated ``pycocotools.coco.COCO``.  Annotations without
+    ``area`` get ``w * h`` and without ``iscrowd`` get 0 (on a copy)."""
     from pycocotools.coco import COCO
 
     if isinstance(gt, COCO):

@@ -1,24 +1,21 @@
 """Named pretrained weights: the authors' released checkpoints, downloaded once into a cache.
 
-A name from :data:`WEIGHTS` is accepted wherever a weights path is (``load_model``,
-``Detector``, ``--weights`` of train / eval / predict / export)::
+A name from :data:`WEIGHTS` is accepted wherever a weights path is (``load_model``, ``Detector``, ``--weights``
+of train / eval / predict / export), e.g. ``decodet.load_model("decoplus_r18.coco")``.
 
-    >>> model = decodet.load_model("decoplus_r18.coco")
+The file is fetched from ``$DECODET_HUB`` (default: the authors' GitHub release) into ``$DECODET_CACHE/weights``
+(default ``~/.cache/decodet/weights``) on first use:
 
-The file is fetched from ``$DECODET_HUB`` (default: the authors' GitHub release) into
-``$DECODET_CACHE/weights`` (default ``~/.cache/decodet/weights``) on first use:
+- with a progress bar, into ``<file>.part`` renamed when complete; an interrupted download (dropped connection,
+  killed process) resumes from the ``.part`` file with an HTTP ``Range`` request, here (a few retries) or on
+  the next use;
+- its SHA-256 is recorded beside it (``<file>.sha256.json``) and checked at every later use, so a file changed
+  or damaged in the cache is refused with the command that clears it;
+- offline, the error names the URL to fetch by hand and the path to save it at (a file placed there by hand
+  has its checksum recorded at first use).
 
-- with a progress bar, into ``<file>.part`` that is renamed when complete; an interrupted
-  download (dropped connection, killed process) resumes from the ``.part`` file with an
-  HTTP ``Range`` request, here (a few retries) or on the next use;
-- its SHA-256 is recorded beside it (``<file>.sha256.json``) and checked at every later use,
-  so a file changed or damaged in the cache is refused with the command that clears it;
-- offline, the error names the URL to fetch by hand and the path to save it at (a file
-  placed there by hand has its checksum recorded at first use).
-
-Downloads use the standard library's ``urllib``: one GET with a ``Range`` header is all this
-needs, and it keeps the package free of an HTTP client dependency (requests / httpx).
-"""
+Downloads use the standard library's ``urllib``: one GET with a ``Range`` header is all this needs, and it keeps
+the package free of an HTTP client dependency (requests / httpx)."""
 
 from __future__ import annotations
 
@@ -107,8 +104,7 @@ def _checksum_file(path: Path) -> Path:
 
 
 def resolve_weights(weights: str | os.PathLike) -> str | os.PathLike:
-    """A local path for ``weights``: existing paths pass through; a name of :data:`WEIGHTS`
-    is fetched (see :func:`fetch`).  An existing file of the same name wins over the name."""
+    """A local path for ``weights``: existing paths (winning over a name) pass through; names are fetched."""
     if not isinstance(weights, str) or Path(weights).exists():
         return weights
     if weights in WEIGHTS:
@@ -119,13 +115,9 @@ def resolve_weights(weights: str | os.PathLike) -> str | os.PathLike:
 
 
 def fetch(name: str, progress: bool | None = None) -> Path:
-    """The cached file of named weights ``name``, downloaded first if missing.
-
-    ``progress``: ``None`` shows a bar when stderr is a terminal (log lines otherwise),
-    ``True`` / ``False`` forces it on / off.  Raises :class:`DecodetError` when the download
-    fails (the message says what to fetch by hand and where to put it) or the cached file's
-    SHA-256 differs from the one recorded at its first download.
-    """
+    """The cached file of named weights ``name``, downloaded first if missing.  ``progress``: ``None`` shows
+    a bar when stderr is a terminal (log lines otherwise).  :class:`DecodetError` when the download fails or
+    the cached file's SHA-256 differs from the one recorded at its first download."""
     path = cached_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _lock(path):  # concurrent processes (torchrun ranks) download once
@@ -194,11 +186,8 @@ class _Interrupted(Exception):
 
 
 def download(url: str, dest: Path, progress: bool | None = None, attempts: int = 3) -> Path:
-    """Fetch ``url`` into ``dest`` via ``dest.part`` (resumed with HTTP Range), then rename.
-
-    Up to ``attempts`` tries resume where the previous one stopped; after that the ``.part``
-    file stays for the next call to resume.
-    """
+    """Fetch ``url`` into ``dest`` via ``dest.part`` (resumed with HTTP Range), then rename.  Up to
+    ``attempts`` tries resume where the last stopped; after that ``.part`` stays for the next call."""
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -1,27 +1,22 @@
 """DECO+: ResNet-D -> conv hybrid encoder -> query selection -> conv decoder.
 
-RT-DETR's frame with every attention replaced by convolution (see the spec, "DECO+").
-The decoder follows the DECO+ release:
+RT-DETR's frame with every attention replaced by convolution (see the spec, "DECO+"). Decoder as released:
 
-1. The three encoder levels are projected again (1x1 conv + BN).  Flattened and
-   concatenated they are scored densely by the encoder head (``enc_output`` Linear +
-   LayerNorm, ``enc_score_head``, ``enc_bbox_head`` on top of grid anchors); the top
-   ``Q = qH * qW`` positions by highest class logit give the initial query content
-   (detached) and reference boxes (detached).
-2. The levels are also merged at stride 16 (stride 8 through a 2x2 stride-2 conv + BN +
-   SiLU, stride 32 by nearest 2x upsampling; concat; 1x1 conv + BN): the CIM memory.
-3. Each decoder layer places the ``Q`` queries row-major on the ``qH x qW`` grid (query
-   ``q`` at row ``q // qW``, column ``q % qW``, in top-k order), mixes them with an
-   Inception depthwise conv (SIM), upsamples them onto the memory and mixes with it
-   (CIM), and max-pools back onto the grid.  The query position is an MLP of the current
-   reference box; each layer's box head refines the previous box in logit space.
+1. The three encoder levels are projected again (1x1 conv + BN).  Flattened and concatenated they are scored
+   densely by the encoder head (``enc_output`` Linear + LayerNorm, ``enc_score_head``, ``enc_bbox_head`` on
+   grid anchors); the top ``Q = qH * qW`` positions by highest class logit give the initial query content and
+   reference boxes (both detached).
+2. The levels are also merged at stride 16 (stride 8 through a 2x2 stride-2 conv + BN + SiLU, stride 32 by
+   nearest 2x upsampling; concat; 1x1 conv + BN): the CIM memory.
+3. Each decoder layer places the ``Q`` queries row-major on the ``qH x qW`` grid (query ``q`` at row
+   ``q // qW``, column ``q % qW``, in top-k order), mixes them with an Inception depthwise conv (SIM),
+   upsamples them onto the memory and mixes with it (CIM), and max-pools back onto the grid.  The query
+   position is an MLP of the current reference box; each layer's box head refines the previous box in logits.
 
-Odd input sizes: level sizes are ``ceil`` halves of each other (see ``resnet_d``).  For
-the stride-16 merge, the stride-8 map is zero-padded at the bottom/right to twice the
-stride-16 size before its 2x2 stride-2 conv, and the 2x-upsampled stride-32 map is
-cropped at the bottom/right; both are no-ops when the input is a multiple of 32, where
-this equals the authors' code.  Anchors are built for the actual level sizes (cached).
-"""
+Odd input sizes: level sizes are ``ceil`` halves of each other (see ``resnet_d``).  For the stride-16 merge,
+the stride-8 map is zero-padded at the bottom/right to twice the stride-16 size before its 2x2 stride-2 conv,
+and the 2x-upsampled stride-32 map is cropped at the bottom/right; both are no-ops when the input is a
+multiple of 32, where this equals the authors' code.  Anchors are built for the actual level sizes (cached)."""
 
 from __future__ import annotations
 
@@ -49,11 +44,9 @@ def make_anchors(
 ) -> tuple[Tensor, Tensor]:
     """Grid anchors for levels of sizes ``shapes`` (finest first), in logit space.
 
-    Level ``l`` cell ``(y, x)``: centre ``((x + 0.5) / W, (y + 0.5) / H)``, size
-    ``grid_size * 2**l``.  An anchor with any coordinate outside ``(eps, 1 - eps)`` is
-    invalid and set to ``+inf``.  Returns ``anchors: [1, N, 4]`` (float32) and
-    ``valid: [1, N, 1]`` (bool), ``N = sum(H * W)``, positions row-major per level.
-    """
+    Level ``l`` cell ``(y, x)``: centre ``((x + 0.5) / W, (y + 0.5) / H)``, size ``grid_size * 2**l``.  An
+    anchor with any coordinate outside ``(eps, 1 - eps)`` is invalid and set to ``+inf``.  Returns ``anchors:
+    [1, N, 4]`` (float32) and ``valid: [1, N, 1]`` (bool), ``N = sum(H * W)``, row-major per level."""
     anchors = []
     for lvl, (h, w) in enumerate(shapes):
         ys, xs = torch.meshgrid(
@@ -71,10 +64,9 @@ def make_anchors(
 
 
 class InceptionDWConv2d(nn.Module):
-    """Inception depthwise conv: of ``dim`` channels, the first ``dim - 3 g`` pass
-    untouched, then ``g = dim * ratio`` each go through a square (3x3), a horizontal
-    band (1 x band_w) and a vertical band (band_h x 1) depthwise conv, in that order.
-    ``[B, dim, H, W] -> [B, dim, H, W]``."""
+    """Inception depthwise conv: of ``dim`` channels, the first ``dim - 3 g`` pass untouched, then ``g = dim *
+    ratio`` each go through a square (3x3), a horizontal band (1 x band_w) and a vertical band (band_h x 1)
+    depthwise conv, in that order.  ``[B, dim, H, W] -> [B, dim, H, W]``."""
 
     def __init__(self, dim: int, square: int = 3, band_h: int = 13, band_w: int = 15, ratio: float = 0.25) -> None:
         super().__init__()
@@ -90,11 +82,9 @@ class InceptionDWConv2d(nn.Module):
 
 
 class DecoPlusDecoderLayer(DecoDecoderLayer):
-    """DECO's SIM/CIM layer (:class:`~decodet.models.decoder.DecoDecoderLayer`, same parameter
-    names) with an Inception depthwise conv in the SIM and stochastic depth, on queries as a
-    sequence: ``tgt: [B, Q, d]``, ``memory: [B, d, H, W]``, ``query_pos: [B, Q, d]`` -> ``[B, Q, d]``
-    (query ``q`` at grid row ``q // qW``, column ``q % qW``).
-    """
+    """DECO's SIM/CIM layer (:class:`~decodet.models.decoder.DecoDecoderLayer`, same parameter names) with an
+    Inception depthwise conv in the SIM and stochastic depth, on queries as a sequence: ``tgt: [B, Q, d]``,
+    ``memory: [B, d, H, W]``, ``query_pos: [B, Q, d]`` -> ``[B, Q, d]`` (query ``q`` at row ``q // qW``)."""
 
     def __init__(self, dim: int, query_grid: tuple[int, int], kernel_size: int = 9, drop_path: float = 0.0) -> None:
         super().__init__(dim, kernel_size, sim_conv=InceptionDWConv2d(dim), drop_path=drop_path)
@@ -116,12 +106,9 @@ class DecoderLayers(nn.Module):
 
 
 class DecoPlusDecoder(nn.Module):
-    """Query selection + conv decoder layers + per-layer heads.
-
-    ``feats: [[B, d, H_i, W_i]] * 3`` (strides 8, 16, 32) -> dict with ``pred_logits``
-    ``[B, Q, C]``, ``pred_boxes`` ``[B, Q, 4]`` (sigmoid cxcywh) of the last layer and, in
-    training, ``aux_outputs``: the earlier layers then the encoder's top-k selection.
-    """
+    """Query selection + conv decoder layers + per-layer heads.  ``feats: [[B, d, H_i, W_i]] * 3`` (strides 8,
+    16, 32) -> dict with ``pred_logits`` ``[B, Q, C]``, ``pred_boxes`` ``[B, Q, 4]`` (sigmoid cxcywh) of the last
+    layer and, in training, ``aux_outputs``: the earlier layers then the encoder's top-k selection."""
 
     def __init__(
         self,
@@ -190,11 +177,8 @@ class DecoPlusDecoder(nn.Module):
         return self.output_proj(merged)
 
     def _select_queries(self, proj: list[Tensor], k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Top-``k`` query selection from the dense encoder predictions.
-
-        Returns ``target [B, k, d]`` (detached), ``ref_unact [B, k, 4]`` (detached box
-        logits), ``enc_logits [B, k, C]`` and ``enc_boxes [B, k, 4]`` of the selection.
-        """
+        """Top-``k`` query selection from the dense encoder predictions.  Returns ``target [B, k, d]``
+        (detached), ``ref_unact [B, k, 4]`` (detached box logits), ``enc_logits [B, k, C]``, ``enc_boxes [B, k, 4]``."""
         shapes = [(int(p.shape[-2]), int(p.shape[-1])) for p in proj]
         memory = torch.cat([p.flatten(2).transpose(1, 2) for p in proj], dim=1)  # [B, N, d]
         if memory.shape[1] < k:
@@ -218,16 +202,14 @@ class DecoPlusDecoder(nn.Module):
         return target.detach(), ref_unact.detach(), enc_logits, torch.sigmoid(ref_unact)
 
     def _spatial_order(self, index: Tensor, coords: Tensor, k: int) -> Tensor:
-        """Reorder the selected ``index [B, k]`` for the ``"spatial"`` query layout: each
-        group of ``Q`` queries (the one-to-one group, then the hybrid one) by its reference
-        box's centre y into rows of ``qW``, then each row by centre x.  (Box logits order as
+        """Reorder ``index [B, k]`` for the ``"spatial"`` layout: each group of ``Q`` queries (one-to-one, then
+        hybrid) by reference-box centre y into rows of ``qW``, then each row by centre x.  (Box logits order as
         the boxes do: the sigmoid is monotonic.)"""
         qh, qw = self.query_grid
         b = index.shape[0]
         centre = coords.gather(1, index.unsqueeze(-1).expand(-1, -1, coords.shape[-1]))[..., :2].detach()
         index, cx, cy = (t.reshape(b * (k // (qh * qw)), qh * qw) for t in (index, centre[..., 0], centre[..., 1]))
-        # Exact ties (boxes still on their anchors share rows and columns) are broken by the
-        # top-k rank through a tiny offset, so every backend sorts them the same way.
+        # Exact ties (boxes still on their anchors) are broken by top-k rank via a tiny offset, so every backend agrees.
         rank = torch.arange(qh * qw, device=index.device, dtype=cx.dtype).expand_as(cx) * (1e-4 / (qh * qw))
         by_y = torch.argsort(cy + rank, dim=1)
         index, cx, rank = (t.gather(1, by_y).reshape(-1, qh, qw) for t in (index, cx, rank))
@@ -240,9 +222,8 @@ class DecoPlusDecoder(nn.Module):
         hybrid = self.training and self.one_to_many > 0
         output, ref_unact, enc_logits, enc_boxes = self._select_queries(proj, 2 * q if hybrid else q)
         if hybrid:
-            # Hybrid matching: the next Q encoder positions form a second query grid that
-            # runs through the same decoder as extra batch entries (convolutions never mix
-            # batch entries, so the groups cannot see each other).
+            # Hybrid matching: the next Q encoder positions form a second query grid run through the same
+            # decoder as extra batch entries (convolutions never mix batch entries, so groups can't see each other).
             b = memory.shape[0]
             output = torch.cat([output[:, :q], output[:, q:]], dim=0)
             ref_unact = torch.cat([ref_unact[:, :q], ref_unact[:, q:]], dim=0)
@@ -259,8 +240,8 @@ class DecoPlusDecoder(nn.Module):
             box = torch.sigmoid(delta + inverse_sigmoid(ref_detached))
             if self.training:
                 logits_per_layer.append(self.dec_score_head[i](output))
-                # The supervised box of layer i > 0 keeps the gradient through the previous
-                # (undetached) box; the next layer's reference is detached (RT-DETR).
+                # Layer i > 0's supervised box keeps the gradient through the previous (undetached) box;
+                # the next layer's reference is detached (RT-DETR).
                 boxes_per_layer.append(box if i == 0 else torch.sigmoid(delta + inverse_sigmoid(ref)))
             elif i == last:
                 logits_per_layer.append(self.dec_score_head[i](output))
@@ -291,14 +272,10 @@ def _backbone_depth(name: str) -> int:
 
 
 class DECOPlus(nn.Module):
-    """The DECO+ detector.  ``DECOPlus(cfg)``; parameter names equal the authors' release
-    (``backbone.``, ``encoder.``, ``decoder.``) so their state dicts load as they are.
-
-    ``forward(images: [B, 3, H, W])`` (float, [0, 1] pixels unless ``normalize``; checked as
-    DECO checks it) ``-> {"pred_logits": [B, Q, C], "pred_boxes": [B, Q, 4]}`` (sigmoid
-    cxcywh in [0, 1]); in training also ``aux_outputs`` (list of such dicts: decoder layers
-    ``0..L-2``, then the encoder's top-k selection).
-    """
+    """The DECO+ detector; parameter names equal the authors' (``backbone.``, ``encoder.``, ``decoder.``) so
+    their state dicts load as they are.  ``forward(images: [B, 3, H, W])`` (float, [0, 1] pixels unless
+    ``normalize``; checked as DECO checks it) ``-> {"pred_logits": [B, Q, C], "pred_boxes": [B, Q, 4]}`` (sigmoid
+    cxcywh in [0, 1]); in training also ``aux_outputs`` (decoder layers ``0..L-2``, then the encoder's top-k)."""
 
     def __init__(self, cfg: DecoPlusConfig) -> None:
         super().__init__()
@@ -338,9 +315,8 @@ class DECOPlus(nn.Module):
         return self.decoder(self.encoder(self.backbone(images)))
 
     def deploy(self) -> DECOPlus:
-        """Inference form, in place: eval mode, RepVGG branches fused into one 3x3 conv and
-        every batch norm folded into its conv.  The state dict no longer matches the
-        authors' after this.  Returns ``self``."""
+        """Inference form, in place: eval mode, RepVGG branches fused into one 3x3 conv, every batch norm folded
+        into its conv.  The state dict no longer matches the authors' after this.  Returns ``self``."""
         self.eval()
         for module in list(self.modules()):
             fuse = getattr(module, "fuse_for_deploy", None)

@@ -1,8 +1,7 @@
 """Building blocks shared by DECO and DECO+: LayerNorm2d, ConvNeXt block, MLP, head initialisation.
 
-Parameter names follow the authors' release (``dwconv``, ``pwconv1``, ``gamma``, ...)
-so their checkpoints map onto ours by prefix renames only.
-"""
+Parameter names follow the authors' release (``dwconv``, ``pwconv1``, ``gamma``, ...) so their checkpoints map
+onto ours by prefix renames only."""
 
 from __future__ import annotations
 
@@ -20,9 +19,8 @@ from decodet.errors import DecodetError
 
 
 class FrozenBatchNorm2d(_TvFrozenBatchNorm2d):
-    """torchvision's FrozenBatchNorm2d (same buffers, same state-dict keys) applied in one
-    pass, ``addcmul(shift, x, scale)``, instead of a multiply then an add: half the memory
-    traffic on the large early feature maps (measured: 18.7 vs 35.7 ms on a
+    """torchvision's FrozenBatchNorm2d (same buffers and keys) in one pass, ``addcmul(shift, x, scale)``, not a
+    multiply then an add: half the memory traffic on large early maps (measured: 18.7 vs 35.7 ms on a
     ``[4, 64, 256, 256]`` map, 2 CPU threads)."""
 
     def forward(self, x: Tensor) -> Tensor:
@@ -32,28 +30,22 @@ class FrozenBatchNorm2d(_TvFrozenBatchNorm2d):
 
 
 def channels_last_on_cpu(x: Tensor) -> Tensor:
-    """``x`` in channels-last layout when it is a 4-d CPU tensor (and not while exporting).
-
-    oneDNN runs CPU convolutions and max pooling natively in that layout; a backbone fed
-    channels-last skips a layout reorder around every conv (measured on ResNet-18 at 512 x
-    512, batch 4: forward + backward 653 vs 779 ms).  Elsewhere (CUDA, export) a no-op.
-    """
+    """``x`` in channels-last layout when it is a 4-d CPU tensor (and not while exporting).  oneDNN runs CPU
+    convs and max pooling natively in that layout, so a backbone skips a reorder around every conv (measured on
+    ResNet-18 at 512 x 512, batch 4: forward + backward 653 vs 779 ms)."""
     if x.dim() == 4 and x.device.type == "cpu" and not _exporting():
         return x.contiguous(memory_format=torch.channels_last)
     return x
 
 
 class _DepthwiseConvFn(torch.autograd.Function):
-    """Stride-1 depthwise convolution whose backward is written as two forward depthwise
-    convolutions.  Why by hand: PyTorch's CPU weight gradient for depthwise kernels (oneDNN)
-    runs ~20x slower than the forward (10.6 ms vs 0.5 ms for a 9x9 kernel on
-    ``[4, 480, 16, 16]``, 2 threads), and DECO's decoder is made of such layers.  Here:
+    """Stride-1 depthwise conv whose backward is two forward depthwise convs.  Why by hand: PyTorch's CPU
+    weight gradient for depthwise kernels (oneDNN) runs ~20x slower than the forward (10.6 ms vs 0.5 ms for a
+    9x9 kernel on ``[4, 480, 16, 16]``, 2 threads), and DECO's decoder is made of such layers.  Here:
 
     - input gradient: the gradient convolved with the flipped kernel (a "full" correlation);
-    - weight gradient: each padded input plane correlated with its own gradient plane — a
-      depthwise convolution over ``B * C`` planes whose *kernel* is the gradient map —
-      summed over the batch (1.6 ms for the case above).
-    """
+    - weight gradient: each padded input plane correlated with its own gradient plane (a depthwise conv over
+      ``B * C`` planes whose *kernel* is the gradient map), summed over the batch (1.6 ms for the case above)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, int]) -> Tensor:
@@ -82,12 +74,9 @@ class _DepthwiseConvFn(torch.autograd.Function):
 
 
 class DepthwiseConv2d(nn.Conv2d):
-    """``nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)`` (same parameters and
-    state-dict keys) with a fast CPU backward (:class:`_DepthwiseConvFn`) when training.
-
-    Elsewhere (CUDA, inference, export) it is the plain convolution.  Under CPU autocast it
-    computes in float32, which oneDNN runs faster than bfloat16 for depthwise kernels.
-    """
+    """``nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)`` (same keys) with a fast CPU backward
+    (:class:`_DepthwiseConvFn`) when training; plain elsewhere.  Under CPU autocast it computes in float32,
+    which oneDNN runs faster than bfloat16 for depthwise kernels."""
 
     def __init__(self, dim: int, kernel_size: int | tuple[int, int], bias: bool = True) -> None:
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
@@ -116,8 +105,7 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class ConvNeXtBlock(nn.Module):
-    """ConvNeXt block: dwconv k x k -> LayerNorm -> Linear(d, 4d) -> GELU -> Linear(4d, d)
-    -> layer scale -> residual.  ``x: [B, d, H, W] -> [B, d, H, W]``."""
+    """dwconv kxk -> LN -> Linear(d, 4d) -> GELU -> Linear(4d, d) -> layer scale -> residual; ``[B, d, H, W]``."""
 
     def __init__(self, dim: int, kernel_size: int = 7, layer_scale: float = 1e-6, drop_path: float = 0.0) -> None:
         super().__init__()
@@ -164,8 +152,7 @@ class MLP(nn.Module):
 
 
 def check_images(images: Tensor) -> None:
-    """The input contract of every decodet model: raise :class:`DecodetError` unless
-    ``images`` is a float ``[B, 3, H, W]`` tensor."""
+    """Every decodet model's input contract: raise :class:`DecodetError` unless a float ``[B, 3, H, W]``."""
     if not isinstance(images, Tensor):
         raise DecodetError(f"model input must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
     if images.dim() != 4 or images.shape[1] != 3:
@@ -177,12 +164,9 @@ def check_images(images: Tensor) -> None:
 def init_detection_heads(
     class_heads: Iterable[nn.Linear], box_heads: Iterable[MLP], prior_prob: float = 0.01, size_bias: float = 0.0
 ) -> None:
-    """The DETR-family head initialisation, shared by DECO and DECO+.
-
-    Class heads: the bias that makes every sigmoid score start at ``prior_prob`` (the focal
-    loss prior).  Box heads (:class:`MLP`): last layer zero, so a head starts at its reference
-    box; ``size_bias`` sets the width / height logits of that start (DECO: -2, DECO+: 0).
-    """
+    """DETR-family head init.  Class heads: every sigmoid score starts at ``prior_prob`` (the focal loss
+    prior).  Box heads (:class:`MLP`): last layer zero, so a head starts at its reference box; ``size_bias``
+    sets the width / height logits of that start (DECO: -2, DECO+: 0)."""
     bias = -math.log((1 - prior_prob) / prior_prob)
     for head in class_heads:
         nn.init.constant_(head.bias, bias)
@@ -204,14 +188,10 @@ def _exporting() -> bool:
 
 
 def adaptive_max_pool2d(x: Tensor, output_size: tuple[int, int]) -> Tensor:
-    """``F.adaptive_max_pool2d`` that also exports to ONNX at any fixed input size.
-
-    ONNX has no adaptive pooling; when the input divides evenly it is a plain max pool.
-    Uneven windows (e.g. a 25x38 memory onto a 10x10 grid) are written as one max over
-    each window's row slice then column slice — the same windows PyTorch uses,
-    ``[floor(i*H/oh), ceil((i+1)*H/oh))`` — which exports as Slice/ReduceMax/Concat.
-    In eager mode the native kernel runs.  ``x: [B, C, H, W] -> [B, C, oh, ow]``.
-    """
+    """``F.adaptive_max_pool2d`` that also exports to ONNX at any fixed input size.  ``[B, C, H, W] -> [B, C,
+    oh, ow]``.  ONNX has no adaptive pooling; even division is a plain max pool.  Uneven windows (e.g. 25x38
+    onto 10x10) are one max over each window's row slice then column slice (PyTorch's windows,
+    ``[floor(i*H/oh), ceil((i+1)*H/oh))``), exported as Slice/ReduceMax/Concat.  Eager runs the native kernel."""
     oh, ow = output_size
     h, w = x.shape[-2:]
     if not _exporting():

@@ -4,14 +4,12 @@
 >>> for result in det.stream("photos/", batch_size=8):
 ...     print(result["path"], result["names"], result["boxes"])
 
-Every image is resized to one fixed ``imgsz`` (aspect ratio not kept), the evaluation
-transform of the ``light``/``rtdetr`` recipes.  DECO's outputs depend on padding, and a
-fixed size means no padding is ever needed: results do not depend on the batch an image
-was in, batches need no size grouping, and the same size exports to ONNX.  The default
-size is the preset's deploy default (:func:`decodet.registry.deploy_imgsz`): DECO+'s
-``eval_size`` (the size it was trained at); DECO has none and gets 640x640 (the authors evaluate DECO
-at short side 800 keeping the aspect ratio: pass e.g. ``imgsz=(800, 1216)`` for 2:3
-landscape images to get close to that).
+Every image is resized to one fixed ``imgsz`` (aspect ratio not kept), the evaluation transform of the
+``light``/``rtdetr`` recipes.  DECO's outputs depend on padding, and a fixed size never needs padding: results
+do not depend on the batch an image was in, batches need no size grouping, and the same size exports to ONNX.
+The default is the preset's deploy size (:func:`decodet.registry.deploy_imgsz`): DECO+'s ``eval_size`` (its
+training size); DECO has none and gets 640x640 (the authors evaluate DECO at short side 800 keeping the aspect
+ratio: e.g. ``imgsz=(800, 1216)`` comes close for 2:3 landscape images).
 
 Results, one dict per image, in input order (torchvision-style, CPU tensors)::
 
@@ -50,9 +48,6 @@ log = logging.getLogger(__name__)
 _EXPORTED = (".onnx", ".xml")  # files from `decodet export` (ONNX, OpenVINO IR)
 
 
-# ----------------------------------------------------------------------------- detector
-
-
 #: the order ``Detector``'s options took positionally before they became keyword-only
 _POSITIONAL = ("device", "backend", "imgsz", "score_threshold", "max_det", "batch_size", "threads", "precision",
                "calib_images", "compile")  # fmt: skip
@@ -61,16 +56,13 @@ _POSITIONAL = ("device", "backend", "imgsz", "score_threshold", "max_det", "batc
 class Detector:
     """Run a DECO / DECO+ detector on images of any size, mode and kind.
 
-    ``weights``: a checkpoint (ours, the authors' ``.pth``, or a run folder), an ``nn.Module``
-    (a copy is used; the caller's is not changed), an ``.onnx`` file from
-    :func:`~decodet.export.onnx.export_onnx` or an OpenVINO ``.xml`` from
-    :func:`~decodet.export.openvino.export_openvino`.  How it runs: ``options`` and/or
-    :class:`~decodet.runtime.options.RunOptions`' fields as keywords (``backend``,
-    ``precision``, ``imgsz``, ``score_threshold``, ``max_det``, ``batch_size``, ``device``,
-    ``threads``, ``calib_images``, ``compile``, ...; keywords override ``options``).  ONNX
-    Runtime or OpenVINO with a checkpoint export it first (fp32, dynamic batch), once per
-    ``Detector``; an exported file carries its own fixed ``imgsz``, precision and batch.
-    """
+    ``weights``: a checkpoint (ours, the authors' ``.pth``, or a run folder), an ``nn.Module`` (a copy is
+    used; the caller's is not changed), an ``.onnx`` file from :func:`~decodet.export.onnx.export_onnx` or an
+    OpenVINO ``.xml`` from :func:`~decodet.export.openvino.export_openvino`.  How it runs: ``options`` and/or
+    :class:`~decodet.runtime.options.RunOptions`' fields as keywords (``backend``, ``precision``, ``imgsz``,
+    ``score_threshold``, ``max_det``, ``batch_size``, ``device``, ``threads``, ``calib_images``, ``compile``,
+    ...; keywords override ``options``).  ONNX Runtime or OpenVINO with a checkpoint export it first (fp32,
+    dynamic batch), once per ``Detector``; an exported file carries its own fixed ``imgsz``, precision, batch."""
 
     def __init__(
         self, weights: str | os.PathLike | nn.Module, *args: Any, options: RunOptions | None = None, **kwargs: Any
@@ -163,18 +155,13 @@ class Detector:
     # -------------------------------------------------------------------------- API
 
     def __call__(self, source: Any, batch_size: int | None = None) -> list[dict[str, Any]]:
-        """Detections for every image of ``source`` (see :func:`iter_images`), as a list
-        (one dict per image, module docstring) — even for a single image."""
+        """Detections for every image of ``source`` (:func:`iter_images`), one dict each, even for one image."""
         return list(self.stream(source, batch_size))
 
     def stream(self, source: Any, batch_size: int | None = None) -> Iterator[dict[str, Any]]:
-        """As ``__call__`` but lazily: images are read, run and yielded ``batch_size`` at a
-        time, so memory stays bounded on large folders and long videos.
-
-        ``source`` may also be a video file (its frames are decoded one at a time) or any
-        iterable of images (a generator works).  Results for video frames also carry
-        ``frame`` (index from 0) and ``time`` (seconds).
-        """
+        """As ``__call__`` but lazily, ``batch_size`` images at a time, so memory stays bounded on large folders
+        and long videos.  ``source`` may also be a video file (frames decoded one at a time) or any iterable of
+        images (a generator works); video results also carry ``frame`` (from 0) and ``time`` (seconds)."""
         size = int(batch_size or self.batch_size)
         batch: list[tuple[Tensor, tuple[int, int], ImageItem]] = []
         for item in iter_images(source):
@@ -186,17 +173,15 @@ class Detector:
             yield from self._run(batch)
 
     def prepare(self, image: Any) -> tuple[Tensor, tuple[int, int]]:
-        """One image (anything :func:`iter_images` yields) -> (``[3, H, W]`` model input at
-        ``imgsz``, original (h, w))."""
+        """One image (anything :func:`iter_images` yields) -> (``[3, H, W]`` input at ``imgsz``, original (h, w))."""
         return preprocess(image, self.imgsz, self.mean, self.std)
 
     def predict_batch(
         self, images: Tensor, orig_sizes: Tensor, pad_to: int | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Raw batched inference: ``images [B, 3, H, W]`` from :meth:`prepare`, ``orig_sizes
-        [B, 2]`` (h, w) -> ``boxes [B, K, 4]``, ``scores [B, K]``, ``labels [B, K]`` (CPU
-        tensors, K = ``max_det``, no score threshold).  ``pad_to``: run at least that many rows
-        (:func:`pad_batch`), so that an image's answer does not depend on its batch's size."""
+        """Raw batched inference: ``images [B, 3, H, W]`` from :meth:`prepare`, ``orig_sizes [B, 2]`` (h, w) ->
+        ``boxes [B, K, 4]``, ``scores [B, K]``, ``labels [B, K]`` (CPU, K = ``max_det``, no score threshold).
+        ``pad_to``: run at least that many rows (:func:`pad_batch`), so an answer doesn't depend on batch size."""
         n = images.shape[0]
         images, orig_sizes = pad_batch(images, orig_sizes, pad_to or n)
         if self.backend != "torch":
@@ -209,9 +194,8 @@ class Detector:
         self, boxes: Tensor, scores: Tensor, labels: Tensor, score_threshold: float | None = None,
         max_det: int | None = None,
     ) -> dict[str, Any]:  # fmt: skip
-        """One image's row of :meth:`predict_batch` -> its ``boxes``, ``scores``, ``labels`` and
-        ``names`` (module docstring): of the best ``max_det`` (at most the detector's), those
-        scoring at least ``score_threshold`` (default: the detector's) of ``classes``."""
+        """One image's row of :meth:`predict_batch` -> its ``boxes``, ``scores``, ``labels`` and ``names``: of
+        the best ``max_det`` (at most the detector's), those of ``classes`` scoring >= ``score_threshold``."""
         thr = self.score_threshold if score_threshold is None else score_threshold
         k = self.max_det if max_det is None else min(max_det, self.max_det)
         # float64 comparison: the same test as the web page's slider (JavaScript numbers)
@@ -262,8 +246,8 @@ def _id_to_name(cfg: Any) -> dict[int, str]:
 
 
 def pad_batch(images: Tensor, sizes: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """``images [B, ...]`` and ``sizes [B, 2]`` filled up to ``n`` rows with copies of the last
-    image (compiled and fixed-batch runners see one batch size); unchanged when ``B >= n``."""
+    """``images [B, ...]``, ``sizes [B, 2]`` filled up to ``n`` rows with copies of the last image (compiled
+    and fixed-batch runners see one batch size)."""
     extra = n - images.shape[0]
     if extra <= 0:
         return images, sizes
