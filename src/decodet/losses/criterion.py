@@ -49,15 +49,13 @@ def paired_iou_giou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class SetCriterion(nn.Module):
-    """Matches predictions to targets and returns the weighted loss terms and their sum.
+    """Matches predictions to targets and returns the weighted loss terms and their sum (module docstring).
 
     Args:
         matcher: the Hungarian matcher (its costs are the matching weights).
         class_loss: ``"focal"`` (DECO) or ``"vfl"`` (varifocal, IoU-aware; DECO+).
-        weight_class, weight_bbox, weight_giou: loss weights.
-        alpha, gamma: parameters of the class loss (0.25 / 2 for focal, 0.75 / 2 for varifocal).
-        one_to_many: ``k`` of the optional one-to-many branch (0: off).
-        o2m_weight: scale of the one-to-many terms.
+        alpha, gamma: of the class loss (0.25 / 2 for focal, 0.75 / 2 for varifocal).
+        one_to_many: ``k`` of the optional one-to-many branch (0: off), its terms scaled by ``o2m_weight``.
     """
 
     def __init__(
@@ -93,9 +91,7 @@ class SetCriterion(nn.Module):
         )
 
     def forward(self, outputs: dict, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Compute the losses.
-
-        Args:
+        """Args:
             outputs: ``pred_logits`` [B, Q, C], ``pred_boxes`` [B, Q, 4] cxcywh in [0, 1], optionally
                 ``aux_outputs`` (a list of such dicts) and the one-to-many group (see the module docstring).
             targets: B dicts with ``labels`` [N_b] int64 in [0, C) and ``boxes`` [N_b, 4] cxcywh in [0, 1].
