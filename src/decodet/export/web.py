@@ -64,7 +64,7 @@ def export_web(
     earlier web export, refused if it holds anything else (written beside it, then renamed into place).
     ``precision``, ``imgsz``, ``calib_images`` and ``int8``: as for ``export_onnx`` (fp32 or int8 only).
     ``threshold``: the page's initial score threshold. ``ort_web``: an onnxruntime-web folder or ``.tgz``
-    (default: :func:`ort_web_files`). """
+    (default: :func:`ort_web_files`)."""
     import onnx
 
     from decodet.export.onnx import export_onnx
