@@ -151,8 +151,7 @@ def run_benchmark(
     (0: none). ``calib_images``: int8 calibration images (``None``: synthetic noise, for speed only;
     ``calib``: deprecated name). ``accuracy``: ``accuracy(runner, imgsz, mean, std) -> COCO stats``
     (:class:`decodet.evaluation.deployed.RunnerEvaluator`) for the AP column. ``only``: keep rows whose
-    ``"runtime precision"`` contains one of these strings.
-    """
+    ``"runtime precision"`` contains one of these strings."""
     from decodet.bench.rows import build_cases
 
     old = renamed(old)

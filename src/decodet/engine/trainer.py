@@ -14,13 +14,10 @@ uninterrupted one (on CPU); one stopped mid-epoch (time budget, ``max_steps``) s
 batches done, and its resume skips those and restores the states.
 
 Only rank 0 writes files; every rank evaluates its shard of the validation set and the detections are gathered
-before scoring.
-
-Robustness: an unreadable image (missing, truncated, not an image) is skipped with a warning naming it
-(:mod:`~decodet.engine.run_setup`); every file write is atomic (:mod:`~decodet.engine.checkpointing`), so a
-run killed at any moment leaves complete checkpoints (plus, at worst, a temp file the next run in the folder
-removes) and ``--resume`` continues.
-"""
+before scoring. Robustness: an unreadable image (missing, truncated, not an image) is skipped with a warning
+naming it (:mod:`~decodet.engine.run_setup`); every file write is atomic
+(:mod:`~decodet.engine.checkpointing`), so a run killed at any moment leaves complete checkpoints (plus, at
+worst, a temp file the next run in the folder removes) and ``--resume`` continues."""
 
 from __future__ import annotations
 

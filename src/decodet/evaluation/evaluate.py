@@ -62,9 +62,7 @@ def evaluate(
     a dataset. ``amp``: ``none`` | ``bf16`` | ``fp16`` autocast. ``max_det``: detections per image
     (``num_top``: deprecated name). ``category_ids``: logit index -> category id (default: the config's;
     ``None`` there: the index is the id). Rank 0 also writes the COCO results JSON to ``detections_out``, and
-    the per-class table, PR curves, confusion matrix (at ``plot_threshold``) and worst images into
-    ``plots_out``.
-    """
+    the per-class table, PR curves, confusion matrix (at ``plot_threshold``) and worst images into ``plots_out``."""
     old = renamed(old)
     max_det = old.pop("max_det", max_det)
     if old:
@@ -153,9 +151,7 @@ def evaluate_checkpoint(
     table, curves, confusion matrix and worst images too. Under ``torchrun`` every process scores its shard of
     the images; all return the stats.
     ``backend``, ``precision`` or ``compile``, or an ``.onnx`` / ``.xml`` file, evaluate the deployed model
-    instead: a ``Detector`` at its fixed size, one process
-    (:func:`decodet.evaluation.deployed.evaluate_deployed`).
-    """
+    instead: a ``Detector`` at its fixed size, one process (:func:`decodet.evaluation.deployed.evaluate_deployed`)."""
     o = RunOptions.build(options or RunOptions(**EVAL_DEFAULTS), **kwargs)
     exported = str(weights).lower().endswith((".onnx", ".xml"))
     if o.backend is not None or o.precision is not None or o.compile or exported:

@@ -90,8 +90,7 @@ def export_onnx(
         int8: :class:`decodet.export.quantize.Int8Options` (default: the measured sweep).
         sensitivity_report: int8: write the per-layer-group sweep here (Markdown, CSV beside it).
         score_fn: int8: ``score_fn(run) -> float`` (higher is better, e.g. COCO AP) to rank layer groups
-            by instead of the output error vs fp32.
-    """
+            by instead of the output error vs fp32."""
     precision = _check_request(precision, opset)
     model = prepare_model(model_or_weights)
     cfg = model.config

@@ -128,9 +128,7 @@ def detection_error(ref: Outputs, got: Outputs) -> float:
 
     For each reference detection ``j`` (score ``s_j``): ``1 - max_i IoU(j, i) * min(s_i, s_j) / max(s_i,
     s_j)`` over ``got``'s detections ``i`` of the same label; averaged with weights ``s_j``, so confident
-    detections count most. Inputs: ``boxes [B, K, 4]``, ``scores [B, K]``, ``labels [B, K]`` as the exported
-    graph returns them.
-    """
+    detections count most. Inputs: ``boxes [B, K, 4]``, ``scores [B, K]``, ``labels [B, K]``."""
     from torchvision.ops import box_iou
 
     num = den = 0.0
@@ -248,8 +246,7 @@ def quantize_onnx(
         score_fn: ``score_fn(run) -> float`` (higher is better, e.g. COCO AP of a runner on a labelled
             split); when given the sweep ranks groups by its drop.
         report: write the sweep as Markdown here (and as CSV beside it, same stem).
-        threads: ONNX Runtime threads for the sweep.
-    """
+        threads: ONNX Runtime threads for the sweep."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

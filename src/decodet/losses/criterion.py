@@ -1,17 +1,16 @@
 """The set-prediction loss of DECO and DECO+: Hungarian matching, then class + box losses.
 
-DECO (the Deformable-DETR recipe): sigmoid focal loss over every query and class (alpha 0.25, gamma 2),
-weight 2; L1 on matched cxcywh boxes, weight 5; GIoU loss, weight 2.  DECO+ (RT-DETR's recipe): varifocal
-loss (alpha 0.75, gamma 2; the matched class's target is the detached IoU of the matched box), weight 1;
-L1 5; GIoU 2.  Every term is summed over the batch and divided by the number of target boxes (averaged
-over processes, at least 1), and repeated, with its own matching, on every auxiliary output: DECO's
-earlier decoder layers, DECO+'s earlier layers followed by the encoder's top-k selection.
-
-Optional one-to-many hybrid matching (H-DETR's hybrid branch, off by default): a model may output an
-extra, separate group of queries as ``pred_logits_o2m`` / ``pred_boxes_o2m`` (and ``aux_outputs_o2m``).
-With ``one_to_many = k > 0`` that group is matched to the targets repeated ``k`` times and gets the same
-losses, normalised by ``k`` times the box count and scaled by ``o2m_weight``, under ``*_o2m`` names.  The
-one-to-one queries never see duplicates, so inference (one-to-one queries only) stays NMS-free.
+DECO (the Deformable-DETR recipe): sigmoid focal loss over every query and class (alpha 0.25, gamma 2), weight
+2; L1 on matched cxcywh boxes, weight 5; GIoU loss, weight 2. DECO+ (RT-DETR's recipe): varifocal loss (alpha
+0.75, gamma 2; the matched class's target is the detached IoU of the matched box), weight 1; L1 5; GIoU 2.
+Every term is summed over the batch and divided by the number of target boxes (averaged over processes, at
+least 1), and repeated, with its own matching, on every auxiliary output: DECO's earlier decoder layers,
+DECO+'s earlier layers followed by the encoder's top-k selection.
+Optional one-to-many hybrid matching (H-DETR's hybrid branch, off by default): a model may output an extra,
+separate group of queries as ``pred_logits_o2m`` / ``pred_boxes_o2m`` (and ``aux_outputs_o2m``). With
+``one_to_many = k > 0`` that group is matched to the targets repeated ``k`` times and gets the same losses,
+normalised by ``k`` times the box count and scaled by ``o2m_weight``, under ``*_o2m`` names. The one-to-one
+queries never see duplicates, so inference (one-to-one queries only) stays NMS-free.
 """
 
 from __future__ import annotations

@@ -30,8 +30,7 @@ Indices = list[tuple[Tensor, Tensor]]
 
 class HungarianMatcher(nn.Module):
     """One-to-one (or, with ``k > 1``, one-to-``k``) assignment of queries to targets.
-    ``cost_class``, ``cost_bbox``, ``cost_giou`` weigh the terms of the module docstring's cost.
-    """
+    ``cost_class``, ``cost_bbox``, ``cost_giou`` weigh the terms of the module docstring's cost."""
 
     def __init__(
         self,

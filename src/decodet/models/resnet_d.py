@@ -171,8 +171,7 @@ class PResNet(nn.Module):
         freeze_at: -1 trains everything; ``k >= 0`` freezes the stem and the first ``k`` stages.
         freeze_norm: use FrozenBatchNorm2d (statistics and affine fixed, buffers only).
     ``images: [B, 3, H, W] -> [C3: [B, c0, H/8, W/8], C4: [B, c1, H/16, W/16], C5: [B, c2, H/32, W/32]]``
-    (sizes rounded up), channels ``self.out_channels``.
-    """
+    (sizes rounded up), channels ``self.out_channels``."""
 
     def __init__(self, depth: int = 18, width: int = 64, freeze_at: int = -1, freeze_norm: bool = False) -> None:
         super().__init__()

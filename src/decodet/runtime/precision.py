@@ -121,11 +121,9 @@ def torch_runner(
 ) -> nn.Module:
     """The module ``Detector`` runs on torch: ``(images [B, 3, H, W], orig_sizes [B, 2]) -> (boxes, scores,
     labels)`` (:class:`~decodet.inference.graph.DeployModel`'s signature) for a prepared fp32 ``model``
-    (changed in place) at ``precision``, optionally compiled.
-
-    int8 is PyTorch's PT2E quantisation (:mod:`decodet.runtime.pt2e`, x86 Inductor quantizer, always
-    compiled), calibrated on ``calib_images`` at ``size`` normalised with ``norm``.
-    """
+    (changed in place) at ``precision``, optionally compiled. int8 is PyTorch's PT2E quantisation
+    (:mod:`decodet.runtime.pt2e`, x86 Inductor quantizer, always compiled), calibrated on ``calib_images`` at
+    ``size`` normalised with ``norm``."""
     from decodet.inference.graph import DeployModel
 
     precision = check_precision(precision)

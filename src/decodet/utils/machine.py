@@ -7,7 +7,6 @@ the rows it compares (so they see the same machine load):
   * ``fp32``: ``torch.mm`` on float32 (MKL / oneDNN sgemm);
   * ``bf16``: ``torch.mm`` on bfloat16 (oneDNN; AVX512-BF16 / AMX where the CPU has them);
   * ``int8``: ``torch._int_mm`` (int8 x int8 -> int32, oneDNN; VNNI / AMX-INT8 where present).
-
 A multiply-add counts as 2 FLOPs (int8 "FLOPs" are integer operations, counted alike).
 """
 
