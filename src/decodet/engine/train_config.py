@@ -99,8 +99,6 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads; None: torch's default
     channels_last: bool = False
 
-    # ------------------------------------------------------------------ serialisation
-
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
@@ -165,9 +163,6 @@ class TrainConfig:
                 raise DecodetError(message, source)
 
 
-# ---------------------------------------------------------------------- recipes
-
-
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with every ``None`` recipe field filled from the preset's recipe. The backbone counts as
     pretrained when ``pretrained_backbone`` is set or ``weights`` are given. The recipe's model overrides sit
@@ -185,9 +180,6 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.name is None:
         changes["name"] = cfg.model
     return dataclasses.replace(cfg, **changes)
-
-
-# ---------------------------------------------------------------------- command line
 
 
 def _read_config(path: str | Path) -> dict[str, Any]:

@@ -67,9 +67,6 @@ CONFIG_FILE = "train_config.yaml"
 PLOTS_DIR = "eval"  # per-class table, PR curves, confusion matrix, worst images (decodet.evaluation.analysis)
 
 
-# ----------------------------------------------------------------------------- public API
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train as ``cfg`` says; returns the final metrics. Single-process or under ``torchrun`` (joins the
     process group itself). Raises DecodetError for bad config or data, a non-finite loss (naming the step; the
@@ -91,9 +88,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.set_num_threads(threads)  # cfg.threads applies to this run only
         if created_group:
             D.cleanup()
-
-
-# ----------------------------------------------------------------------------- the trainer
 
 
 class Trainer:
@@ -206,8 +200,6 @@ class Trainer:
             if dropped and not resumed:
                 log.info("%s: starting afresh, %d metric records of an earlier run dropped", self.run_dir, dropped)
         self.tb = TensorBoardLogger(self.run_dir) if self.cfg.tensorboard and self.is_main else None
-
-    # ------------------------------------------------------------------ loop
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -413,8 +405,6 @@ class Trainer:
         best = self.run_dir / BEST_WEIGHTS
         if best.is_file():
             self._evaluate(load_model(best, map_location=self.device), plots=True)
-
-    # ------------------------------------------------------------------ logging
 
     def _log_setup(self) -> None:
         if self.is_main:

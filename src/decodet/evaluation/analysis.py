@@ -49,9 +49,6 @@ WORST_DIR = "worst_images"
 PER_CLASS_COLUMNS = ("category_id", "name", "AP", "AP50", "AR100", "num_gt")
 
 
-# ----------------------------------------------------------------------------- per class
-
-
 def per_class_stats(ev: Any) -> list[dict[str, Any]]:
     """One row per category of a summarised ``COCOeval``: AP, AP50, AR100 (area all, 100 detections; ``-1.0``
     when the class has no ground truth, as pycocotools) and ``num_gt``, the non-crowd ground-truth boxes of
@@ -97,9 +94,6 @@ def read_per_class_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
 def _valid_mean(values: np.ndarray) -> float:
     valid = values[values > -1]
     return float(np.mean(valid)) if valid.size else -1.0
-
-
-# ----------------------------------------------------------------------------- confusion matrix
 
 
 @dataclass
@@ -180,9 +174,6 @@ def confusion_csv(conf: Confusion) -> str:
     for label, row in zip(labels, conf.matrix.tolist()):
         writer.writerow([label, *row])
     return buf.getvalue()
-
-
-# ----------------------------------------------------------------------------- the folder
 
 
 def write_analysis(

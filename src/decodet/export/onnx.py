@@ -60,9 +60,6 @@ log = logging.getLogger(__name__)
 MIN_OPSET = 18
 
 
-# ----------------------------------------------------------------------------- export
-
-
 def export_onnx(
     model_or_weights: nn.Module | str | os.PathLike,
     out_path: str | os.PathLike,
@@ -211,9 +208,6 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-# ----------------------------------------------------------------------------- int8
-
-
 def _quantize_int8(
     fp32_path: Path,
     out_path: Path,
@@ -239,9 +233,6 @@ def _quantize_int8(
     meta = result.metadata()
     meta["int8_calibration_images"] = "synthetic" if calib_images is None else str(min(count, len(feeds) * batch))
     return meta
-
-
-# ----------------------------------------------------------------------------- fp16
 
 
 def _convert_fp16(fp32_path: Path, out_path: Path) -> None:

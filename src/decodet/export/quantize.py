@@ -99,9 +99,6 @@ class QuantResult:
         }
 
 
-# ----------------------------------------------------------------------------- groups
-
-
 def group_of(node: Any) -> str:
     """The layer group of an ONNX node: the deepest module path among its name scopes, cut at ``GROUP_DEPTH``
     components (``model.decoder.layers.0``); ``(unscoped)`` without scopes."""
@@ -118,9 +115,6 @@ def layer_groups(proto: Any) -> dict[str, list[str]]:
         if node.op_type in QUANTIZED_OPS:
             groups.setdefault(group_of(node), []).append(node.name)
     return groups
-
-
-# ----------------------------------------------------------------------------- metric
 
 
 def detection_error(ref: Outputs, got: Outputs) -> float:
@@ -142,9 +136,6 @@ def detection_error(ref: Outputs, got: Outputs) -> float:
         num += float((w * (1 - match)).sum())
         den += float(w.sum())
     return num / max(den, 1e-12)
-
-
-# ----------------------------------------------------------------------------- quantise
 
 
 def _ort_types(options: Int8Options) -> tuple[Any, Any, Any]:

@@ -133,9 +133,6 @@ def page_html(config: dict[str, Any], base: str = "./") -> str:
     return page
 
 
-# ----------------------------------------------------------------------------- runtime
-
-
 def cache_dir() -> Path:
     """Where the onnxruntime-web files are kept: ``$XDG_CACHE_HOME/decodet`` or ``~/.cache/decodet``."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
