@@ -146,7 +146,6 @@ def run_benchmark(
 ) -> list[Row]:
     """Benchmark one model every way (module docstring): the matmul peaks, DECO torch eager fp32 (the ratio
     and AP baseline), then the others, all prepared first, then timed in turns.
-
     ``weights``: a checkpoint instead of random weights. ``throughput_batch``: batch of the images/s column
     (0: none). ``calib_images``: int8 calibration images (``None``: synthetic noise, for speed only;
     ``calib``: deprecated name). ``accuracy``: ``accuracy(runner, imgsz, mean, std) -> COCO stats``
@@ -229,8 +228,7 @@ def _accuracy(cases: list[Case], accuracy: Accuracy, size: tuple[int, int], norm
 
 
 def finish(rows: list[Row]) -> None:
-    """Ratios against DECO eager fp32 and each row's fraction of its own precision's peak (the peaks are the
-    ``matmul peak`` rows' GFLOP/s)."""
+    """Ratios against DECO eager fp32 and each row's fraction of its precision's ``matmul peak`` row."""
     peaks = {
         r.precision: r.gflops / (r.extra.get("best_ms", r.median_ms) / 1e3)
         for r in rows

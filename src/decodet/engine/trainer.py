@@ -172,8 +172,7 @@ class Trainer:
             restore_checkpoint(self, state)
 
     def _run_dir(self, state: dict[str, Any] | None) -> Path:
-        """The run folder: the resumed run's, or project/name (name-2, name-3, ... when taken), created by
-        rank 0 and broadcast."""
+        """The resumed run's folder, or project/name (name-2, ... when taken), made by rank 0 and broadcast."""
         if state is not None:
             return Path(state["path"]).parent
         path = None
@@ -378,8 +377,8 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.raw_model
 
     def _evaluate(self, model: nn.Module | None = None, plots: bool = False, subset: int = 0) -> dict[str, float]:
-        """COCO stats of ``model`` (default: the EMA or raw model) on the validation set, or on its first
-        ``subset`` images (then the stats carry ``subset``: the number of images)."""
+        """COCO stats of ``model`` (default: EMA or raw) on the val set or its first ``subset`` images (then a
+        ``subset`` stat: the image count)."""
         data: Dataset = self.val_set
         if 0 < subset < len(self.val_set):
             data = torch.utils.data.Subset(self.val_set, range(subset))

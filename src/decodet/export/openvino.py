@@ -101,13 +101,12 @@ def _telemetry_opted_in() -> bool:
 
 @functools.cache
 def core() -> Any:
-    """The process's one ``openvino.Core``: every compilation and query goes through it.
-
-    Each Core's CPU plugin swaps the thread's alternate signal stack for its own on creation and restores the
-    one it found when destroyed, unmapping its own: two Cores destroyed in creation order leave the thread on
-    an unmapped stack, and the next signal to a Python handler (``SA_ONSTACK``: SIGCHLD under DataLoader,
-    SIGINT, SIGTERM) segfaults past faulthandler (the test suite's crash; a hazard for ``decodet serve``). One
-    Core, never destroyed, swaps once (tests/test_openvino.py reproduces the crash with two Cores)."""
+    """The process's one ``openvino.Core``: every compilation and query goes through it. Each Core's CPU
+    plugin swaps the thread's alternate signal stack for its own on creation and restores the one it found
+    when destroyed, unmapping its own: two Cores destroyed in creation order leave the thread on an unmapped
+    stack, and the next signal to a Python handler (``SA_ONSTACK``: SIGCHLD under DataLoader, SIGINT, SIGTERM)
+    segfaults past faulthandler (the test suite's crash; a hazard for ``decodet serve``). One Core, never
+    destroyed, swaps once (tests/test_openvino.py reproduces the crash with two Cores)."""
     return _require().Core()
 
 

@@ -118,11 +118,10 @@ def layer_groups(proto: Any) -> dict[str, list[str]]:
 
 
 def detection_error(ref: Outputs, got: Outputs) -> float:
-    """How far ``got``'s detections are from ``ref``'s (0 = same), over a batch.
-
-    For each reference detection ``j`` (score ``s_j``): ``1 - max_i IoU(j, i) * min(s_i, s_j) / max(s_i,
-    s_j)`` over ``got``'s detections ``i`` of the same label; averaged with weights ``s_j``, so confident
-    detections count most. Inputs: ``boxes [B, K, 4]``, ``scores [B, K]``, ``labels [B, K]``."""
+    """How far ``got``'s detections are from ``ref``'s (0 = same), over a batch. For each reference detection
+    ``j`` (score ``s_j``): ``1 - max_i IoU(j, i) * min(s_i, s_j) / max(s_i, s_j)`` over ``got``'s detections
+    ``i`` of the same label; averaged with weights ``s_j``, so confident detections count most. Inputs:
+    ``boxes [B, K, 4]``, ``scores [B, K]``, ``labels [B, K]``."""
     from torchvision.ops import box_iou
 
     num = den = 0.0

@@ -54,8 +54,7 @@ class SetCriterion(nn.Module):
         matcher: the Hungarian matcher (its costs are the matching weights).
         class_loss: ``"focal"`` (DECO) or ``"vfl"`` (varifocal, IoU-aware; DECO+).
         alpha, gamma: of the class loss (0.25 / 2 for focal, 0.75 / 2 for varifocal).
-        one_to_many: ``k`` of the optional one-to-many branch (0: off), its terms scaled by ``o2m_weight``.
-    """
+        one_to_many: ``k`` of the optional one-to-many branch (0: off), its terms scaled by ``o2m_weight``."""
 
     def __init__(
         self,
@@ -97,8 +96,7 @@ class SetCriterion(nn.Module):
 
         Returns:
             The weighted terms (``loss_focal`` or ``loss_vfl``, ``loss_bbox``, ``loss_giou``; auxiliary
-            outputs add ``_aux{i}`` names, the one-to-many group ``_o2m`` names) and their sum ``loss``.
-        """
+            outputs add ``_aux{i}`` names, the one-to-many group ``_o2m`` names) and their sum ``loss``."""
         logits = outputs["pred_logits"]
         _check_targets(targets, logits.shape[0], logits.shape[-1])
         device = logits.device

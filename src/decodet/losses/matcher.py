@@ -67,8 +67,7 @@ class HungarianMatcher(nn.Module):
 
         Returns:
             B pairs ``(query_idx, target_idx)`` of int64 CPU tensors of equal length ``min(Q, k * N_b)``;
-            ``target_idx`` indexes the image's original (unrepeated) targets.
-        """
+            ``target_idx`` indexes the image's original (unrepeated) targets."""
         return self.match_groups([outputs], targets, k=k)[0]
 
     @torch.no_grad()

@@ -69,15 +69,13 @@ def _own_tensor(module: nn.Module) -> Tensor | None:
 
 
 def _cast_inputs(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Forward pre-hook: floating-point tensor inputs -> the dtype of the module's weights, so fp32 islands
-    and the bf16 rest can feed each other."""
+    """Forward pre-hook: float tensor inputs -> the module's weight dtype, so fp32 and bf16 parts can mix."""
     dtype = _own_tensor(module).dtype  # type: ignore[union-attr]
     return tuple(a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
 
 
 def to_bf16(model: nn.Module, keep: Iterable[str] = FP32_HEADS) -> Bf16Model:
-    """A prepared fp32 model (changed in place) -> :class:`Bf16Model`. Logs a warning when the CPU has no
-    native bf16 (it would run, slower than fp32)."""
+    """A prepared fp32 model (changed in place) -> :class:`Bf16Model`; warns without native bf16 (slower)."""
     if not bf16_supported():
         log.warning("this CPU has no native bf16 instructions (AVX-512 BF16 / AMX): bf16 will be slower than fp32")
     return Bf16Model(model, keep)
