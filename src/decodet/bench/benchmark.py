@@ -1,20 +1,19 @@
-"""Side-by-side inference speed (and accuracy) of one DECO model: one table, every row measured in
-the same run, each on the model *with* its post-processing (``DeployModel``, what the ONNX file
-holds).  Rows: torch eager fp32 (the baseline), bf16 and bf16 autocast, ``torch.compile``, ONNX
-Runtime fp32 / int8, PT2E int8, OpenVINO fp32 / bf16 / int8 (both schemes), GPU rows with CUDA,
-and Hugging Face DETR-R50 / RT-DETR-R18 from their configs (forward only).  A row whose backend is
-missing says so in its note instead of failing.
+"""Side-by-side inference speed (and accuracy) of one DECO model: one table, every row measured in the same
+run, each on the model *with* its post-processing (``DeployModel``, what the ONNX file holds). Rows: torch
+eager fp32 (the baseline), bf16 and bf16 autocast, ``torch.compile``, ONNX Runtime fp32 / int8, PT2E int8,
+OpenVINO fp32 / bf16 / int8 (both schemes), GPU rows with CUDA, and Hugging Face DETR-R50 / RT-DETR-R18 from
+their configs (forward only). A row whose backend is missing says so in its note instead of failing.
 
 Conventions:
   * latency: median and p90 of ``iters`` batch-``batch`` calls after ``warmup``; "img/s b8":
-    ``throughput_batch`` / median of a call with that many images.  Rows are timed in turns, so
-    load from other processes falls on all rows alike.
-  * GFLOPs: ``FlopCounterMode`` on one eager fp32 forward (multiply-add = 2; convolutions and
-    matmuls only), the same for every row of a model whatever its precision.
-  * "% peak": row GFLOP/s / the 2048x2048 matmul peak of the row's own precision (mixed rows:
-    the lowest precision their big kernels use), peaks timed in turns with the rows.
-  * ratio: eager fp32 median / the row's (> 1 is faster).  AP (with an ``accuracy`` evaluator):
-    COCO box AP of each row's runner on the validation split, and its change in points (x100).
+    ``throughput_batch`` / median of a call with that many images. Rows are timed in turns, so load from other
+    processes falls on all rows alike.
+  * GFLOPs: ``FlopCounterMode`` on one eager fp32 forward (multiply-add = 2; convolutions and matmuls only),
+    the same for every row of a model whatever its precision.
+  * "% peak": row GFLOP/s / the 2048x2048 matmul peak of the row's own precision (mixed rows: the lowest
+    precision their big kernels use), peaks timed in turns with the rows.
+  * ratio: eager fp32 median / the row's (> 1 is faster). AP (with an ``accuracy`` evaluator): COCO box AP of
+    each row's runner on the validation split, and its change in points (x100).
   * ONNX Runtime sessions do not spin-wait here (idle threads would slow the next row).
 """
 
@@ -82,8 +81,8 @@ def _time(case: Case, x: Any, s: Any) -> float:
 
 
 def _measure(cases: list[Case], inputs: tuple[Any, ...], warmup: int, iters: int, threads: int) -> None:
-    """Warm every case up, then time them round-robin (module docstring).  ``inputs`` is
-    ``(x1, s1, x8, s8)``; ``x8`` is ``None`` without a throughput column."""
+    """Warm every case up, then time them round-robin (module docstring). ``inputs`` is ``(x1, s1, x8, s8)``;
+    ``x8`` is ``None`` without a throughput column."""
     x1, s1, x8, s8 = inputs
     with torch_threads(threads), torch.no_grad():
         for case in cases:
@@ -145,15 +144,13 @@ def run_benchmark(
     only: list[str] | None = None,
     **old: Any,
 ) -> list[Row]:
-    """Benchmark one model every way (module docstring): the matmul peaks, DECO torch eager fp32
-    (the ratio and AP baseline), then the others, all prepared first, then timed in turns.
-
-    ``weights``: a checkpoint instead of random weights.  ``throughput_batch``: batch of the
-    images/s column (0: none).  ``calib_images``: int8 calibration images (``None``: synthetic
-    noise, for speed only; ``calib``: deprecated name).  ``accuracy``: ``accuracy(runner, imgsz,
-    mean, std) -> COCO stats`` (:class:`decodet.evaluation.deployed.RunnerEvaluator`) for the AP
-    column.  ``only``: keep rows whose ``"runtime precision"`` contains one of these strings.
-    """
+    """Benchmark one model every way (module docstring): the matmul peaks, DECO torch eager fp32 (the ratio
+    and AP baseline), then the others, all prepared first, then timed in turns.
+    ``weights``: a checkpoint instead of random weights. ``throughput_batch``: batch of the images/s column
+    (0: none). ``calib_images``: int8 calibration images (``None``: synthetic noise, for speed only;
+    ``calib``: deprecated name). ``accuracy``: ``accuracy(runner, imgsz, mean, std) -> COCO stats``
+    (:class:`decodet.evaluation.deployed.RunnerEvaluator`) for the AP column. ``only``: keep rows whose
+    ``"runtime precision"`` contains one of these strings."""
     from decodet.bench.rows import build_cases
 
     old = renamed(old)
@@ -194,8 +191,7 @@ def run_benchmark(
 
 @contextlib.contextmanager
 def _no_ort_spinning() -> Iterator[None]:
-    """Sessions made meanwhile do not spin-wait (``inference/ort.ALLOW_SPINNING``): rows run in
-    turns, and spinning threads would slow the row after an ONNX Runtime one."""
+    """Sessions made meanwhile do not spin-wait (``inference/ort.ALLOW_SPINNING``; module docstring)."""
     from decodet.inference import ort
 
     old = ort.ALLOW_SPINNING
@@ -232,8 +228,7 @@ def _accuracy(cases: list[Case], accuracy: Accuracy, size: tuple[int, int], norm
 
 
 def finish(rows: list[Row]) -> None:
-    """Ratios against DECO eager fp32 and each row's fraction of its own precision's peak
-    (the peaks are the ``matmul peak`` rows' GFLOP/s)."""
+    """Ratios against DECO eager fp32 and each row's fraction of its precision's ``matmul peak`` row."""
     peaks = {
         r.precision: r.gflops / (r.extra.get("best_ms", r.median_ms) / 1e3)
         for r in rows
@@ -322,8 +317,7 @@ def survey_models(
     iters: int = 5,
     num_classes: int = 80,
 ) -> list[Row]:
-    """Every preset (or ``models``) in torch eager fp32: latency, GFLOPs, achieved GFLOP/s
-    and its fraction of the fp32 matmul peak, all timed in turns in the same run."""
+    """Every preset (or ``models``) in torch eager fp32: latency, GFLOPs, GFLOP/s, % of the fp32 matmul peak."""
     cases = []
     x1 = s1 = None
     for name in models or list_models():
@@ -348,13 +342,11 @@ def survey_models(
 
 
 def rows_to_dicts(rows: list[Row]) -> list[dict[str, Any]]:
-    """Plain dicts (for JSON) of ``rows``."""
     return [dataclasses.asdict(r) for r in rows]
 
 
 def achieved_gflops(row: Row) -> float | None:
-    """GFLOP/s of a timed row (the count of one call over its median time; a peak row's
-    over its best time)."""
+    """GFLOP/s of a timed row: one call's count over its median time (a peak row's: best time)."""
     if row.gflops is None or not row.median_ms:
         return None
     if row.runtime == PEAK_RUNTIME:
@@ -363,7 +355,7 @@ def achieved_gflops(row: Row) -> float | None:
 
 
 def format_table(rows: list[Row], throughput_batch: int = 8) -> str:
-    """A Markdown table of ``rows`` (``-`` where a row has no number)."""
+    """A Markdown table of ``rows`` (``-``: no number)."""
 
     def num(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)

@@ -1,9 +1,9 @@
 """``TrainConfig``: every training setting in one typed, serialisable dataclass.
 
 Fields left at ``None`` are filled by :func:`resolve` from the preset's recipe
-(:func:`decodet.registry.train_recipe`): the authors' published one when the backbone starts
-from pretrained weights (or ``--weights``), else a from-scratch one (nothing frozen, one higher
-lr for every parameter, a linear warm-up and a cosine decay).
+(:func:`decodet.registry.train_recipe`): the authors' published one when the backbone starts from pretrained
+weights (or ``--weights``), else a from-scratch one (nothing frozen, one higher lr for every parameter, a
+linear warm-up and a cosine decay).
 
 A config round-trips through YAML / JSON (:meth:`TrainConfig.save`, :meth:`TrainConfig.load`);
 :func:`parse_train_args` builds one from command-line flags over an optional ``--config FILE``.
@@ -49,8 +49,8 @@ class TrainConfig:
     epochs: int = 12
     max_steps: int | None = None  # stop after this many optimizer steps in total
     time_budget_min: float | None = None  # stop cleanly after this many minutes of training steps
-    # Plan the lr schedule to time_budget_min: time the steps and re-plan the rest of the schedule
-    # as they run, so it completes (cosine reaches its floor) within the budget on this machine.
+    # Plan the lr schedule to time_budget_min: time the steps and re-plan the rest of the schedule as they
+    # run, so it completes (cosine reaches its floor) within the budget on this machine.
     fit_schedule: bool = False
 
     # optimisation
@@ -99,10 +99,7 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads; None: torch's default
     channels_last: bool = False
 
-    # ------------------------------------------------------------------ serialisation
-
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
@@ -127,7 +124,6 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        """Read a YAML or JSON training config."""
         return cls.from_dict(_read_config(path), source=path)
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -167,15 +163,10 @@ class TrainConfig:
                 raise DecodetError(message, source)
 
 
-# ---------------------------------------------------------------------- recipes
-
-
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with every ``None`` recipe field filled from the preset's recipe.
-
-    The backbone counts as pretrained when ``pretrained_backbone`` is set or ``weights`` are given.
-    The recipe's model overrides sit under the user's ``model_overrides``.
-    """
+    """``cfg`` with every ``None`` recipe field filled from the preset's recipe. The backbone counts as
+    pretrained when ``pretrained_backbone`` is set or ``weights`` are given. The recipe's model overrides sit
+    under the user's ``model_overrides``."""
     pretrained = bool(cfg.pretrained_backbone or cfg.weights)
     recipe = train_recipe(cfg.model, pretrained)
     changes: dict[str, Any] = {}
@@ -189,9 +180,6 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.name is None:
         changes["name"] = cfg.model
     return dataclasses.replace(cfg, **changes)
-
-
-# ---------------------------------------------------------------------- command line
 
 
 def _read_config(path: str | Path) -> dict[str, Any]:
@@ -289,11 +277,9 @@ _HELP = {
 
 
 def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Add one ``--flag`` per :class:`TrainConfig` field (plus ``--config FILE``) to ``parser``.
-
-    Every flag defaults to ``argparse.SUPPRESS`` so that only flags actually given override the
-    config file (or the resumed run's config).
-    """
+    """Add one ``--flag`` per :class:`TrainConfig` field (plus ``--config FILE``) to ``parser``. Every flag
+    defaults to ``argparse.SUPPRESS`` so that only flags actually given override the config file (or the
+    resumed run's config)."""
     parser = parser or argparse.ArgumentParser(prog="decodet train", description="Train a DECO / DECO+ detector.")
     parser.add_argument("--config", default=argparse.SUPPRESS, help="YAML/JSON training config; flags override it")
     types_ = _field_types()
@@ -321,11 +307,9 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
 
 
 def config_from_namespace(ns: argparse.Namespace) -> TrainConfig:
-    """The :class:`TrainConfig` that parsed flags describe.
-
-    Base: ``--config FILE`` if given; with ``--resume`` (and no ``--config``) the resumed run's
-    saved ``train_config.yaml``; otherwise the defaults.  Given flags override the base.
-    """
+    """The :class:`TrainConfig` that parsed flags describe. Base: ``--config FILE`` if given; with
+    ``--resume`` (and no ``--config``) the resumed run's saved ``train_config.yaml``; otherwise the defaults.
+    Given flags override the base."""
     given = {k: v for k, v in vars(ns).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     config_file = getattr(ns, "config", None)
     if config_file:

@@ -1,8 +1,7 @@
-"""The training loop: data -> model -> criterion -> AdamW, with AMP, EMA, clipping,
-accumulation, DDP, evaluation, atomic checkpoints and exact resume.
+"""The training loop: data -> model -> criterion -> AdamW, with AMP, EMA, clipping, accumulation, DDP,
+evaluation, atomic checkpoints and exact resume.
 
-``train(cfg)`` runs a whole training and returns the final metrics.  A run folder
-(``runs/<name>``) receives::
+A run folder (``runs/<name>``) receives::
 
     train_config.yaml   the resolved TrainConfig (what --resume reads back)
     last.safetensors    weights after the latest epoch (the EMA weights when EMA is on)
@@ -10,18 +9,15 @@ accumulation, DDP, evaluation, atomic checkpoints and exact resume.
     last_state.pt       optimizer, scheduler, scaler, EMA, RNG states, epoch/step: for --resume
     metrics.jsonl/.csv  one record per epoch (decodet.engine.metrics_log); loss.png, map.png: curves
 
-Determinism (:mod:`~decodet.engine.seeding`): a run resumed at an epoch boundary continues
-exactly as an uninterrupted one (on CPU); one stopped mid-epoch (time budget, ``max_steps``)
-saves its RNG states and the batches done, and its resume skips those and restores the states.
+Determinism (:mod:`~decodet.engine.seeding`): a run resumed at an epoch boundary continues exactly as an
+uninterrupted one (on CPU); one stopped mid-epoch (time budget, ``max_steps``) saves its RNG states and the
+batches done, and its resume skips those and restores the states.
 
-Only rank 0 writes files; every rank evaluates its shard of the validation set and the
-detections are gathered before scoring.
-
-Robustness: an unreadable image (missing, truncated, not an image) is skipped with a warning
+Only rank 0 writes files; every rank evaluates its shard of the validation set and the detections are gathered
+before scoring. Robustness: an unreadable image (missing, truncated, not an image) is skipped with a warning
 naming it (:mod:`~decodet.engine.run_setup`); every file write is atomic
-(:mod:`~decodet.engine.checkpointing`), so a run killed at any moment leaves complete checkpoints
-(plus, at worst, a temp file the next run in the folder removes) and ``--resume`` continues.
-"""
+(:mod:`~decodet.engine.checkpointing`), so a run killed at any moment leaves complete checkpoints (plus, at
+worst, a temp file the next run in the folder removes) and ``--resume`` continues."""
 
 from __future__ import annotations
 
@@ -71,18 +67,10 @@ CONFIG_FILE = "train_config.yaml"
 PLOTS_DIR = "eval"  # per-class table, PR curves, confusion matrix, worst images (decodet.evaluation.analysis)
 
 
-# ----------------------------------------------------------------------------- public API
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train as ``cfg`` says; returns the final metrics (last evaluation, losses, run folder).
-
-    Works single-process and under ``torchrun`` (joins the process group itself).
-
-    Raises:
-        DecodetError: bad config or data, a non-finite loss (naming the step; the last good
-            checkpoint is left intact), an unreadable state file to resume from.
-    """
+    """Train as ``cfg`` says; returns the final metrics. Single-process or under ``torchrun`` (joins the
+    process group itself). Raises DecodetError for bad config or data, a non-finite loss (naming the step; the
+    last good checkpoint is left intact), an unreadable state file to resume from."""
     created_group = not D.is_dist()
     threads = torch.get_num_threads()
     try:
@@ -100,9 +88,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.set_num_threads(threads)  # cfg.threads applies to this run only
         if created_group:
             D.cleanup()
-
-
-# ----------------------------------------------------------------------------- the trainer
 
 
 class Trainer:
@@ -126,8 +111,8 @@ class Trainer:
         self._log_setup()
 
     def _start(self, cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
-        """Check the config, join the process group, apply the process settings, read the state to
-        resume; sets ``self.cfg`` (resolved) and returns ``(the config as given, the state)``."""
+        """Check the config, join the process group, apply the process settings, read the state to resume;
+        sets ``self.cfg`` (resolved) and returns ``(the config as given, the state)``."""
         cfg.validate()
         if cfg.tensorboard:
             require_tensorboard()  # every rank, before any work: a clear error when it is not installed
@@ -187,8 +172,7 @@ class Trainer:
             restore_checkpoint(self, state)
 
     def _run_dir(self, state: dict[str, Any] | None) -> Path:
-        """The run folder: the resumed run's, or project/name (name-2, name-3, ... when taken),
-        created by rank 0 and broadcast."""
+        """The resumed run's folder, or project/name (name-2, ... when taken), made by rank 0 and broadcast."""
         if state is not None:
             return Path(state["path"]).parent
         path = None
@@ -204,8 +188,8 @@ class Trainer:
         return Path(D.broadcast_object(path))
 
     def _open_run_files(self, resumed: bool) -> None:
-        """Rank 0: the config file, the metrics log (records after the saved state, or of an
-        earlier run in a reused folder, dropped) and TensorBoard."""
+        """Rank 0: the config file, the metrics log (records after the saved state, or of an earlier run in a
+        reused folder, dropped) and TensorBoard."""
         self.metrics = None
         if self.is_main:
             remove_stale_temp_files(self.run_dir)
@@ -215,8 +199,6 @@ class Trainer:
             if dropped and not resumed:
                 log.info("%s: starting afresh, %d metric records of an earlier run dropped", self.run_dir, dropped)
         self.tb = TensorBoardLogger(self.run_dir) if self.cfg.tensorboard and self.is_main else None
-
-    # ------------------------------------------------------------------ loop
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -395,8 +377,8 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.raw_model
 
     def _evaluate(self, model: nn.Module | None = None, plots: bool = False, subset: int = 0) -> dict[str, float]:
-        """COCO stats of ``model`` (default: the EMA or raw model) on the validation set, or on its
-        first ``subset`` images (then the stats carry ``subset``: the number of images)."""
+        """COCO stats of ``model`` (default: EMA or raw) on the val set or its first ``subset`` images (then a
+        ``subset`` stat: the image count)."""
         data: Dataset = self.val_set
         if 0 < subset < len(self.val_set):
             data = torch.utils.data.Subset(self.val_set, range(subset))
@@ -423,8 +405,6 @@ class Trainer:
         if best.is_file():
             self._evaluate(load_model(best, map_location=self.device), plots=True)
 
-    # ------------------------------------------------------------------ logging
-
     def _log_setup(self) -> None:
         if self.is_main:
             n_params = sum(p.numel() for p in self.params)
@@ -446,7 +426,6 @@ class Trainer:
         log.info("epoch %d (step %d, %.0f s): %s", record["epoch"], record["step"], record["epoch_time"], summary)
 
     def close(self) -> None:
-        """Release loader workers and the TensorBoard writer."""
         self.train_loader = None  # type: ignore[assignment]
         if getattr(self, "tb", None) is not None:
             self.tb.close()

@@ -1,20 +1,19 @@
 """Evaluation that explains itself: per-class numbers, a confusion matrix, the worst images.
 
 Everything starts from one summarised ``pycocotools`` ``COCOeval`` (what
-:func:`~decodet.evaluation.evaluator.run_coco_eval` and ``CocoEvaluator.summarize`` produce), so
-the per-class numbers break down exactly the 12 stats printed beside them:
+:func:`~decodet.evaluation.evaluator.run_coco_eval` and ``CocoEvaluator.summarize`` produce), so the per-class
+numbers break down exactly the 12 stats printed beside them:
 
-- per-class AP is the mean of ``eval["precision"][:, :, k, area=all, maxDets=100]`` over its
-  valid (``> -1``) entries, the pycocotools definition; since a class's entries are all valid
-  or all ``-1``, the mean of the per-class APs over classes with ground truth *is* the overall
-  AP. AP50 uses the IoU 0.5 row, AR100 ``eval["recall"][:, k, all, 100]``.
+- per-class AP is the mean of ``eval["precision"][:, :, k, area=all, maxDets=100]`` over its valid (``> -1``)
+  entries, the pycocotools definition; since a class's entries are all valid or all ``-1``, the mean of the
+  per-class APs over classes with ground truth *is* the overall AP. AP50 uses the IoU 0.5 row, AR100
+  ``eval["recall"][:, k, all, 100]``.
 - the confusion matrix matches, per image, ground-truth boxes and detections scoring at least
-  ``score_threshold`` one to one (any classes) at IoU >= ``iou_threshold``: same-class pairs
-  first, then the largest total IoU (``scipy.optimize.linear_sum_assignment``). Rows are the
-  true class, columns the predicted class; the last row / column is *background*: a
-  ground-truth box nobody matched (missed) lands in its class row's background column, a
-  detection matching nothing (false) in the background row. Detections that fall on a crowd
-  region (crowd IoU, intersection over detection area >= the threshold) are ignored, as COCO does.
+  ``score_threshold`` one to one (any classes) at IoU >= ``iou_threshold``: same-class pairs first, then the
+  largest total IoU (``scipy.optimize.linear_sum_assignment``). Rows are the true class, columns the predicted
+  class; the last row / column is *background*: a ground-truth box nobody matched (missed) lands in its class
+  row's background column, a detection matching nothing (false) in the background row. Detections that fall on
+  a crowd region (crowd IoU, intersection over detection area >= the threshold) are ignored, as COCO does.
 
 :func:`write_analysis` writes into a folder::
 
@@ -50,13 +49,10 @@ WORST_DIR = "worst_images"
 PER_CLASS_COLUMNS = ("category_id", "name", "AP", "AP50", "AR100", "num_gt")
 
 
-# ----------------------------------------------------------------------------- per class
-
-
 def per_class_stats(ev: Any) -> list[dict[str, Any]]:
-    """One row per category of a summarised ``COCOeval``: AP, AP50, AR100 (area all, 100
-    detections; ``-1.0`` when the class has no ground truth, as pycocotools) and ``num_gt``,
-    the non-crowd ground-truth boxes of the evaluated images."""
+    """One row per category of a summarised ``COCOeval``: AP, AP50, AR100 (area all, 100 detections; ``-1.0``
+    when the class has no ground truth, as pycocotools) and ``num_gt``, the non-crowd ground-truth boxes of
+    the evaluated images."""
     p = ev.params
     precision, recall = ev.eval["precision"], ev.eval["recall"]  # [T, R, K, A, M], [T, K, A, M]
     area, maxdet = p.areaRngLbl.index("all"), p.maxDets.index(100)
@@ -100,15 +96,12 @@ def _valid_mean(values: np.ndarray) -> float:
     return float(np.mean(valid)) if valid.size else -1.0
 
 
-# ----------------------------------------------------------------------------- confusion matrix
-
-
 @dataclass
 class Confusion:
     """``matrix [K + 1, K + 1]`` int64 (rows: true class, columns: predicted; index K: background),
-    ``category_ids`` / ``names`` of the first K rows, per image ``(missed, false)`` counts
-    where a wrong-class match counts as one of each, and per image the annotation ids of the
-    ground-truth boxes not found with their class (missed or matched by a wrong class)."""
+    ``category_ids`` / ``names`` of the first K rows, per image ``(missed, false)`` counts where a wrong-class
+    match counts as one of each, and per image the annotation ids of the ground-truth boxes not found with
+    their class (missed or matched by a wrong class)."""
 
     matrix: np.ndarray
     category_ids: list[int]
@@ -183,9 +176,6 @@ def confusion_csv(conf: Confusion) -> str:
     return buf.getvalue()
 
 
-# ----------------------------------------------------------------------------- the folder
-
-
 def write_analysis(
     out_dir: str | os.PathLike,
     ev: Any,
@@ -194,11 +184,9 @@ def write_analysis(
     iou_threshold: float = 0.5,
     num_worst: int = 12,
 ) -> list[dict[str, Any]]:
-    """Write the per-class table, PR curves, confusion matrix and worst images of ``ev`` into
-    ``out_dir`` (module docstring); the drawn images need ``images_dir`` (skipped without it).
-
-    Returns the per-class rows (also logged as a table).
-    """
+    """Write the per-class table, PR curves, confusion matrix and worst images of ``ev`` into ``out_dir``
+    (module docstring); the drawn images need ``images_dir`` (skipped without it). Returns the per-class rows
+    (also logged as a table)."""
     from decodet.evaluation.analysis_plots import plot_confusion, plot_pr_curves
     from decodet.evaluation.worst_images import write_worst_images
 

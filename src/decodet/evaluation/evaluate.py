@@ -1,10 +1,10 @@
 """Evaluation API: COCO box AP of a model on a dataset, or of a checkpoint on a dataset split.
 
-:func:`evaluate` runs a model over a dataset (every process its shard under ``torchrun``),
-post-processes (:func:`~decodet.models.postprocess.postprocess`), maps the boxes back to the
-original images and scores them with :class:`~decodet.evaluation.evaluator.CocoEvaluator`.
-:func:`evaluate_checkpoint` does the same for a checkpoint with its preset's evaluation
-transform (``decodet eval``).  The trainer calls :func:`evaluate` after its epochs.
+:func:`evaluate` runs a model over a dataset (every process its shard under ``torchrun``), post-processes
+(:func:`~decodet.models.postprocess.postprocess`), maps the boxes back to the original images and scores them
+with :class:`~decodet.evaluation.evaluator.CocoEvaluator`. :func:`evaluate_checkpoint` does the same for a
+checkpoint with its preset's evaluation transform (``decodet eval``). The trainer calls :func:`evaluate` after
+its epochs.
 """
 
 from __future__ import annotations
@@ -56,17 +56,13 @@ def evaluate(
     plot_threshold: float = RunOptions.score_threshold,
     **old: Any,
 ) -> dict[str, float]:
-    """The 12 COCO stats of ``model`` (put in eval mode here) on ``data``, a dataset with eval
-    transforms or a loader of :func:`collate` batches; every process evaluates its shard and gets
-    the stats.
-
-    ``gt``: COCO ground truth (default: the dataset's ``ann_file``).  ``batch_size``, ``workers``:
-    for the loader built from a dataset.  ``amp``: ``none`` | ``bf16`` | ``fp16`` autocast.
-    ``max_det``: detections per image (``num_top``: deprecated name).  ``category_ids``: logit
-    index -> category id (default: the config's; ``None`` there: the index is the id).  Rank 0
-    also writes the COCO results JSON to ``detections_out``, and the per-class table, PR curves,
-    confusion matrix (at ``plot_threshold``) and worst images into ``plots_out``.
-    """
+    """The 12 COCO stats of ``model`` (put in eval mode here) on ``data``, a dataset with eval transforms or a
+    loader of :func:`collate` batches; every process evaluates its shard and gets the stats. ``gt``: COCO
+    ground truth (default: the dataset's ``ann_file``). ``batch_size``, ``workers``: for the loader built from
+    a dataset. ``amp``: ``none`` | ``bf16`` | ``fp16`` autocast. ``max_det``: detections per image
+    (``num_top``: deprecated name). ``category_ids``: logit index -> category id (default: the config's;
+    ``None`` there: the index is the id). Rank 0 also writes the COCO results JSON to ``detections_out``, and
+    the per-class table, PR curves, confusion matrix (at ``plot_threshold``) and worst images into ``plots_out``."""
     old = renamed(old)
     max_det = old.pop("max_det", max_det)
     if old:
@@ -146,20 +142,16 @@ def evaluate_checkpoint(
     plot_threshold: float = RunOptions.score_threshold,
     **kwargs: Any,
 ) -> dict[str, float]:
-    """COCO stats of a checkpoint (ours or the authors') on a dataset split.
-
-    ``options`` (default: :data:`~decodet.runtime.options.EVAL_DEFAULTS`), with ``kwargs``
-    (:class:`~decodet.runtime.options.RunOptions` fields) replacing fields: the eval transform
-    and size follow the model's training recipe (:func:`~decodet.registry.data_recipe`) unless
-    ``imgsz`` is given; the keep-aspect ``detr`` resize evaluates one image per batch whatever
-    ``batch_size`` says.  With ``out``, writes ``detections.json`` and ``stats.json`` into that
-    folder (rank 0), and with ``plots`` the per-class table, curves, confusion matrix and worst
-    images too.  Under ``torchrun`` every process scores its shard of the images; all return the stats.
-
-    ``backend``, ``precision`` or ``compile``, or an ``.onnx`` / ``.xml`` file, evaluate the
-    deployed model instead: a ``Detector`` at its fixed size, one process
-    (:func:`decodet.evaluation.deployed.evaluate_deployed`).
-    """
+    """COCO stats of a checkpoint (ours or the authors') on a dataset split. ``options`` (default:
+    :data:`~decodet.runtime.options.EVAL_DEFAULTS`), with ``kwargs``
+    (:class:`~decodet.runtime.options.RunOptions` fields) replacing fields: the eval transform and size follow
+    the model's training recipe (:func:`~decodet.registry.data_recipe`) unless ``imgsz`` is given; the
+    keep-aspect ``detr`` resize evaluates one image per batch whatever ``batch_size`` says. With ``out``,
+    writes ``detections.json`` and ``stats.json`` into that folder (rank 0), and with ``plots`` the per-class
+    table, curves, confusion matrix and worst images too. Under ``torchrun`` every process scores its shard of
+    the images; all return the stats.
+    ``backend``, ``precision`` or ``compile``, or an ``.onnx`` / ``.xml`` file, evaluate the deployed model
+    instead: a ``Detector`` at its fixed size, one process (:func:`decodet.evaluation.deployed.evaluate_deployed`)."""
     o = RunOptions.build(options or RunOptions(**EVAL_DEFAULTS), **kwargs)
     exported = str(weights).lower().endswith((".onnx", ".xml"))
     if o.backend is not None or o.precision is not None or o.compile or exported:
@@ -218,8 +210,8 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
 
 
 def eval_batch_size(recipe: str, batch_size: int) -> int:
-    """1 for the keep-aspect ``detr`` eval resize: DECO has no padding mask, so padding a batch to a
-    common size would change its detections (the authors evaluate one image at a time)."""
+    """1 for the keep-aspect ``detr`` eval resize: DECO has no padding mask, so padding a batch to a common
+    size would change its detections (the authors evaluate one image at a time)."""
     if recipe == "detr" and batch_size > 1:
         log.info("evaluating one image per batch: padded batches would change DECO's outputs")
         return 1

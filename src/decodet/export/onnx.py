@@ -10,19 +10,19 @@ The exported graph::
          scores [B, K]       float32, sigmoid scores, sorted high to low
          labels [B, K]       int64, dataset category ids (a constant gather inside the graph)
 
-``K`` (``num_top``) is constant: the top-K (query, class) pairs of ``postprocess``; callers drop
-low scores.  ``H, W`` are fixed (DECO's outputs depend on the input size; uneven adaptive pooling
-is exported by slicing, ``layers.adaptive_max_pool2d``), the batch too unless ``dynamic_batch``.
-``metadata_props`` carry what ``Detector`` needs to use the file alone (format tag and version,
-decodet version, model config JSON, image size, normalisation, K, precision, opset).
+``K`` (``num_top``) is constant: the top-K (query, class) pairs of ``postprocess``; callers drop low scores.
+``H, W`` are fixed (DECO's outputs depend on the input size; uneven adaptive pooling is exported by slicing,
+``layers.adaptive_max_pool2d``), the batch too unless ``dynamic_batch``. ``metadata_props`` carry what
+``Detector`` needs to use the file alone (format tag and version, decodet version, model config JSON, image
+size, normalisation, K, precision, opset).
 
 Precisions:
   * ``fp32`` — matches torch to ~1e-5.
-  * ``int8`` — ONNX Runtime static QDQ quantisation (per-channel int8 weights, uint8 activations)
-    of Conv/MatMul/Gemm only; the rest, post-processing included, stays float, and so do the
-    layer groups a measured sensitivity sweep finds most harmful (``export/quantize.py``).
-  * ``fp16`` — half weights and compute, float32 I/O and post-processing; for GPU providers (ONNX
-    Runtime's CPU provider runs it but no faster: use int8 there).
+  * ``int8`` — ONNX Runtime static QDQ quantisation (per-channel int8 weights, uint8 activations) of
+    Conv/MatMul/Gemm only; the rest, post-processing included, stays float, and so do the layer groups a
+    measured sensitivity sweep finds most harmful (``export/quantize.py``).
+  * ``fp16`` — half weights and compute, float32 I/O and post-processing; for GPU providers (ONNX Runtime's
+    CPU provider runs it but no faster: use int8 there).
   * ``bf16`` — refused: ONNX Runtime has no bf16 Conv kernels on CPU or CUDA.
 """
 
@@ -60,9 +60,6 @@ log = logging.getLogger(__name__)
 MIN_OPSET = 18
 
 
-# ----------------------------------------------------------------------------- export
-
-
 def export_onnx(
     model_or_weights: nn.Module | str | os.PathLike,
     out_path: str | os.PathLike,
@@ -82,19 +79,15 @@ def export_onnx(
 
     Args:
         model_or_weights: a decodet model, or a checkpoint path (ours or the authors').
-        out_path: the ``.onnx`` file to write (atomically).
-        imgsz: fixed input ``(height, width)`` or one int; default: the preset's deploy size
-            (:func:`decodet.registry.deploy_imgsz`).
+        imgsz: fixed input ``(height, width)`` or one int; default :func:`decodet.registry.deploy_imgsz`.
         opset: at least 18 (default: the exporter's).
-        batch: the fixed batch size when not ``dynamic_batch``.
-        calib_images: int8 calibration images (anything ``Detector`` accepts; at most
-            ``calib_count``).  ``None``: synthetic noise, enough for speed tests only.
+        calib_images: int8 calibration images (anything ``Detector`` accepts; at most ``calib_count``).
+            ``None``: synthetic noise, enough for speed tests only.
         num_top: K, detections per image (default: :func:`decodet.registry.deploy_num_top`).
         int8: :class:`decodet.export.quantize.Int8Options` (default: the measured sweep).
         sensitivity_report: int8: write the per-layer-group sweep here (Markdown, CSV beside it).
-        score_fn: int8: ``score_fn(run) -> float`` (higher is better, e.g. COCO AP) to rank layer
-            groups by instead of the output error vs fp32.
-    """
+        score_fn: int8: ``score_fn(run) -> float`` (higher is better, e.g. COCO AP) to rank layer groups
+            by instead of the output error vs fp32."""
     precision = _check_request(precision, opset)
     model = prepare_model(model_or_weights)
     cfg = model.config
@@ -215,9 +208,6 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-# ----------------------------------------------------------------------------- int8
-
-
 def _quantize_int8(
     fp32_path: Path,
     out_path: Path,
@@ -245,9 +235,6 @@ def _quantize_int8(
     return meta
 
 
-# ----------------------------------------------------------------------------- fp16
-
-
 def _convert_fp16(fp32_path: Path, out_path: Path) -> None:
     """Half weights/compute; float32 inputs, outputs and post-processing nodes."""
     import onnx
@@ -264,11 +251,8 @@ def _convert_fp16(fp32_path: Path, out_path: Path) -> None:
 
 
 def _drop_cast_round_trips(proto: Any) -> None:
-    """Replace ``Cast(to=float32)(Cast(to=float16)(x))`` by ``Identity(x)``.
-
-    The converter casts the float32 outputs of blocked (post-processing) nodes to half and
-    back where it assumed half values, which would round boxes and scores to fp16.
-    """
+    """Replace ``Cast(to=float32)(Cast(to=float16)(x))`` by ``Identity(x)``: the converter casts blocked
+    (post-processing) float32 outputs to half and back, which would round boxes and scores to fp16."""
     from onnx import TensorProto, helper
 
     nodes = list(proto.graph.node)

@@ -1,28 +1,25 @@
-"""OpenVINO models from decodet's graph, fp32 / bf16 / int8, and the IR export; the runtime that
-compiles and runs them is :class:`decodet.runtime.openvino.OvModel`.
+"""OpenVINO models from decodet's graph, fp32 / bf16 / int8, and the IR export; the runtime that compiles and
+runs them is :class:`decodet.runtime.openvino.OvModel`.
 
-The graph is :class:`~decodet.inference.graph.DeployModel` as :func:`~decodet.export.onnx.export_onnx`
-writes it, read from the ``.onnx`` file or from an IR (``.xml`` + ``.bin``) written by
-:func:`export_openvino` with the same metadata (in ``rt_info`` under ``framework``, where OpenVINO
-keeps an ONNX file's ``metadata_props``).
+The graph is :class:`~decodet.inference.graph.DeployModel` as :func:`~decodet.export.onnx.export_onnx` writes
+it, read from the ``.onnx`` file or from an IR (``.xml`` + ``.bin``) written by :func:`export_openvino` with
+the same metadata (in ``rt_info`` under ``framework``, where OpenVINO keeps ONNX ``metadata_props``).
 
 Precisions:
   * ``fp32`` — ``INFERENCE_PRECISION_HINT f32`` (else OpenVINO picks bf16 on CPUs that have it).
-  * ``bf16`` — ``INFERENCE_PRECISION_HINT bf16``: convolutions and matrix products in bf16, with
-    OpenVINO's own fp32 islands; weights stay fp32 in the file.
-  * ``int8`` — NNCF post-training quantisation (``MIXED`` preset: symmetric per-channel weights,
-    asymmetric activations) calibrated on real images; the heads
-    (:data:`~decodet.inference.precision.FP32_HEADS`) and post-processing stay float, and under
-    ``full`` the backbone's stem (:data:`FLOAT_STEM`).  Schemes (:data:`INT8_SCHEMES`):
-    ``smoothquant`` (default, NNCF's transformer scheme: activation outliers of the LayerNorm ->
-    Linear pairs move into the weights; only weighted layers' inputs are int8, residual adds stay
-    float) and ``full`` (NNCF's CNN scheme: every elementwise op int8 too; faster on big
-    backbones, less accurate on DECO's encoder and decoder).  Measurements: docs/benchmarks.md
-    ("Moved from source docstrings").
+  * ``bf16`` — ``INFERENCE_PRECISION_HINT bf16``: convolutions and matrix products in bf16, with OpenVINO's
+    own fp32 islands; weights stay fp32 in the file.
+  * ``int8`` — NNCF post-training quantisation (``MIXED`` preset: symmetric per-channel weights, asymmetric
+    activations) calibrated on real images; the heads (:data:`FP32_HEADS`) and post-processing stay float, and
+    under ``full`` the backbone's stem (:data:`FLOAT_STEM`). Schemes (:data:`INT8_SCHEMES`): ``smoothquant``
+    (default, NNCF's transformer scheme: activation outliers of the LayerNorm -> Linear pairs move into the
+    weights; only weighted layers' inputs are int8, residual adds stay float) and ``full`` (NNCF's CNN scheme:
+    every elementwise op int8 too; faster on big backbones, less accurate on DECO's encoder and decoder).
+    Measurements: docs/benchmarks.md ("Moved from source docstrings").
 
-OpenVINO and NNCF are optional (``pip install openvino nncf``).  Both report usage to Google
-Analytics unless the user declined; decodet imports them with their telemetry switched off
-(:func:`_no_telemetry`), leaving alone a user who opted in explicitly (``opt_in_out --opt_in``).
+OpenVINO and NNCF are optional. Both report usage to Google Analytics unless the user declined; decodet
+imports them with their telemetry switched off (:func:`_no_telemetry`), leaving alone a user who opted in
+explicitly (``opt_in_out --opt_in``).
 """
 
 from __future__ import annotations
@@ -61,19 +58,19 @@ def _require(module: str = "openvino") -> Any:
         raise DecodetError(f"the openvino backend needs {module}: pip install openvino nncf") from None
 
 
-# Read when the libraries are imported: openvino-telemetry declines for tools that pass it
-# ``disable_in_ci`` (OpenVINO's model converter, imported by ``import openvino``, and NNCF do)
-# when ``CI=true``; NNCF swaps its telemetry for a stub under ``NNCF_CI`` (nncf.definitions).
-# Measured (``decodet export --format openvino --precision int8``, no consent file): 6 look-ups
-# of www.google-analytics.com before, none after, and no ~/intel client id.
+# Read when the libraries are imported: openvino-telemetry declines for tools that pass it ``disable_in_ci``
+# (OpenVINO's model converter, imported by ``import openvino``, and NNCF do) when ``CI=true``; NNCF swaps its
+# telemetry for a stub under ``NNCF_CI`` (nncf.definitions). Measured (``decodet export --format openvino
+# --precision int8``, no consent file): 6 look-ups of www.google-analytics.com before, none after, and no
+# ~/intel client id.
 _TELEMETRY_OFF = {"CI": "true", "NNCF_CI": "1"}
 
 
 @contextlib.contextmanager
 def _no_telemetry() -> Iterator[None]:
-    """Import OpenVINO / NNCF inside this to keep their telemetry off: the variables of
-    :data:`_TELEMETRY_OFF` set for the import only (``NNCF_CI`` only where unset), unless the
-    user opted in explicitly (:func:`_telemetry_opted_in`)."""
+    """Import OpenVINO / NNCF inside this to keep their telemetry off: the variables of :data:`_TELEMETRY_OFF`
+    set for the import only (``NNCF_CI`` only where unset), unless the user opted in explicitly
+    (:func:`_telemetry_opted_in`)."""
     if _telemetry_opted_in():
         yield
         return
@@ -91,8 +88,8 @@ def _no_telemetry() -> Iterator[None]:
 
 
 def _telemetry_opted_in() -> bool:
-    """Whether the user's OpenVINO consent file (``opt_in_out --opt_in``) says yes; no file,
-    ``--opt_out`` or no ``openvino-telemetry``: no."""
+    """Whether the user's OpenVINO consent file (``opt_in_out --opt_in``) says yes; no file, ``--opt_out`` or
+    no ``openvino-telemetry``: no."""
     try:
         from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
 
@@ -104,14 +101,12 @@ def _telemetry_opted_in() -> bool:
 
 @functools.cache
 def core() -> Any:
-    """The process's one ``openvino.Core``: every compilation and query goes through it.
-
-    Each Core's CPU plugin swaps the thread's alternate signal stack for its own on creation and
-    restores the one it found when destroyed, unmapping its own: two Cores destroyed in creation
-    order leave the thread on an unmapped stack, and the next signal to a Python handler
-    (``SA_ONSTACK``: SIGCHLD under DataLoader, SIGINT, SIGTERM) segfaults past faulthandler (the
-    test suite's crash; a hazard for ``decodet serve``).  One Core, never destroyed, swaps once
-    (tests/test_openvino.py reproduces the crash with two Cores)."""
+    """The process's one ``openvino.Core``: every compilation and query goes through it. Each Core's CPU
+    plugin swaps the thread's alternate signal stack for its own on creation and restores the one it found
+    when destroyed, unmapping its own: two Cores destroyed in creation order leave the thread on an unmapped
+    stack, and the next signal to a Python handler (``SA_ONSTACK``: SIGCHLD under DataLoader, SIGINT, SIGTERM)
+    segfaults past faulthandler (the test suite's crash; a hazard for ``decodet serve``). One Core, never
+    destroyed, swaps once (tests/test_openvino.py reproduces the crash with two Cores)."""
     return _require().Core()
 
 
@@ -133,10 +128,10 @@ def read_model(path: str | os.PathLike) -> tuple[Any, OnnxInfo]:
     return model, parse_metadata(meta, path)
 
 
-# The backbone's stem stays float in int8 under ``full``: all-int8 lost 10 AP points on the demo
-# deco_tiny, float stem 0.7 (``conv1_2`` alone accounts for it; calibration choices did not help),
-# for 5% of deco_r50's int8 latency.  Under ``smoothquant`` a float stem measured no better, so it
-# is int8.  Figures: docs/benchmarks.md ("Moved from source docstrings").
+# The backbone's stem stays float in int8 under ``full``: all-int8 lost 10 AP points on the demo deco_tiny,
+# float stem 0.7 (``conv1_2`` alone accounts for it; calibration choices did not help), for 5% of deco_r50's
+# int8 latency. Under ``smoothquant`` a float stem measured no better, so it is int8. Figures:
+# docs/benchmarks.md ("Moved from source docstrings").
 FLOAT_STEM = re.compile(r"\bbackbone(\.body)?\.(conv1|bn1|stem)\b")
 
 #: OpenVINO int8 schemes (module docstring): name -> NNCF model type.
@@ -144,12 +139,12 @@ INT8_SCHEMES = {"smoothquant": "TRANSFORMER", "full": None}
 
 
 def _float_node_names(onnx_path: Path, stem: bool = True) -> list[str]:
-    """OpenVINO names of the nodes NNCF must leave float: the class and box heads and (``stem``)
-    the backbone's stem, found through the exporter's name scopes (:func:`name_scopes`).
+    """OpenVINO names of the nodes NNCF must leave float: the class and box heads and (``stem``) the
+    backbone's stem, found through the exporter's name scopes (:func:`name_scopes`).
 
-    OpenVINO keeps an ONNX node's name as its friendly name, except that a convolution or
-    matrix product with a bias becomes ``NAME/WithoutBiases`` followed by an ``Add`` called
-    ``NAME``: both names are listed (an ignored scope of only ``NAME`` misses the convolution)."""
+    OpenVINO keeps an ONNX node's name as its friendly name, except that a convolution or matrix product with
+    a bias becomes ``NAME/WithoutBiases`` followed by an ``Add`` called ``NAME``: both names are listed (an
+    ignored scope of only ``NAME`` misses the convolution)."""
     import onnx
 
     proto = onnx.load(str(onnx_path), load_external_data=False)
@@ -170,9 +165,8 @@ def quantize_int8(
     ignored: list[str] | None = None,
     scheme: str = "smoothquant",
 ) -> Any:
-    """NNCF post-training int8 quantisation of ``model`` (an ``openvino.Model``); ``ignored``
-    node names stay float; ``scheme`` one of :data:`INT8_SCHEMES`.  ``calib_images`` None:
-    synthetic noise, with a warning."""
+    """NNCF post-training int8 quantisation of ``model`` (an ``openvino.Model``); ``ignored`` node names stay
+    float; ``scheme`` one of :data:`INT8_SCHEMES`. ``calib_images`` None: synthetic noise, with a warning."""
     nncf = _require("nncf")
     model_type = _check_scheme(scheme)
     if calib_images is None:
@@ -219,8 +213,8 @@ def load_for_precision(
     calib_count: int = 32,
     int8_scheme: str = "smoothquant",
 ) -> tuple[Any, OnnxInfo]:
-    """``(openvino.Model, metadata)`` of a checkpoint, ``.onnx`` or ``.xml`` file, quantised to int8
-    when asked and not already int8.  ``precision`` None: the file's own (fp32 for checkpoints)."""
+    """``(openvino.Model, metadata)`` of a checkpoint, ``.onnx`` or ``.xml`` file, quantised to int8 when
+    asked and not already int8. ``precision`` None: the file's own (fp32 for checkpoints)."""
     _check_scheme(int8_scheme)  # before any export
     with tempfile.TemporaryDirectory(prefix="decodet-ov-") as tmp:
         is_xml = isinstance(weights, str | os.PathLike) and str(weights).lower().endswith(".xml")
@@ -248,9 +242,9 @@ def export_openvino(
     calib_count: int = 32,
     int8_scheme: str = "smoothquant",
 ) -> Path:
-    """Write an OpenVINO IR (``out_path`` ``.xml`` + its ``.bin``) of a checkpoint or a decodet ONNX
-    file, dynamic batch, with the ONNX metadata (``precision`` records how to run it: fp32 and
-    bf16 files hold fp32 weights, int8 files NNCF's quantised graph).  Returns the ``.xml`` path."""
+    """Write an OpenVINO IR (``out_path`` ``.xml`` + its ``.bin``) of a checkpoint or a decodet ONNX file,
+    dynamic batch, with the ONNX metadata (``precision`` records how to run it: fp32 and bf16 files hold fp32
+    weights, int8 files NNCF's quantised graph). Returns the ``.xml`` path."""
     ov = _require()
     precision = check_precision(precision)
     out_path = Path(out_path)

@@ -1,17 +1,16 @@
-"""int8 for ONNX Runtime that keeps its accuracy: calibrate once, sweep layer groups, keep the
-harmful ones in fp32.  Steps of :func:`quantize_onnx` (``export_onnx(precision="int8")``):
+"""int8 for ONNX Runtime that keeps its accuracy: calibrate once, sweep layer groups, keep the harmful ones in
+fp32. Steps of :func:`quantize_onnx` (``export_onnx(precision="int8")``):
 
-1. **Calibration** on real images (synthetic noise only with a warning): ORT's calibrator runs
-   once and its ranges are cached in a file that every variant below reuses.
-2. **Quantisation** (``Int8Options``): QDQ, per-channel symmetric int8 weights, uint8 activations
-   by default (u8 x s8 is what x86 VNNI's ``vpdpbusd`` multiplies and ORT's CPU kernels use).
-   ``reduce_range`` (7-bit weights) is on automatically on CPUs without VNNI, where u8 x s8
-   products can saturate 16-bit sums.  Only Conv/MatMul/Gemm: post-processing stays float.
-3. **Sensitivity sweep** (``exclude="auto"``): those nodes are grouped by module (name scopes cut
-   at 4 levels, e.g. ``model.decoder.layers.0``); each group is quantised *alone* and compared
-   with fp32 (:func:`detection_error` on the sweep images, or the drop of ``score_fn``, e.g.
-   COCO AP).  The ``max_excluded`` worst groups stay fp32 if each costs at least ``min_share``
-   of quantising everything.  Sweep, rule and excluded groups go into the ``int8_*`` metadata
+1. **Calibration** on real images (synthetic noise only with a warning): ORT's calibrator runs once and its
+   ranges are cached in a file that every variant below reuses.
+2. **Quantisation** (``Int8Options``): QDQ, per-channel symmetric int8 weights, uint8 activations by default
+   (u8 x s8 is what x86 VNNI's ``vpdpbusd`` multiplies and ORT's CPU kernels use). ``reduce_range`` (7-bit
+   weights) is on automatically on CPUs without VNNI, where u8 x s8 products can saturate 16-bit sums. Only
+   Conv/MatMul/Gemm: post-processing stays float. 3. **Sensitivity sweep** (``exclude="auto"``): those nodes
+   are grouped by module (name scopes cut at 4 levels, e.g. ``model.decoder.layers.0``); each group is
+   quantised *alone* and compared with fp32 (:func:`detection_error` on the sweep images, or the drop of
+   ``score_fn``, e.g. COCO AP). The ``max_excluded`` worst groups stay fp32 if each costs at least
+   ``min_share`` of quantising everything. Sweep, rule and excluded groups go into the ``int8_*`` metadata
    and, when asked, a Markdown/CSV report.
 """
 
@@ -49,11 +48,8 @@ ScoreFn = Callable[[Callable[[Feed], Outputs]], float]
 
 @dataclass
 class Int8Options:
-    """How to quantise (module docstring).
-
-    ``exclude``: ``"auto"`` (sweep, keep the worst groups in fp32), ``None``/``"none"``
-    (quantise everything) or a list of group names (see :func:`layer_groups`) or node names.
-    """
+    """How to quantise (module docstring). ``exclude``: ``"auto"`` (sweep, keep the worst groups in fp32),
+    ``None``/``"none"`` (quantise everything) or a list of group names (:func:`layer_groups`) or node names."""
 
     calibrate: str = "minmax"
     activation: str = "uint8"
@@ -103,12 +99,9 @@ class QuantResult:
         }
 
 
-# ----------------------------------------------------------------------------- groups
-
-
 def group_of(node: Any) -> str:
-    """The layer group of an ONNX node: the deepest module path among its name scopes, cut at
-    ``GROUP_DEPTH`` components (``model.decoder.layers.0``); ``(unscoped)`` without scopes."""
+    """The layer group of an ONNX node: the deepest module path among its name scopes, cut at ``GROUP_DEPTH``
+    components (``model.decoder.layers.0``); ``(unscoped)`` without scopes."""
     paths = [s for s in (name_scopes(node) or []) if s.startswith("model.") or s == "model"]
     if not paths:
         return "(unscoped)"
@@ -124,17 +117,11 @@ def layer_groups(proto: Any) -> dict[str, list[str]]:
     return groups
 
 
-# ----------------------------------------------------------------------------- metric
-
-
 def detection_error(ref: Outputs, got: Outputs) -> float:
-    """How far ``got``'s detections are from ``ref``'s (0 = same), over a batch.
-
-    For each reference detection ``j`` (score ``s_j``): ``1 - max_i IoU(j, i) * min(s_i, s_j) /
-    max(s_i, s_j)`` over ``got``'s detections ``i`` of the same label; averaged with weights
-    ``s_j``, so confident detections count most.  Inputs: ``boxes [B, K, 4]``, ``scores [B, K]``,
-    ``labels [B, K]`` as the exported graph returns them.
-    """
+    """How far ``got``'s detections are from ``ref``'s (0 = same), over a batch. For each reference detection
+    ``j`` (score ``s_j``): ``1 - max_i IoU(j, i) * min(s_i, s_j) / max(s_i, s_j)`` over ``got``'s detections
+    ``i`` of the same label; averaged with weights ``s_j``, so confident detections count most. Inputs:
+    ``boxes [B, K, 4]``, ``scores [B, K]``, ``labels [B, K]``."""
     from torchvision.ops import box_iou
 
     num = den = 0.0
@@ -148,9 +135,6 @@ def detection_error(ref: Outputs, got: Outputs) -> float:
         num += float((w * (1 - match)).sum())
         den += float(w.sum())
     return num / max(den, 1e-12)
-
-
-# ----------------------------------------------------------------------------- quantise
 
 
 def _ort_types(options: Int8Options) -> tuple[Any, Any, Any]:
@@ -248,13 +232,11 @@ def quantize_onnx(
 
     Args:
         calib_feeds: calibration inputs ``{"images", "orig_sizes"}`` (numpy).
-        options: the quantisation choices (:class:`Int8Options`).
         sweep_feeds: inputs for the sensitivity sweep (default: ``calib_feeds``).
-        score_fn: optional ``score_fn(run) -> float`` (higher is better, e.g. COCO AP of a
-            runner on a labelled split); when given the sweep ranks groups by its drop.
+        score_fn: ``score_fn(run) -> float`` (higher is better, e.g. COCO AP of a runner on a labelled
+            split); when given the sweep ranks groups by its drop.
         report: write the sweep as Markdown here (and as CSV beside it, same stem).
-        threads: ONNX Runtime threads for the sweep.
-    """
+        threads: ONNX Runtime threads for the sweep."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -267,9 +249,9 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory(prefix="decodet-int8-") as tmp_name:
         tmp = Path(tmp_name)
         pre = tmp / "pre.onnx"
-        # ONNX's own shape inference is enough for a convolutional graph.  ORT's symbolic one
-        # gives up on decodet's post-processing and, when it does, dumps its partial model
-        # (``sym_shape_infer_temp.onnx`` and a 20 MB ``<uuid>.data``) into the current folder.
+        # ONNX's own shape inference is enough for a convolutional graph. ORT's symbolic one gives up on
+        # decodet's post-processing and, when it does, dumps its partial model (``sym_shape_infer_temp.onnx``
+        # and a 20 MB ``<uuid>.data``) into the current folder.
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         groups = _present_groups(Path(fp32_path), pre)
         exclude = options.exclude
@@ -313,8 +295,8 @@ def quantize_onnx(
 
 
 def _present_groups(fp32_path: Path, pre: Path) -> dict[str, list[str]]:
-    """:func:`layer_groups` of the fp32 file, limited to the nodes the pre-processed file still
-    has (ORT's optimiser keeps node names but drops their name scopes)."""
+    """:func:`layer_groups` of the fp32 file, limited to the nodes the pre-processed file still has (ORT's
+    optimiser keeps node names but drops their name scopes)."""
     import onnx
 
     present = {n.name for n in onnx.load(str(pre), load_external_data=False).graph.node}
@@ -324,8 +306,7 @@ def _present_groups(fp32_path: Path, pre: Path) -> dict[str, list[str]]:
 
 @dataclass
 class _Judge:
-    """Scores a quantised variant against fp32: by ``score_fn``'s drop, or by
-    :func:`detection_error` on ``feeds`` (fp32 outputs computed once)."""
+    """Scores a variant against fp32: ``score_fn``'s drop, or :func:`detection_error` on ``feeds``."""
 
     fp32_path: Path
     feeds: list[Feed]
@@ -364,8 +345,7 @@ def _sweep(result: QuantResult, quantizer: _Quantizer, groups: dict[str, list[st
 
 
 def _select(result: QuantResult, options: Int8Options) -> list[str]:
-    """The ``max_excluded`` most harmful groups whose harm is at least ``min_share`` of the
-    whole model's int8 harm."""
+    """The ``max_excluded`` most harmful groups whose harm is at least ``min_share`` of all-int8's."""
     full = result.full_harm or 0.0
     result.rule = (
         f"top {options.max_excluded} groups by {result.metric} when quantised alone, "

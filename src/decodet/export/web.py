@@ -11,12 +11,11 @@ The folder ``decodet export --format web`` writes::
     ort/              onnxruntime-web's WASM backend: ort.wasm.min.mjs, ort-wasm-simd-threaded.{mjs,wasm}
 
 onnxruntime-web is not vendored (its WASM binary alone is ~14 MB): the export runs ``npm pack
-onnxruntime-web@ORT_WEB_VERSION --prefer-offline`` (npm checks the tarball's integrity) and keeps
-the three files in ``~/.cache/decodet`` (``$XDG_CACHE_HOME``); ``ort_web=`` (``--ort-web``) or
-``$DECODET_ORT_WEB`` names a package folder or ``.tgz`` instead, for machines without npm.  The
-page runs single-threaded, so it needs no cross-origin isolation (COOP/COEP): any static server
-works.  ``decodet serve`` serves the same page (:data:`PAGE_ASSETS`, :func:`page_html` pointing it
-at its HTTP API).
+onnxruntime-web@ORT_WEB_VERSION --prefer-offline`` (npm checks the tarball's integrity) and keeps the three
+files in ``~/.cache/decodet`` (``$XDG_CACHE_HOME``); ``ort_web=`` (``--ort-web``) or ``$DECODET_ORT_WEB``
+names a package folder or ``.tgz`` instead, for machines without npm. The page runs single-threaded, so it
+needs no cross-origin isolation (COOP/COEP): any static server works. ``decodet serve`` serves the same page
+(:data:`PAGE_ASSETS`, :func:`page_html` pointing it at its HTTP API).
 """
 
 from __future__ import annotations
@@ -42,8 +41,8 @@ from decodet.version import __version__
 log = logging.getLogger(__name__)
 
 ORT_WEB_VERSION = "1.30.0"
-# The WASM backend alone: the JS API, its Emscripten glue and the SIMD binary (its threaded
-# build also runs with one thread, without SharedArrayBuffer).
+# The WASM backend alone: the JS API, its Emscripten glue and the SIMD binary (its threaded build also runs
+# with one thread, without SharedArrayBuffer).
 ORT_WEB_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
 PAGE_FILES = ("index.html", "app.js", "preprocess.js", "style.css")
 PAGE_ASSETS = ("decodet.export", "web_assets")  # (package, folder) of PAGE_FILES
@@ -61,13 +60,11 @@ def export_web(
     ort_web: str | os.PathLike | None = None,
     int8: Any = None,
 ) -> Path:
-    """Write the static web folder (module docstring) to ``out_dir``, returned as a ``Path``.
-
-    ``out_dir`` is replaced if it holds an earlier web export, refused if it holds anything else
-    (written beside it, then renamed into place).  ``precision``, ``imgsz``, ``calib_images`` and
-    ``int8``: as for ``export_onnx`` (fp32 or int8 only).  ``threshold``: the page's initial score
-    threshold.  ``ort_web``: an onnxruntime-web folder or ``.tgz`` (default: :func:`ort_web_files`).
-    """
+    """Write the static web folder (module docstring) to ``out_dir``; ``out_dir`` is replaced if it holds an
+    earlier web export, refused if it holds anything else (written beside it, then renamed into place).
+    ``precision``, ``imgsz``, ``calib_images`` and ``int8``: as for ``export_onnx`` (fp32 or int8 only).
+    ``threshold``: the page's initial score threshold. ``ort_web``: an onnxruntime-web folder or ``.tgz``
+    (default: :func:`ort_web_files`)."""
     import onnx
 
     from decodet.export.onnx import export_onnx
@@ -102,8 +99,8 @@ def export_web(
 
 
 def page_config(info: Any, threshold: float) -> dict[str, Any]:
-    """``model.json``: what the page reads instead of the ONNX metadata (ONNX Runtime Web
-    does not expose ``metadata_props``)."""
+    """``model.json``: what the page reads instead of the ONNX metadata (ONNX Runtime Web does not expose
+    ``metadata_props``)."""
     cfg = info.config
     names = list(cfg.class_names or [])
     ids = list(cfg.category_ids) if cfg.category_ids is not None else list(range(len(names)))
@@ -123,9 +120,9 @@ def page_config(info: Any, threshold: float) -> dict[str, Any]:
 
 
 def page_html(config: dict[str, Any], base: str = "./") -> str:
-    """The page's ``index.html`` with ``config`` as its source of detections (``{"source":
-    "onnx"}``: model.onnx beside it, the file's default; ``{"source": "api", "root": ""}``:
-    decodet serve's HTTP API) and its other files (app.js, style.css) read from ``base``."""
+    """The page's ``index.html`` with ``config`` as its source of detections (``{"source": "onnx"}``:
+    model.onnx beside it, the file's default; ``{"source": "api", "root": ""}``: decodet serve's HTTP API) and
+    its other files (app.js, style.css) read from ``base``."""
     page = (resources.files(PAGE_ASSETS[0]) / PAGE_ASSETS[1] / "index.html").read_text(encoding="utf-8")
     data = json.dumps(config).replace("<", "\\u003c")  # no "</script>" inside the element
     page, n = re.subn(r'(<script id="config" type="application/json">).*?(</script>)',
@@ -136,9 +133,6 @@ def page_html(config: dict[str, Any], base: str = "./") -> str:
     return page
 
 
-# ----------------------------------------------------------------------------- runtime
-
-
 def cache_dir() -> Path:
     """Where the onnxruntime-web files are kept: ``$XDG_CACHE_HOME/decodet`` or ``~/.cache/decodet``."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -146,9 +140,9 @@ def cache_dir() -> Path:
 
 
 def copy_ort_web(dest: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
-    """Write :data:`ORT_WEB_FILES` into the folder ``dest``, from ``source`` (or
-    ``$DECODET_ORT_WEB``): an onnxruntime-web package folder (``dist/`` in it or the files
-    themselves) or its npm ``.tgz``; without one, from :func:`ort_web_files` (npm)."""
+    """Write :data:`ORT_WEB_FILES` into the folder ``dest``, from ``source`` (or ``$DECODET_ORT_WEB``): an
+    onnxruntime-web package folder (``dist/`` in it or the files themselves) or its npm ``.tgz``; without one,
+    from :func:`ort_web_files` (npm)."""
     dest = Path(dest)
     source = source or os.environ.get("DECODET_ORT_WEB") or None
     if source is not None and Path(source).is_file():
@@ -169,9 +163,9 @@ def _package_folder(path: Path) -> Path:
 
 
 def ort_web_files(cache: str | os.PathLike | None = None) -> Path:
-    """The cache folder (default :func:`cache_dir`) holding :data:`ORT_WEB_FILES`, filled on
-    first use by ``npm pack`` (npm's own cache first, then the npm registry).  No npm, or
-    npm failing, is a one-line :class:`DecodetError`."""
+    """The cache folder (default :func:`cache_dir`) holding :data:`ORT_WEB_FILES`, filled on first use by
+    ``npm pack`` (npm's own cache first, then the npm registry). No npm, or npm failing, is a one-line
+    :class:`DecodetError`."""
     dest = Path(cache) if cache else cache_dir()
     if all((dest / n).is_file() for n in ORT_WEB_FILES):
         return dest
@@ -211,8 +205,8 @@ def ort_web_files(cache: str | os.PathLike | None = None) -> Path:
 
 
 def _extract(tgz: Path, dest: Path) -> None:
-    """Copy :data:`ORT_WEB_FILES` out of an npm tarball into the folder ``dest``, by name
-    only (no other member is written, so a hostile archive cannot escape ``dest``)."""
+    """Copy :data:`ORT_WEB_FILES` out of an npm tarball into the folder ``dest``, by name only (no other
+    member is written, so a hostile archive cannot escape ``dest``)."""
     wanted = {f"package/dist/{n}": n for n in ORT_WEB_FILES}
     dest.mkdir(parents=True, exist_ok=True)
     try:

@@ -1,17 +1,16 @@
 """The set-prediction loss of DECO and DECO+: Hungarian matching, then class + box losses.
 
-DECO (the Deformable-DETR recipe): sigmoid focal loss over every query and class (alpha 0.25, gamma 2),
-weight 2; L1 on matched cxcywh boxes, weight 5; GIoU loss, weight 2.  DECO+ (RT-DETR's recipe): varifocal
-loss (alpha 0.75, gamma 2; the matched class's target is the detached IoU of the matched box), weight 1;
-L1 5; GIoU 2.  Every term is summed over the batch and divided by the number of target boxes (averaged
-over processes, at least 1), and repeated, with its own matching, on every auxiliary output: DECO's
-earlier decoder layers, DECO+'s earlier layers followed by the encoder's top-k selection.
-
-Optional one-to-many hybrid matching (H-DETR's hybrid branch, off by default): a model may output an
-extra, separate group of queries as ``pred_logits_o2m`` / ``pred_boxes_o2m`` (and ``aux_outputs_o2m``).
-With ``one_to_many = k > 0`` that group is matched to the targets repeated ``k`` times and gets the same
-losses, normalised by ``k`` times the box count and scaled by ``o2m_weight``, under ``*_o2m`` names.  The
-one-to-one queries never see duplicates, so inference (one-to-one queries only) stays NMS-free.
+DECO (the Deformable-DETR recipe): sigmoid focal loss over every query and class (alpha 0.25, gamma 2), weight
+2; L1 on matched cxcywh boxes, weight 5; GIoU loss, weight 2. DECO+ (RT-DETR's recipe): varifocal loss (alpha
+0.75, gamma 2; the matched class's target is the detached IoU of the matched box), weight 1; L1 5; GIoU 2.
+Every term is summed over the batch and divided by the number of target boxes (averaged over processes, at
+least 1), and repeated, with its own matching, on every auxiliary output: DECO's earlier decoder layers,
+DECO+'s earlier layers followed by the encoder's top-k selection.
+Optional one-to-many hybrid matching (H-DETR's hybrid branch, off by default): a model may output an extra,
+separate group of queries as ``pred_logits_o2m`` / ``pred_boxes_o2m`` (and ``aux_outputs_o2m``). With
+``one_to_many = k > 0`` that group is matched to the targets repeated ``k`` times and gets the same losses,
+normalised by ``k`` times the box count and scaled by ``o2m_weight``, under ``*_o2m`` names. The one-to-one
+queries never see duplicates, so inference (one-to-one queries only) stays NMS-free.
 """
 
 from __future__ import annotations
@@ -49,16 +48,13 @@ def paired_iou_giou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class SetCriterion(nn.Module):
-    """Matches predictions to targets and returns the weighted loss terms and their sum.
+    """Matches predictions to targets and returns the weighted loss terms and their sum (module docstring).
 
     Args:
         matcher: the Hungarian matcher (its costs are the matching weights).
         class_loss: ``"focal"`` (DECO) or ``"vfl"`` (varifocal, IoU-aware; DECO+).
-        weight_class, weight_bbox, weight_giou: loss weights.
-        alpha, gamma: parameters of the class loss (0.25 / 2 for focal, 0.75 / 2 for varifocal).
-        one_to_many: ``k`` of the optional one-to-many branch (0: off).
-        o2m_weight: scale of the one-to-many terms.
-    """
+        alpha, gamma: of the class loss (0.25 / 2 for focal, 0.75 / 2 for varifocal).
+        one_to_many: ``k`` of the optional one-to-many branch (0: off), its terms scaled by ``o2m_weight``."""
 
     def __init__(
         self,
@@ -93,17 +89,14 @@ class SetCriterion(nn.Module):
         )
 
     def forward(self, outputs: dict, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Compute the losses.
-
-        Args:
+        """Args:
             outputs: ``pred_logits`` [B, Q, C], ``pred_boxes`` [B, Q, 4] cxcywh in [0, 1], optionally
                 ``aux_outputs`` (a list of such dicts) and the one-to-many group (see the module docstring).
             targets: B dicts with ``labels`` [N_b] int64 in [0, C) and ``boxes`` [N_b, 4] cxcywh in [0, 1].
 
         Returns:
             The weighted terms (``loss_focal`` or ``loss_vfl``, ``loss_bbox``, ``loss_giou``; auxiliary
-            outputs add ``_aux{i}`` names, the one-to-many group ``_o2m`` names) and their sum ``loss``.
-        """
+            outputs add ``_aux{i}`` names, the one-to-many group ``_o2m`` names) and their sum ``loss``."""
         logits = outputs["pred_logits"]
         _check_targets(targets, logits.shape[0], logits.shape[-1])
         device = logits.device

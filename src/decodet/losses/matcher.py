@@ -4,13 +4,13 @@ The cost of assigning query ``q`` to target ``t`` is
 
     cost_class * focal(p[q, label_t]) + cost_bbox * |box_q - box_t|_1 + cost_giou * (-GIoU(box_q, box_t))
 
-with the focal class cost ``alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p))`` at the target's
-class (DINO / Deformable-DETR style; the authors add 1e-8 inside both logarithms).  The cost matrices
-of a whole batch are computed in one go on the model's device (targets padded to the largest count, so,
-unlike DETR, no query is costed against another image's targets), moved to the CPU once and solved per image
-with scipy's ``linear_sum_assignment``.
-:meth:`HungarianMatcher.match_groups` goes one step further and matches several prediction groups (the
-last decoder layer, the auxiliary layers, the encoder's top-k) with one cost computation and one transfer.
+with the focal class cost ``alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p))`` at the target's class
+(DINO / Deformable-DETR style; the authors add 1e-8 inside both logarithms). The cost matrices of a whole
+batch are computed in one go on the model's device (targets padded to the largest count, so, unlike DETR, no
+query is costed against another image's targets), moved to the CPU once and solved per image with scipy's
+``linear_sum_assignment``. :meth:`HungarianMatcher.match_groups` goes one step further and matches several
+prediction groups (the last decoder layer, the auxiliary layers, the encoder's top-k) with one cost
+computation and one transfer.
 """
 
 from __future__ import annotations
@@ -30,13 +30,7 @@ Indices = list[tuple[Tensor, Tensor]]
 
 class HungarianMatcher(nn.Module):
     """One-to-one (or, with ``k > 1``, one-to-``k``) assignment of queries to targets.
-
-    Args:
-        cost_class: weight of the focal class cost.
-        cost_bbox: weight of the L1 distance between cxcywh boxes.
-        cost_giou: weight of the negative generalised IoU.
-        alpha, gamma: focal cost parameters.
-    """
+    ``cost_class``, ``cost_bbox``, ``cost_giou`` weigh the terms of the module docstring's cost."""
 
     def __init__(
         self,
@@ -69,21 +63,20 @@ class HungarianMatcher(nn.Module):
             outputs: ``pred_logits`` [B, Q, C] (sigmoid logits) and ``pred_boxes`` [B, Q, 4] cxcywh in [0, 1].
             targets: B dicts with ``labels`` [N_b] int64 and ``boxes`` [N_b, 4] cxcywh in [0, 1].
             k: each target may take up to ``k`` queries (its cost column repeated ``k`` times; H-DETR's
-                one-to-many matching).  ``k = 1`` is the usual one-to-one matching.
+                one-to-many matching). ``k = 1`` is the usual one-to-one matching.
 
         Returns:
-            B pairs ``(query_idx, target_idx)`` of int64 CPU tensors of equal length
-            ``min(Q, k * N_b)``; ``target_idx`` indexes the image's original (unrepeated) targets.
-        """
+            B pairs ``(query_idx, target_idx)`` of int64 CPU tensors of equal length ``min(Q, k * N_b)``;
+            ``target_idx`` indexes the image's original (unrepeated) targets."""
         return self.match_groups([outputs], targets, k=k)[0]
 
     @torch.no_grad()
     def match_groups(
         self, groups: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]], k: int = 1
     ) -> list[Indices]:
-        """Match G prediction groups (dicts as :meth:`forward`'s ``outputs``, same B and C, the query
-        count may differ) for the same targets at once (one device-to-host copy); returns G lists of B
-        ``(query_idx, target_idx)`` pairs."""
+        """Match G prediction groups (dicts as :meth:`forward`'s ``outputs``, same B and C, the query count
+        may differ) for the same targets at once (one device-to-host copy); returns G lists of B ``(query_idx,
+        target_idx)`` pairs."""
         if k < 1:
             raise DecodetError(f"matcher repetition k must be >= 1, got {k}")
         sizes = [len(t["boxes"]) for t in targets]

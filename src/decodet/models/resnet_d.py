@@ -1,17 +1,16 @@
 """ResNet-D ("PResNet"): the DECO+ / RT-DETR backbone.
 
-A ResNet with a deep stem (three 3x3 convs instead of one 7x7) whose down-sampling
-shortcuts average-pool before their 1x1 conv (the "D" tweak).  It returns the stride
-8, 16 and 32 feature maps.  Module and parameter names follow the DECO+ release
-(``conv1.conv1_1``, ``layers.{i}.blocks.{j}.branch1``, ``short``, ...), so the authors'
-state dicts load unchanged.
+A ResNet with a deep stem (three 3x3 convs instead of one 7x7) whose down-sampling shortcuts average-pool
+before their 1x1 conv (the "D" tweak). It returns the stride 8, 16 and 32 feature maps. Module and parameter
+names follow the DECO+ release (``conv1.conv1_1``, ``layers.{i}.blocks.{j}.branch1``, ``short``, ...), so the
+authors' state dicts load unchanged.
 
-Every stride-2 op rounds up (``ceil(H / 2)``), so for any input size the stride-16 map
-is exactly ``ceil(H8 / 2)`` and the stride-32 map ``ceil(H16 / 2)``: maps of neighbouring
-levels line up at their top-left corners, which the encoder and decoder rely on.
+Every stride-2 op rounds up (``ceil(H / 2)``), so for any input size the stride-16 map is exactly ``ceil(H8 /
+2)`` and the stride-32 map ``ceil(H16 / 2)``: maps of neighbouring levels line up at their top-left corners,
+which the encoder and decoder rely on.
 
-Also home of :class:`ConvNormLayer` (conv -> batch norm -> activation) and the
-conv/batch-norm folding used by ``DECOPlus.deploy()``.
+Also home of :class:`ConvNormLayer` (conv -> batch norm -> activation) and the conv/batch-norm folding used by
+``DECOPlus.deploy()``.
 """
 
 from __future__ import annotations
@@ -48,8 +47,7 @@ def activation(name: str | None) -> nn.Module:
 
 @torch.no_grad()
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
-    """A conv with bias equal to ``bn(conv(x))`` in eval mode (``bn``: BatchNorm2d or
-    FrozenBatchNorm2d)."""
+    """A conv with bias equal to ``bn(conv(x))`` in eval mode (``bn``: BatchNorm2d or FrozenBatchNorm2d)."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     fused = nn.Conv2d(
         conv.in_channels,
@@ -69,8 +67,8 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
 
 
 class ConvNormLayer(nn.Module):
-    """Conv (no bias, "same" padding for odd kernels) -> BatchNorm2d -> activation.
-    ``x: [B, C_in, H, W] -> [B, C_out, H', W']``."""
+    """Conv (no bias, "same" padding for odd kernels) -> BatchNorm2d -> activation. ``x: [B, C_in, H, W] ->
+    [B, C_out, H', W']``."""
 
     def __init__(
         self, ch_in: int, ch_out: int, kernel_size: int, stride: int, padding: int | None = None, act: str | None = None
@@ -92,8 +90,8 @@ class ConvNormLayer(nn.Module):
 
 
 def _shortcut(ch_in: int, ch_out: int, stride: int) -> nn.Module:
-    """ResNet-D projection shortcut: 2x2 average pool (ceil mode) then 1x1 conv when
-    striding, else a plain 1x1 conv."""
+    """ResNet-D projection shortcut: 2x2 average pool (ceil mode) then 1x1 conv when striding, else a plain
+    1x1 conv."""
     if stride == 1:
         return ConvNormLayer(ch_in, ch_out, 1, 1)
     pool = nn.AvgPool2d(2, 2, 0, ceil_mode=True)
@@ -156,7 +154,6 @@ class Blocks(nn.Module):
 
 
 def _freeze_norms(module: nn.Module) -> None:
-    """Replace every BatchNorm2d below ``module`` by a FrozenBatchNorm2d (in place)."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
             setattr(module, name, FrozenBatchNorm2d(child.num_features, eps=child.eps))
@@ -169,14 +166,12 @@ class PResNet(nn.Module):
 
     Args:
         depth: 18, 34 (basic blocks), 50 or 101 (bottlenecks).
-        width: base width (64 as published); every channel count scales by ``width / 64``,
-            the deep stem's included.
+        width: base width (64 as published); every channel count scales by ``width / 64``, the deep stem's
+            included.
         freeze_at: -1 trains everything; ``k >= 0`` freezes the stem and the first ``k`` stages.
         freeze_norm: use FrozenBatchNorm2d (statistics and affine fixed, buffers only).
-
     ``images: [B, 3, H, W] -> [C3: [B, c0, H/8, W/8], C4: [B, c1, H/16, W/16], C5: [B, c2, H/32, W/32]]``
-    (sizes rounded up), channels ``self.out_channels``.
-    """
+    (sizes rounded up), channels ``self.out_channels``."""
 
     def __init__(self, depth: int = 18, width: int = 64, freeze_at: int = -1, freeze_norm: bool = False) -> None:
         super().__init__()
@@ -216,9 +211,9 @@ class PResNet(nn.Module):
         return outs
 
     def load_pretrained(self, path: str | os.PathLike | None = None) -> None:
-        """Load ImageNet weights from ``path`` (default: RT-DETR's converted file in the
-        torch hub cache).  Accepts RT-DETR's key names (``res_layers``, ``branch2a``...)
-        and the DECO+ ones.  Nothing is downloaded: a missing file is a DecodetError."""
+        """Load ImageNet weights from ``path`` (default: RT-DETR's converted file in the torch hub cache).
+        Accepts RT-DETR's key names (``res_layers``, ``branch2a``...) and the DECO+ ones. Nothing is
+        downloaded: a missing file is a DecodetError."""
         if self.width != 64:
             raise DecodetError(f"no pretrained ResNet-D weights exist for backbone width {self.width} (only 64)")
         if path is None:

@@ -26,11 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 class Progress:
-    """Iterate with a tqdm bar (rank 0, stderr a TTY) or, failing that, a log line every ``log_every`` steps.
-
-    ``set_postfix(loss=..., lr=...)`` shows values next to the bar and in the log lines; the bar
-    shows the ETA itself and log lines carry one. Other ranks show and log nothing.
-    """
+    """Iterate with a tqdm bar or a log line every ``log_every`` steps (module docstring).
+    ``set_postfix(loss=..., lr=...)`` shows values next to the bar and in the log lines; the bar shows the ETA
+    itself and log lines carry one. Other ranks show and log nothing."""
 
     def __init__(
         self,
@@ -104,8 +102,8 @@ def progress(
     disable: bool | None = None,
     log_every: int = 50,
 ) -> Progress:
-    """A ``Progress`` over ``iterable``; ``disable=None`` shows a bar only on rank 0 with a TTY
-    stderr, ``True`` never shows one (rank 0 logs lines instead), ``False`` always shows one on rank 0.
+    """A ``Progress`` over ``iterable``; ``disable=None`` shows a bar only on rank 0 with a TTY stderr,
+    ``True`` never shows one (rank 0 logs lines instead), ``False`` always shows one on rank 0.
 
     >>> bar = progress(loader, desc="epoch 3")
     >>> for images, targets in bar:
@@ -138,11 +136,8 @@ def rss_mb() -> float:
 
 
 def setup_logging(level: int | str = "INFO", log_file: str | os.PathLike | None = None) -> logging.Logger:
-    """Configure the ``decodet`` logger: concise lines on stderr (and ``log_file`` if given).
-
-    Idempotent (replaces the handlers it installed before). Processes other than rank 0 log
-    warnings and errors only.
-    """
+    """Configure the ``decodet`` logger: concise lines on stderr (and ``log_file`` if given). Idempotent
+    (replaces the handlers it installed before). Processes other than rank 0 log warnings and errors only."""
     log = logging.getLogger("decodet")
     for handler in [h for h in log.handlers if getattr(h, "_decodet", False)]:
         log.removeHandler(handler)
@@ -168,7 +163,6 @@ def setup_logging(level: int | str = "INFO", log_file: str | os.PathLike | None 
 
 
 def is_main_process() -> bool:
-    """True unless torch.distributed is initialised and this is not rank 0."""
     dist = sys.modules.get("torch.distributed")  # never imported -> no process group exists
     return dist is None or not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 

@@ -1,9 +1,8 @@
 """Multi-process training helpers (``torchrun``): process group, samplers, DDP, rank-0 writes.
 
-``torchrun --nproc_per_node N -m decodet train ...`` sets ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK``; :func:`init_distributed` reads them and joins the process group (gloo on CPU,
-nccl on CUDA).  Without them everything runs as a single process and the helpers below
-degrade to no-ops.
+``torchrun --nproc_per_node N -m decodet train ...`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
+:func:`init_distributed` reads them and joins the process group (gloo on CPU, nccl on CUDA). Without them
+everything runs as a single process and the helpers below degrade to no-ops.
 """
 
 from __future__ import annotations
@@ -69,7 +68,6 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def cleanup() -> None:
-    """Leave the process group (if any)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -87,8 +85,8 @@ def get_world_size() -> int:
 
 
 def is_main() -> bool:
-    """Whether this is rank 0, the only process that writes files (also after the process
-    group is gone: under torchrun the ``RANK`` variable still says)."""
+    """Whether this is rank 0, the only process that writes files (also after the process group is gone: under
+    torchrun the ``RANK`` variable still says)."""
     if is_dist():
         return dist.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
@@ -136,12 +134,10 @@ def any_flag(flag: bool, device: torch.device) -> bool:
 
 
 class EpochSampler(DistributedSampler):
-    """The training sampler: a shuffled order that is a function of ``(seed, epoch)`` only.
-
-    Used with a single process too (``num_replicas=1``) so the data order never depends on a
-    global RNG; with several processes each rank gets its shard.  ``start`` skips that many of
-    this epoch's samples (resuming part-way through an epoch).
-    """
+    """The training sampler: a shuffled order that is a function of ``(seed, epoch)`` only. Used with a single
+    process too (``num_replicas=1``) so the data order never depends on a global RNG; with several processes
+    each rank gets its shard. ``start`` skips that many of this epoch's samples (resuming part-way through an
+    epoch)."""
 
     def __init__(self, dataset: Dataset, seed: int, rank: int = 0, world_size: int = 1) -> None:
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
@@ -155,8 +151,8 @@ class EpochSampler(DistributedSampler):
 
 
 class ShardSampler(Sampler[int]):
-    """Every ``world_size``-th index from ``rank``, in order, without padding (so no image is
-    evaluated twice); the shards together cover the dataset exactly once."""
+    """Every ``world_size``-th index from ``rank``, in order, without padding (so no image is evaluated
+    twice); the shards together cover the dataset exactly once."""
 
     def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
         self.indices = list(range(rank, length, world_size))
@@ -169,7 +165,6 @@ class ShardSampler(Sampler[int]):
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo, find_unused_parameters: bool = False) -> nn.Module:
-    """``model`` wrapped in DistributedDataParallel when distributed, else unchanged."""
     if not info.distributed:
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
@@ -179,5 +174,4 @@ def wrap_ddp(model: nn.Module, info: DistInfo, find_unused_parameters: bool = Fa
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

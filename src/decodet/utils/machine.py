@@ -1,13 +1,12 @@
-"""What machine a benchmark ran on: CPU model and flags, threads, library versions, and the
-matrix-multiply peaks each precision is judged against.
+"""What machine a benchmark ran on: CPU model and flags, threads, library versions, and the matrix-multiply
+peaks each precision is judged against.
 
-Peaks are the best GFLOP/s of one ``n x n`` matrix product per precision, timed by the
-caller in turns with the rows it compares (so they see the same machine load):
+Peaks are the best GFLOP/s of one ``n x n`` matrix product per precision, timed by the caller in turns with
+the rows it compares (so they see the same machine load):
 
   * ``fp32``: ``torch.mm`` on float32 (MKL / oneDNN sgemm);
   * ``bf16``: ``torch.mm`` on bfloat16 (oneDNN; AVX512-BF16 / AMX where the CPU has them);
   * ``int8``: ``torch._int_mm`` (int8 x int8 -> int32, oneDNN; VNNI / AMX-INT8 where present).
-
 A multiply-add counts as 2 FLOPs (int8 "FLOPs" are integer operations, counted alike).
 """
 
@@ -76,7 +75,6 @@ def machine_info(threads: int) -> dict[str, object]:
 
 
 def format_header(info: dict[str, object]) -> str:
-    """Markdown lines for :func:`machine_info`."""
     versions = info.get("versions") or {}
     flags = info.get("flags") or []
     lines = [
@@ -89,13 +87,11 @@ def format_header(info: dict[str, object]) -> str:
 
 
 def peak_calls(n: int = 2048, target_s: float = 0.25) -> dict[str, tuple[Callable[[], object], float]]:
-    """``{precision: (call, GFLOPs of one call)}`` for the matmul peaks (module docstring);
-    a precision whose kernel does not run here is left out.
-
-    Each precision's matrix side doubles from 256 up to ``n`` while one product stays within
-    ``target_s``: where a precision has no native kernel (bf16 and int8 on an AVX2-only CPU run
-    about 60x slower than fp32: 15 s for one 2048 bf16 product on one thread) its peak is timed
-    on a smaller product instead of stalling the benchmark for minutes."""
+    """``{precision: (call, GFLOPs of one call)}`` for the matmul peaks (module docstring); a precision whose
+    kernel does not run here is left out. Each precision's matrix side doubles from 256 up to ``n`` while one
+    product stays within ``target_s``: where a precision has no native kernel (bf16 and int8 on an AVX2-only
+    CPU run about 60x slower than fp32: 15 s for one 2048 bf16 product on one thread) its peak is timed on a
+    smaller product instead of stalling the benchmark for minutes."""
     g = torch.Generator().manual_seed(0)
     makers: dict[str, Callable[[int], Callable[[], object]]] = {
         "fp32": lambda m: _product(torch.mm, torch.randn(m, m, generator=g)),
