@@ -55,8 +55,9 @@ class OvModel:
         self.metadata = build_metadata(info)
         hint = _HINT[info.precision]
         if hint == "bf16" and "BF16" not in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            # OpenVINO then ignores the hint without a word and runs fp32 (e.g. on AVX2-only CPUs)
-            log.warning("this CPU has no bf16 kernels (AVX-512 BF16 or AMX): OpenVINO runs the bf16 model in fp32")
+            # OpenVINO would run fp32 anyway; asking for bf16 regardless fails to compile ("bad
+            # combination") with its instruction set capped below a CPU's bf16 (OV_CPU_MAX_ISA)
+            hint = "f32"
         self._config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
         if threads is not None:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -67,12 +68,25 @@ class OvModel:
         first = [1 if d.is_dynamic else d.get_length() for d in self._shapes["images"]]
         self.compiled = self._runner(tuple(first))[0]  # fails here, not at the first image
         self.output_names = [o.get_any_name() for o in self.compiled.outputs]
+        if info.precision == "bf16" and "bf16" not in self.runtime_precisions().get("Convolution", set()):
+            # judged by what OpenVINO compiled, not by its capability list: the two disagreed once
+            # (the instruction set capped below AVX-512 BF16: no BF16 listed, bf16 compiled)
+            log.warning("OpenVINO has no bf16 kernels on this CPU (AVX-512 BF16 or AMX): it runs the model in fp32")
+
+    def runtime_precisions(self) -> dict[str, set[str]]:
+        """Layer type -> the precisions OpenVINO's plugin compiled those layers in (first compilation)."""
+        out: dict[str, set[str]] = {}
+        for op in self.compiled.get_runtime_model().get_ops():
+            rt = op.get_rt_info()
+            out.setdefault(rt["layerType"].astype(str), set()).add(rt["runtimePrecision"].astype(str))
+        return out
 
     def _compile(self, model: Any) -> Any:
         try:
             return core().compile_model(model, self._target, self._config)
         except Exception as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            lines = [s for s in str(exc).splitlines() if s.strip() and not s.startswith("Exception from ")]
+            reason = lines[0] if lines else type(exc).__name__  # OpenVINO's reason follows its source lines
             raise DecodetError(f"OpenVINO cannot compile the model for {self._target} ({reason[:300]})") from None
 
     def _runner(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
