@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 from decodet.data.synthetic import CLASSES as SHAPES  # (id, name, shape fn, texture fn, rotates)
+from decodet.data.synthetic import sample_pose
 
 SETS = ("small", "photo", "fewshot")
 _SET_CODES = {"small": 11, "photo": 12, "fewshot": 13}
@@ -181,23 +182,8 @@ def _photo_crop(S: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _sample_pose(cls: ObjectClass, S: int, size_range: tuple[float, float], rng: np.random.Generator):
-    """((top, left), shape mask, texture mask) of one object, clipped to the image, or None when too small."""
-    size = math.exp(rng.uniform(math.log(size_range[0] * S), math.log(size_range[1] * S)))
-    R = size / 2
-    margin = 0.35 * size  # at most ~15% of the object outside the image
-    cx, cy = rng.uniform(margin, S - margin, size=2)
-    theta = rng.uniform(0, 2 * math.pi) if cls.rotates else 0.0
-    x0, y0 = max(0, math.floor(cx - R) - 1), max(0, math.floor(cy - R) - 1)
-    x1, y1 = min(S, math.ceil(cx + R) + 2), min(S, math.ceil(cy + R) + 2)
-    xs = np.arange(x0, x1, dtype=np.float32) + 0.5 - cx
-    ys = np.arange(y0, y1, dtype=np.float32) + 0.5 - cy
-    c, s = math.cos(theta), math.sin(theta)
-    u = xs[None, :] * c + ys[:, None] * s
-    v = -xs[None, :] * s + ys[:, None] * c
-    mask = cls.shape(R, u, v)
-    if mask.sum() < 10:
-        return None
-    return (y0, x0), mask, cls.texture(R, u, v) & mask
+    """((top, left), shape mask, texture mask) of one object, at most ~15% outside the image, or None when too small."""
+    return sample_pose(cls.shape, cls.texture, cls.rotates, S, size_range, rng, margin=0.35, min_pixels=10)
 
 
 def render(spec: SetSpec, rng: np.random.Generator) -> tuple[np.ndarray, list[dict]]:

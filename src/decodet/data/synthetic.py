@@ -30,6 +30,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -271,10 +272,26 @@ CLASS_NAMES = [c[1] for c in CLASSES]
 def _sample_object(cls: int, S: int, size_range: tuple[float, float], rng: np.random.Generator):
     """Random pose of class ``cls``: ((top, left), mask [h, w] bool, texture [h, w] bool), clipped to the image."""
     _, _, shape, texture, rotates = CLASSES[cls]
+    return sample_pose(shape, texture, rotates, S, size_range, rng)
+
+
+def sample_pose(
+    shape: Any,
+    texture: Any,
+    rotates: bool,
+    S: int,
+    size_range: tuple[float, float],
+    rng: np.random.Generator,
+    margin: float = 0.3,
+    min_pixels: int = 12,
+):
+    """A random pose of one object drawn by ``shape(R, u, v)`` / ``texture(R, u, v)`` (boolean masks
+    in the object's rotated frame): ((top, left), mask, texture & mask), clipped to the image; None
+    when fewer than ``min_pixels`` remain.  The centre lies ``margin`` x the size inside the image
+    (0.3: at most ~20% of the object cut off)."""
     size = math.exp(rng.uniform(math.log(size_range[0] * S), math.log(size_range[1] * S)))
     R = size / 2
-    margin = 0.3 * size  # centre at least this far inside: at most ~20% of the object cut off
-    cx, cy = rng.uniform(margin, S - margin, size=2)
+    cx, cy = rng.uniform(margin * size, S - margin * size, size=2)
     theta = rng.uniform(0, 2 * math.pi) if rotates else 0.0
     x0, y0 = max(0, math.floor(cx - R) - 1), max(0, math.floor(cy - R) - 1)
     x1, y1 = min(S, math.ceil(cx + R) + 2), min(S, math.ceil(cy + R) + 2)
@@ -284,7 +301,7 @@ def _sample_object(cls: int, S: int, size_range: tuple[float, float], rng: np.ra
     u = xs[None, :] * c + ys[:, None] * s
     v = -xs[None, :] * s + ys[:, None] * c
     mask = shape(R, u, v)
-    if mask.sum() < 12:
+    if mask.sum() < min_pixels:
         return None
     return (y0, x0), mask, texture(R, u, v) & mask
 
