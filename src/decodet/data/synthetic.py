@@ -276,15 +276,9 @@ def _sample_object(cls: int, S: int, size_range: tuple[float, float], rng: np.ra
 
 
 def sample_pose(
-    shape: Any,
-    texture: Any,
-    rotates: bool,
-    S: int,
-    size_range: tuple[float, float],
-    rng: np.random.Generator,
-    margin: float = 0.3,
-    min_pixels: int = 12,
-):
+    shape: Any, texture: Any, rotates: bool, S: int, size_range: tuple[float, float], rng: np.random.Generator,
+    margin: float = 0.3, min_pixels: int = 12
+):  # fmt: skip
     """A random pose of one object drawn by ``shape(R, u, v)`` / ``texture(R, u, v)`` (boolean masks
     in the object's rotated frame): ((top, left), mask, texture & mask), clipped to the image; None
     when fewer than ``min_pixels`` remain.  The centre lies ``margin`` x the size inside the image
