@@ -57,7 +57,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/bench_models.py
-	$(PY) benchmarks/bench_inference.py --model deco_r50
+	$(VENV)/bin/decodet benchmark --model deco_r50
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
