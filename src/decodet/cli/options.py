@@ -8,20 +8,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import types
 import typing
 from collections.abc import Iterable
 from typing import Any
 
 from decodet.runtime.options import RunOptions
-
-
-def _scalar(tp: Any) -> Any:
-    """``int | None`` -> ``int``; other types unchanged."""
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0] if len(args) == 1 else str
-    return tp
+from decodet.utils.annotations import scalar_type
 
 
 def add_options(
@@ -49,7 +41,7 @@ def add_options(
         else:
             extra = {k: v for k, v in meta.items() if k not in ("help", "flag", "type")}  # choices, nargs, ...
             kw["metavar"] = None if "choices" in meta else flags[0].lstrip("-").replace("-", "_").upper()
-            parser.add_argument(*flags, type=meta.get("type", _scalar(hints[f.name])), **extra, **kw)
+            parser.add_argument(*flags, type=meta.get("type", scalar_type(hints[f.name])), **extra, **kw)
 
 
 def options_from(args: argparse.Namespace, cls: type = RunOptions) -> Any:

@@ -26,6 +26,7 @@ from decodet.errors import DecodetError, reject_unknown
 from decodet.io.atomic import atomic_write_text
 from decodet.io.files import read_mapping
 from decodet.registry import train_recipe
+from decodet.utils.annotations import scalar_type
 
 SCHEDULES = ("step", "cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16", "auto")
@@ -220,14 +221,6 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(typing.get_origin(tp) or tp, "__name__", str(tp))
 
 
-def _scalar_type(tp: Any) -> Any:
-    """``int | None`` -> ``int``; other types unchanged."""
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0] if len(args) == 1 else str
-    return tp
-
-
 def _none_or(kind: Any) -> Any:
     def parse(text: str) -> Any:
         return None if text.lower() in ("none", "null") else kind(text)
@@ -296,7 +289,7 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
                 default=argparse.SUPPRESS, help=_HELP[f.name],
             )  # fmt: skip
             continue
-        kind = _scalar_type(tp)
+        kind = scalar_type(tp)
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         else:
