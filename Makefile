@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 CORE   := $(VENV)/.installed-core
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-kernels test-fast lint format bench clean
+.PHONY: demo test test-one-process test-kernels test-fast lint format bench clean
 
 # The demo needs only the package itself; the tests need every optional extra too (installed on
 # top, about 20 s more), so a fresh `make demo` spends its time training.
@@ -26,8 +26,18 @@ $(STAMP): $(CORE)
 demo: $(CORE)
 	$(VENV)/bin/decodet demo
 
+# The suite runs in worker processes (pytest-xdist), one per core up to 4.  --dist loadfile keeps
+# each test file in one worker, so a file's module fixtures (trained models, exports) are built
+# once.  `make test-one-process` runs the whole suite in a single process, as CI also does: the
+# libraries (torch, OpenVINO, onnxruntime, NNCF, uvicorn) must live together in one process, as
+# they do in `decodet serve`.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+
+test-one-process: $(STAMP)
+	$(PY) -m pytest -q -p no:xdist --durations=15
 
 # The numerics-sensitive tests (precision, backends, int8, export, training signal) again on
 # other CPUs' kernel paths: oneDNN (torch's and OpenVINO's) capped at the two instruction sets
