@@ -83,3 +83,29 @@ def test_resume_errors_name_the_file(tmp_path: Path, data: Path) -> None:
     assert str(bad / "last_state.pt") in str(err.value)
     with pytest.raises(DecodetError, match="no train_config.yaml"):
         parse_train_args(["--resume", str(bad)])
+
+
+def test_a_kill_between_the_epoch_record_and_the_checkpoint_loses_no_record(
+    tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The epoch's record is written before its checkpoint: a kill between the two leaves a record
+    past the saved step, which the resume drops and writes again (the other order lost it)."""
+    from decodet.engine import trainer as trainer_module
+    from decodet.engine.metrics_log import read_metrics
+
+    real_save = trainer_module.save_checkpoint
+
+    def killed_at_the_second_save(trainer, improved):
+        if trainer.epoch == 2:  # the last epoch's record is logged, its checkpoint not yet written
+            raise KeyboardInterrupt
+        real_save(trainer, improved)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", killed_at_the_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path, data, "killed"))
+    run = tmp_path / "runs" / "killed"
+    assert [r["step"] for r in read_metrics(run)] == [3, 6] and _state(run)["global_step"] == 3
+    monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
+    resumed = train(_config(tmp_path, data, "killed", resume=str(run)))
+    assert resumed["step"] == 6
+    assert [r["step"] for r in read_metrics(run)] == [3, 6]  # replayed, once

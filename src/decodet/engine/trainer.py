@@ -212,11 +212,9 @@ class Trainer:
             epoch_time = time.monotonic() - t0
             finished = self.batches_done == 0  # the epoch ran to its end
             last = stop or (finished and self.epoch >= cfg.epochs)
-            with self.budget.paused():  # evaluation and saving are not training time
-                record, eval_stats, early_stop = self._end_epoch(epoch, train_stats, epoch_time, last)
+            with self.budget.paused():  # evaluation, logging and saving are not training time
+                eval_stats, early_stop = self._end_epoch(epoch, train_stats, epoch_time, last)
             stop = stop or early_stop
-            if self.is_main:
-                self._log_epoch(record)
             final = {**train_stats, **eval_stats, "epoch": epoch + 1, "step": self.global_step}
         if self.stop_reason.startswith("early stopping") and cfg.plots:
             self._evaluate_best_with_plots()
@@ -227,8 +225,11 @@ class Trainer:
 
     def _end_epoch(
         self, epoch: int, train_stats: dict[str, float], epoch_time: float, last: bool
-    ) -> tuple[dict[str, Any], dict[str, float], bool]:
-        """Evaluate (when due), track the best AP and patience, save; returns (record, eval stats, stop)."""
+    ) -> tuple[dict[str, float], bool]:
+        """Evaluate (when due), track the best AP and patience, log the epoch's record, save; returns
+        (eval stats, stop). The record is written before the checkpoint: a kill between the two leaves a
+        record past the saved step, which a resume drops and replays, where the other order would
+        leave a saved epoch without its record."""
         cfg = self.cfg
         eval_stats: dict[str, float] = {}
         if self.val_set is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
@@ -246,8 +247,10 @@ class Trainer:
             record["stop_reason"] = reason
             if self.is_main:
                 log.info("%s; stopped after epoch %d, the best weights are in %s", reason, epoch + 1, BEST_WEIGHTS)
+        if self.is_main:
+            self._log_epoch(record)
         save_checkpoint(self, improved)
-        return record, eval_stats, bool(reason)
+        return eval_stats, bool(reason)
 
     def _train_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
         """One epoch (or its remainder); returns (mean loss terms, lr, throughput) and whether to stop."""
