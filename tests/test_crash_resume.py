@@ -36,7 +36,7 @@ from test_trainer import make_tiny_coco, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 3
-EPOCH_LINE = re.compile(r"decodet\.engine\.trainer: epoch \d+ \(step")  # logged after the epoch's save
+EPOCH_LINE = re.compile(r"decodet\.engine\.trainer: epoch \d+ \(step")  # logged just before the epoch's save
 
 
 def _train_cmd(data: Path, project: Path, name: str, *extra: str) -> list[str]:

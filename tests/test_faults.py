@@ -38,7 +38,7 @@ from test_trainer import TINY, make_tiny_coco, tiny_config
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
 TIMEOUT = 240  # seconds for any one process tree; the tests take a few seconds each
-EPOCH_LINE = re.compile(r"decodet\.engine\.trainer: epoch 1 \(step")  # rank 0 logs it after the epoch's save
+EPOCH_LINE = re.compile(r"decodet\.engine\.trainer: epoch 1 \(step")  # rank 0 logs it just before the epoch's save
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -178,6 +178,10 @@ def test_a_worker_killed_under_torchrun_restarts_and_resumes_from_the_last_check
     reader.start()
     try:
         assert saved.wait(TIMEOUT), "".join(lines)[-3000:]
+        state = tmp_path / "runs" / "elastic" / "last_state.pt"  # renamed into place: complete once it exists
+        deadline = time.monotonic() + TIMEOUT
+        while not state.exists() and elastic.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
         victims = [p for p in _children(elastic.pid) if _environ(p).get("RANK") == "1"]
         assert len(victims) == 1, victims
         assert _environ(victims[0])["TORCHELASTIC_RESTART_COUNT"] == "0"
@@ -303,10 +307,16 @@ def test_a_killed_data_loader_worker_stops_training_with_one_line(tmp_path: Path
     proc = _start(cmd, tmp_path, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + TIMEOUT
     workers: list[int] = []
+    seen: dict[int, float] = {}  # candidate pid -> when first seen
     while not workers and proc.poll() is None and time.monotonic() < deadline:
-        # The loader worker is forked: its command line is the trainer's.  Other, short-lived
-        # children (a shell a library starts at import) are not it.
-        workers = [c for c in _children(proc.pid) if _cmdline(c) == _cmdline(proc.pid)]
+        # The loader worker is forked: its command line is the trainer's.  So, for a moment, is a
+        # child a library forks to exec a tool (ctypes.util.find_library runs ldconfig at import):
+        # killing that one is silent, and under load the moment is long.  The worker is the child
+        # whose command line is still the trainer's 0.3 s after it was first seen.
+        now = time.monotonic()
+        same = [c for c in _children(proc.pid) if _cmdline(c) == _cmdline(proc.pid)]
+        seen = {c: seen.get(c, now) for c in same}
+        workers = [c for c, first in seen.items() if now - first >= 0.3]
         if workers:
             try:
                 os.kill(workers[0], signal.SIGKILL)
