@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,33 @@ def synth(tmp_path_factory):
     from decodet.data import generate_synthetic
 
     return generate_synthetic(tmp_path_factory.mktemp("d") / "synth", train=4, val=2, image_size=64, seed=3)
+
+
+def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder all test processes of this run see (pytest-xdist workers share the parent of
+    their temp folders); build what goes in it under :func:`shared_lock`."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = root / "shared" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def shared_lock(folder: Path):
+    """One builder at a time for a :func:`shared_dir` folder; the others wait, then reuse it."""
+    from filelock import FileLock  # a dependency of torch
+
+    return FileLock(str(folder) + ".lock")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with the most ``slow`` tests first, the rest in their order.  Under pytest-xdist
+    (``make test``: ``--dist loadfile --no-loadscope-reorder``) a file is a unit of work, and a
+    long file handed out last keeps one worker busy while the others idle."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + bool(
+            item.get_closest_marker("slow")
+        )
+    order = {path: rank for rank, path in enumerate(sorted(slow, key=lambda p: -slow[p]))}  # stable: ties keep order
+    items.sort(key=lambda item: order[item.nodeid.split("::")[0]])

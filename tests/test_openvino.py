@@ -19,7 +19,7 @@ from decodet.cli import main  # noqa: E402
 from decodet.errors import DecodetError  # noqa: E402
 from decodet.export.onnx import export_onnx  # noqa: E402
 from decodet.runtime.detector import Detector  # noqa: E402
-from test_precision import BF16, INT8, assert_close, run, train_tiny, val_images  # noqa: E402
+from test_precision import BF16, INT8, assert_close, run, trained_once, val_images  # noqa: E402
 
 pytestmark = pytest.mark.slow
 FP32 = {"score": 1e-3, "box": 1e-3, "matched": 1.0}
@@ -38,7 +38,7 @@ def runtime_precisions(det: Detector) -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
-    return train_tiny(tmp_path_factory.mktemp("trained"))
+    return trained_once(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

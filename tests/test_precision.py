@@ -30,6 +30,7 @@ import torch
 from torchvision.ops import box_iou
 
 import decodet
+from conftest import shared_dir, shared_lock
 from decodet.cli import main
 from decodet.errors import DecodetError
 from decodet.runtime.detector import Detector
@@ -77,9 +78,23 @@ def train_tiny(root: Path, seed: int = 0, threads: int = 1) -> tuple[Path, Path]
     return _CACHE[key]
 
 
+def trained_once(tmp_path_factory) -> tuple[Path, Path]:
+    """:func:`train_tiny` once per test run, whichever test process asks first (test_openvino
+    shares it; the others wait for it rather than train their own)."""
+    root = shared_dir(tmp_path_factory, "train_tiny")
+    with shared_lock(root):
+        done = root / "done.txt"
+        if done.is_file():
+            weights, data = done.read_text().splitlines()
+            return Path(weights), Path(data)
+        weights, data = train_tiny(root)
+        done.write_text(f"{weights}\n{data}\n")
+        return weights, data
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
-    return train_tiny(tmp_path_factory.mktemp("trained"))
+    return trained_once(tmp_path_factory)
 
 
 def val_images(data: Path) -> list[Path]:

@@ -30,7 +30,6 @@ from decodet.errors import DecodetError  # noqa: E402
 from decodet.export.onnx import export_onnx  # noqa: E402
 from decodet.export.quantize import Int8Options, detection_error, layer_groups, quantize_onnx  # noqa: E402
 from decodet.inference.calibration import calibration_batches, calibration_source  # noqa: E402
-from decodet.inference.graph import prepare_model  # noqa: E402
 from decodet.inference.ort import OrtModel  # noqa: E402
 from decodet.io.checkpoint import load_model  # noqa: E402
 
@@ -116,7 +115,7 @@ def test_int8_sweep_keeps_the_worst_groups_fp32_and_matches_fp32(model, data, fp
     report = tmp_path / "sweep.md"
     path = export_onnx(
         model, tmp_path / "int8.onnx", imgsz=SIZE, num_top=K, dynamic_batch=True, precision="int8",
-        calib_images=str(data / "train"), sensitivity_report=report,
+        calib_images=str(data / "train"), calib_count=4, sensitivity_report=report,
     )  # fmt: skip
     groups = layer_groups(onnx.load(str(fp32_onnx)))
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
@@ -164,24 +163,17 @@ def test_int8_exclusion_choices(model, data, fp32_onnx, tmp_path, monkeypatch):
     assert sorted(p.name for p in cwd.iterdir()) == []
 
 
-def test_calibration_defaults(data, tmp_path, monkeypatch, caplog):
+def test_calibration_defaults(data, model, fp32_onnx, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)  # no bundled data/synth here
     assert calibration_source("my/folder", str(data)) == "my/folder"
     assert calibration_source(None, str(data)) == str(data / "train")
     assert calibration_source(None, None) is None
     with caplog.at_level(logging.WARNING, logger="decodet.export.onnx"):
-        export_onnx(
-            prepare_model(load_model_or_tiny()), tmp_path / "s.onnx", imgsz=SIZE, num_top=5, precision="int8",
+        export_onnx(  # the graph of fp32_onnx (export/memo.py copies it): only the int8 step runs
+            model, tmp_path / "s.onnx", imgsz=SIZE, num_top=K, dynamic_batch=True, precision="int8",
             calib_count=1, int8=Int8Options(exclude=None),
         )  # fmt: skip
     assert any("SYNTHETIC" in r.getMessage() for r in caplog.records)
-
-
-def load_model_or_tiny():
-    from decodet.registry import build_model
-
-    torch.manual_seed(0)
-    return build_model("deco_tiny", num_classes=2)
 
 
 @pytest.mark.slow
