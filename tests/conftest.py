@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -69,10 +70,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Files with the most ``slow`` tests first, the rest in their order.  Under pytest-xdist
     (``make test``: ``--dist loadfile --no-loadscope-reorder``) a file is a unit of work, and a
     long file handed out last keeps one worker busy while the others idle."""
-    slow: dict[str, int] = {}
-    for item in items:
-        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + bool(
-            item.get_closest_marker("slow")
-        )
-    order = {path: rank for rank, path in enumerate(sorted(slow, key=lambda p: -slow[p]))}  # stable: ties keep order
-    items.sort(key=lambda item: order[item.nodeid.split("::")[0]])
+
+    def file_of(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]
+
+    slow = Counter(file_of(item) for item in items if item.get_closest_marker("slow"))
+    files = list(dict.fromkeys(file_of(item) for item in items))
+    order = {path: rank for rank, path in enumerate(sorted(files, key=lambda p: -slow[p]))}  # stable: ties keep order
+    items.sort(key=lambda item: order[file_of(item)])
