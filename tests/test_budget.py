@@ -18,7 +18,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from decodet.engine.budget import TrainingBudget, steady_step_time
 from decodet.engine.optim import LRFactor, build_scheduler, fit_total_steps
-from decodet.engine.run_plan import build_schedule, ema_warmup_for, lr_warmup_for, restore_schedule
+from decodet.engine.run_plan import build_schedule, ema_decay_for, ema_warmup_for, lr_warmup_for, restore_schedule
 from decodet.engine.train_config import TrainConfig
 from decodet.engine.trainer import Trainer
 from test_trainer import make_tiny_coco, tiny_config
@@ -225,6 +225,7 @@ def test_warmups_left_unset_are_sized_to_the_run(caplog) -> None:
     cfg = given.replace(warmup_steps=200)  # as resolve() fills it from the from-scratch recipe
     cfg, sched, ema = build_schedule(given, cfg, model, opt, steps_per_epoch=375)
     assert (cfg.warmup_steps, cfg.ema_warmup, ema.warmup) == (200, 450, 450)  # 4,500 steps configured
+    assert ema.decay == cfg.ema_decay == pytest.approx(1 - 1 / 450, abs=1e-6)  # an average over 10% of them
     clock = FakeClock()
     budget = TrainingBudget(MINUTES, fit_schedule=True, device=CPU, clock=clock)
     factor, lrs = sched.lr_lambdas[0], [_lr(sched)]
@@ -236,10 +237,12 @@ def test_warmups_left_unset_are_sized_to_the_run(caplog) -> None:
         lrs.append(_lr(sched))
     assert factor.total_steps == pytest.approx(750 * 0.97 / 0.43, abs=2)  # 1,691
     assert factor.warmup_steps < 0.06 * factor.total_steps and ema.warmup == ema_warmup_for(factor.total_steps)
+    assert ema.decay == pytest.approx(ema_decay_for(factor.total_steps), abs=1e-6) and ema.decay < 1 - 1 / 450
     assert max(b - a for a, b in zip(lrs, lrs[1:])) < 0.03 and lrs[-1] <= 1.0  # a steeper ramp, no jump
-    user = given.replace(warmup_steps=200, ema_warmup=100)
+    user = given.replace(warmup_steps=200, ema_warmup=100, ema_decay=0.999)
     cfg, sched, ema = build_schedule(user, user, model, opt, steps_per_epoch=375)
     assert (cfg.warmup_steps, ema.warmup, sched.lr_lambdas[0].auto_warmup) == (200, 100, None)
+    assert ema.decay == 0.999 and not sched.lr_lambdas[0].auto_ema_decay
 
 
 @pytest.mark.slow

@@ -149,7 +149,13 @@ def test_recipe_depends_on_pretrained_backbone() -> None:
 
     for name in ("deco_tiny", "deco_r50", "decoplus_r50"):  # every recipe fills the same fields
         for pretrained in (True, False):
-            assert set(train_recipe(name, pretrained)) - {"model_overrides"} == _RECIPE_FIELDS
+            assert set(train_recipe(name, pretrained)) - {"model_overrides", "loss_overrides"} == _RECIPE_FIELDS
+    # deco_tiny from scratch: the demo's measured recipe; a user's loss option sits over the recipe's
+    tiny = resolve(TrainConfig(model="deco_tiny", loss_overrides={"weight_bbox": 4.0}))
+    assert (tiny.lr, tiny.clip_grad, tiny.warmup_steps) == (1e-3, 1.0, 100)
+    assert tiny.loss_overrides == {"weight_class": 3.0, "weight_bbox": 4.0}
+    assert resolve(TrainConfig(model="deco_tiny", weights="w")).clip_grad == 0.1  # fine-tuning: the authors'
+    assert resolve(TrainConfig(time_budget_min=3)).fit_schedule and not resolve(TrainConfig()).fit_schedule
 
 
 # ----------------------------------------------------------------------------- optimizer, schedules, EMA
@@ -332,8 +338,8 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_checkpoint(tmp_path: Path, 
     real = trainer_mod.build_criterion
     calls = {"n": 0}
 
-    def poisoned(cfg):
-        criterion = real(cfg)
+    def poisoned(cfg, **options):
+        criterion = real(cfg, **options)
         forward = criterion.forward
 
         def wrapped(outputs, targets):

@@ -42,8 +42,40 @@ from typing import Any
 # Frozen here as data (not read from decodet), so that "today's recipe" stays today's while the
 # defaults change under it.
 CONFIGS: dict[str, list[str]] = {
-    # what a new user types: nothing
+    # what a new user types: nothing (the defaults of the decodet being run)
     "default": [],
+    # what `decodet train --data D --time-budget-min M` did before issue 19's recipe (0.1.x): deco_tiny's
+    # generic from-scratch recipe, resolved, spelt out so that it stays what it was
+    "v0-default": [
+        "--model",
+        "deco_tiny",
+        "--imgsz",
+        "320",
+        "--lr",
+        "4e-4",
+        "--lr-backbone",
+        "4e-4",
+        "--warmup-steps",
+        "200",
+        "--schedule",
+        "cosine",
+        "--clip-grad",
+        "0.1",
+        "--amp",
+        "none",
+        "--ema",
+        "--ema-decay",
+        "0.9999",
+        "--zoom",
+        "0.4",
+        "--shift",
+        "0.1",
+        "--jitter",
+        "0.2",
+        "--loss",
+        "weight_class=1",
+        "--no-fit-schedule",
+    ],
     # the README's "Train on your own data" command (its --epochs 50 is cut by the budget)
     "readme-recipe": ["--model", "deco_tiny", "--epochs", "50", "--imgsz", "320"],
     # the demo's recipe (decodet.demo.RECIPE as of issue 19, the README's measured one) at 320 px,
@@ -86,6 +118,10 @@ CONFIGS: dict[str, list[str]] = {
         "50",
         "--fit-schedule",
     ],  # fmt: skip
+    # issue 19's aids, each on top of the default path
+    "mosaic": ["--mosaic", "0.5"],
+    "o2m": ["--set", "one_to_many=4"],
+    "mosaic+o2m": ["--mosaic", "0.5", "--set", "one_to_many=4"],
 }
 COLUMNS = ("AP", "AP50", "APs", "steps", "train min", "wall min")
 RESULT_VERSION = 1

@@ -28,7 +28,7 @@ import torch
 
 from decodet.engine.ema import ModelEMA
 from decodet.engine.optim import LRFactor, fit_total_steps
-from decodet.engine.run_plan import ema_warmup_for, lr_warmup_for
+from decodet.engine.run_plan import ema_decay_for, ema_warmup_for, lr_warmup_for
 from decodet.utils import distributed as D
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,9 @@ class TrainingBudget:
         if ema is not None and getattr(factor, "auto_ema_warmup", None):
             ema.warmup = ema_warmup_for(total, factor.auto_ema_warmup)
             sized += f", EMA warm-up {ema.warmup}"
+        if ema is not None and getattr(factor, "auto_ema_decay", False):
+            ema.decay = round(ema_decay_for(total), 6)
+            sized += f", EMA decay {ema.decay:g}"
         logged = self.logged_total
         if not is_main or (logged is not None and abs(total - logged) <= self.REPORT * logged):
             return

@@ -134,6 +134,7 @@ class LRFactor:
         # warm-up cap when the user left them unset (sized to the plan), else None; the budget's clock
         self.auto_warmup: int | None = None
         self.auto_ema_warmup: int | None = None
+        self.auto_ema_decay = False  # the EMA decay too is sized to the plan
         self.spent_s = 0.0  # training seconds of the run at the last step (a resumed run continues the clock)
 
     def warm(self, step: int) -> float:

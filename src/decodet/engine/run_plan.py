@@ -29,11 +29,18 @@ log = logging.getLogger(__name__)
 WARMUP_FRACTION = 0.05  # an unset lr warm-up: at most this fraction of the planned steps
 EMA_WARMUP_FRACTION = 0.10  # an unset EMA warm-up: at most this fraction of the planned steps ...
 EMA_WARMUP_MAX = 2000  # ... and at most this many updates (DECO+'s published value)
+# An unset EMA decay averages over about this fraction of the planned steps (1 / (1 - decay) updates),
+# between EMA_HORIZON_MIN updates and DECO+'s published 0.9999 (10,000 updates).  With 0.9999 a run of
+# 1,700 steps would end with an average of nearly all its weights, early ones included; the demo's
+# measured 0.995 is an average over 200 updates, 12% of its run.
+EMA_HORIZON_FRACTION = 0.10
+EMA_HORIZON_MIN = 20
+EMA_DECAY_MAX = 0.9999
 
 # LRFactor fields that a run sized to its time budget carries across a resume (its measured plan)
 _PLAN_FIELDS = (
     "total_steps", "fitted", "warmup_steps", "warm_from", "warm_value", "anchor_step", "anchor_progress",
-    "auto_warmup", "auto_ema_warmup",
+    "auto_warmup", "auto_ema_warmup", "auto_ema_decay",
 )  # fmt: skip
 
 
@@ -51,6 +58,13 @@ def ema_warmup_for(planned_steps: int, configured: int = EMA_WARMUP_MAX) -> int:
     return max(1, min(int(configured), round(EMA_WARMUP_FRACTION * planned_steps)))
 
 
+def ema_decay_for(planned_steps: int) -> float:
+    """The EMA decay of a run of ``planned_steps``: an average over about :data:`EMA_HORIZON_FRACTION`
+    of them, at least :data:`EMA_HORIZON_MIN` updates, at most :data:`EMA_DECAY_MAX`."""
+    horizon = max(EMA_HORIZON_MIN, EMA_HORIZON_FRACTION * planned_steps)
+    return min(EMA_DECAY_MAX, 1.0 - 1.0 / horizon)
+
+
 def build_schedule(
     given: TrainConfig, cfg: TrainConfig, model: nn.Module, optimizer: Optimizer, steps_per_epoch: int
 ) -> tuple[TrainConfig, LambdaLR, ModelEMA | None]:
@@ -60,7 +74,8 @@ def build_schedule(
     Args:
         given: the config as the user gave it (before :func:`~decodet.engine.train_config.resolve`):
             a ``warmup_steps`` of ``None`` there, and an ``ema_warmup`` of ``None``, are sized to
-            the planned steps (``epochs x steps_per_epoch``, at most ``max_steps``).
+            the planned steps (``epochs x steps_per_epoch``, at most ``max_steps``), and so is an
+            ``ema_decay`` of ``None``.
         cfg: the resolved config.
     """
     total = steps_per_epoch * cfg.epochs
@@ -72,11 +87,15 @@ def build_schedule(
         changes["warmup_steps"] = lr_warmup_for(planned, auto_warmup)
     if cfg.ema_warmup is None:
         changes["ema_warmup"] = ema_warmup_for(planned)
+    auto_decay = bool(cfg.ema and given.ema_decay is None)
+    if auto_decay:
+        changes["ema_decay"] = round(ema_decay_for(planned), 6)
     cfg = dataclasses.replace(cfg, **changes)
     if D.is_main() and (changes.get("warmup_steps", auto_warmup) != auto_warmup or auto_ema):
         log.info(
             "warm-ups sized to %d planned steps: lr %d steps (recipe: %s), EMA %s",
-            planned, cfg.warmup_steps, auto_warmup, f"{cfg.ema_warmup} updates" if auto_ema else "off",
+            planned, cfg.warmup_steps, auto_warmup,
+            f"{cfg.ema_warmup} updates, decay {cfg.ema_decay:g}" if auto_ema else "off",
         )  # fmt: skip
     scheduler = build_scheduler(
         optimizer,
@@ -90,7 +109,7 @@ def build_schedule(
     )  # max_steps / the time budget only stop training; the schedule spans ``epochs``
     if cfg.fit_schedule:  # the budget's plan re-sizes the warm-ups the user left unset
         factor: LRFactor = scheduler.lr_lambdas[0]
-        factor.auto_warmup, factor.auto_ema_warmup = auto_warmup, auto_ema
+        factor.auto_warmup, factor.auto_ema_warmup, factor.auto_ema_decay = auto_warmup, auto_ema, auto_decay
     ema = ModelEMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema else None
     return cfg, scheduler, ema
 

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from decodet.config import config_from_dict, replace
 from decodet.data.coco import CocoDetection
+from decodet.data.mosaic import Mosaic
 from decodet.data.spec import DataSpec, resolve_data
 from decodet.data.transforms import MultiScaleCollate, build_transforms, collate, multiscale_sizes
 from decodet.engine.train_config import TrainConfig
@@ -58,7 +59,7 @@ def build_train_loader(
     sampler = D.EpochSampler(train_set, seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     generator = torch.Generator()
     loader = DataLoader(
-        train_set,
+        Mosaic(train_set, cfg.mosaic) if cfg.mosaic else train_set,
         batch_size=cfg.batch_size,
         sampler=sampler,
         num_workers=cfg.workers,

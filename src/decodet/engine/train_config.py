@@ -51,8 +51,9 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps in total
     time_budget_min: float | None = None  # stop cleanly after this many minutes of training steps
     # Plan the lr schedule to time_budget_min: time the steps and re-plan the rest of the schedule as they
-    # run, so it completes (cosine reaches its floor) within the budget on this machine.
-    fit_schedule: bool = False
+    # run, so it completes (cosine reaches its floor) within the budget on this machine.  None: on whenever
+    # time_budget_min is set.
+    fit_schedule: bool | None = None
 
     # optimisation
     batch_size: int = 4  # per process
@@ -67,10 +68,12 @@ class TrainConfig:
     lr_drop_factor: float = 0.1
     min_lr_ratio: float = 0.05  # cosine floor, as a fraction of the initial lr
     warmup_steps: int | None = None  # linear warm-up, in optimizer steps
-    clip_grad: float = 0.1  # max gradient norm; 0 disables clipping
-    amp: str = "none"  # none | bf16 | fp16 (fp16 on CUDA only, with a GradScaler) | auto (engine.amp_probe)
+    clip_grad: float | None = None  # max gradient norm; 0 disables clipping
+    # none | bf16 | fp16 (fp16 on CUDA only, with a GradScaler) | auto (engine.amp_probe); None: the data
+    # recipe's choice (engine.data_recipe: auto for a run long enough to pay for the probe)
+    amp: str | None = None
     ema: bool | None = None
-    ema_decay: float = 0.9999
+    ema_decay: float | None = None  # None: sized to the run (engine.run_plan.ema_decay_for), at most 0.9999
     # decay * (1 - exp(-updates / ema_warmup)); None: sized to the run (10% of its steps, at most 2000)
     ema_warmup: int | None = None
 
@@ -78,9 +81,13 @@ class TrainConfig:
     imgsz: int | None = None  # square side (light / rtdetr recipes) or short side (detr)
     transforms: str | None = None  # augmentation recipe of decodet.data.transforms: detr | light | rtdetr
     multiscale: bool | None = None  # RT-DETR's per-batch random square size around imgsz
-    zoom: float = 0.4  # light recipe: random zoom range 1 +- zoom (0: none)
-    shift: float = 0.1  # light recipe: random shift up to this fraction of the side (0: none)
-    jitter: float = 0.2  # light recipe: brightness and contrast jitter 1 +- jitter (0: none)
+    # light recipe's augmentation strength; None: by the dataset's size (engine.data_recipe)
+    zoom: float | None = None  # random zoom range 1 +- zoom (0: none)
+    shift: float | None = None  # random shift up to this fraction of the side (0: none)
+    jitter: float | None = None  # brightness and contrast jitter 1 +- jitter (0: none)
+    # Dense one-to-one targets (DEIM's Dense O2O, decodet.data.mosaic): the probability that a training
+    # sample is four samples tiled 2x2; None: the data recipe's choice
+    mosaic: float | None = None
     workers: int = 2
     eval_batch_size: int | None = None  # None: batch_size (1 for the detr recipe: no padding)
 
@@ -142,19 +149,21 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.accumulate >= 1, f"accumulate must be >= 1, got {self.accumulate}"),
             (self.schedule is None or self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
-            (self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}"),
+            (self.amp is None or self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.time_budget_min is None or self.time_budget_min > 0, "time_budget_min must be > 0"),
-            (self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}"),
-            (0.0 <= self.ema_decay < 1.0, f"ema_decay must lie in [0, 1), got {self.ema_decay}"),
+            (self.clip_grad is None or self.clip_grad >= 0, f"clip_grad must be >= 0, got {self.clip_grad}"),
+            (self.ema_decay is None or 0 <= self.ema_decay < 1, f"ema_decay must lie in [0, 1), got {self.ema_decay}"),
             (self.ema_warmup is None or self.ema_warmup >= 0, f"ema_warmup must be >= 0, got {self.ema_warmup}"),
             (self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}"),
             (self.eval_subset >= 0, f"eval_subset must be >= 0, got {self.eval_subset}"),
             (not self.fit_schedule or self.time_budget_min is not None, "fit_schedule needs time_budget_min"),
             (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
             (self.imgsz is None or self.imgsz >= 32, f"imgsz must be >= 32, got {self.imgsz}"),
-            (0.0 <= self.shift < 1.0, f"shift must lie in [0, 1), got {self.shift}"),
-            (0.0 <= self.jitter < 1.0, f"jitter must lie in [0, 1), got {self.jitter}"),
+            (self.zoom is None or 0.0 <= self.zoom < 1.0, f"zoom must lie in [0, 1), got {self.zoom}"),
+            (self.shift is None or 0.0 <= self.shift < 1.0, f"shift must lie in [0, 1), got {self.shift}"),
+            (self.jitter is None or 0.0 <= self.jitter < 1.0, f"jitter must lie in [0, 1), got {self.jitter}"),
+            (self.mosaic is None or 0.0 <= self.mosaic <= 1.0, f"mosaic must lie in [0, 1], got {self.mosaic}"),
             (self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
             (isinstance(self.model_overrides, dict), "model_overrides must be a mapping"),
             (isinstance(self.loss_overrides, dict), "loss_overrides must be a mapping"),
@@ -172,15 +181,28 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     recipe = train_recipe(cfg.model, pretrained)
     changes: dict[str, Any] = {}
     for key, value in recipe.items():
-        if key == "model_overrides":
-            changes[key] = {**value, **cfg.model_overrides}
+        if key in ("model_overrides", "loss_overrides"):
+            changes[key] = {**value, **getattr(cfg, key)}
         elif getattr(cfg, key) is None:
             changes[key] = value
+    # What the data recipe (decodet.engine.data_recipe) chooses where the data is read; without data, these.
+    for key, value in FALLBACKS.items():
+        if getattr(cfg, key) is None and key not in changes:
+            changes[key] = value
+    if cfg.fit_schedule is None:
+        changes["fit_schedule"] = cfg.time_budget_min is not None
     if cfg.lr is not None and cfg.lr_backbone is None and not pretrained:
         changes["lr_backbone"] = cfg.lr  # from scratch: one learning rate unless told otherwise
     if cfg.name is None:
         changes["name"] = cfg.model
     return dataclasses.replace(cfg, **changes)
+
+
+# Values of the fields a run sizes to its data and length (engine.data_recipe, engine.run_plan) when
+# resolved without them: the light recipe's augmentation, fp32, DECO+'s published EMA decay.
+FALLBACKS: dict[str, Any] = {
+    "zoom": 0.4, "shift": 0.1, "jitter": 0.2, "amp": "none", "ema_decay": 0.9999, "mosaic": 0.0,
+}  # fmt: skip
 
 
 def _read_config(path: str | Path) -> dict[str, Any]:
@@ -239,8 +261,11 @@ def _key_value(text: str) -> tuple[str, Any]:
 # fields whose None default is filled by the preset's recipe (decodet.registry.train_recipe)
 _RECIPE_FIELDS = {
     "lr", "lr_backbone", "lr_encoder", "weight_decay", "norm_bias_decay", "schedule", "warmup_steps", "ema",
-    "imgsz", "transforms", "multiscale",
+    "imgsz", "transforms", "multiscale", "clip_grad",
 }  # fmt: skip
+# fields whose None default is chosen for the run: from the data (decodet.engine.data_recipe), the planned
+# steps (ema_decay: decodet.engine.run_plan) or the time budget (fit_schedule); FALLBACKS without them
+_RUN_FIELDS = {"amp", "ema_decay", "zoom", "shift", "jitter", "mosaic", "fit_schedule"}
 _HELP = {
     "model": "model preset (decodet.list_models())",
     "data": "dataset folder or data.yaml",
@@ -248,10 +273,14 @@ _HELP = {
     "model_overrides": "model config override KEY=VALUE (repeatable), e.g. drop_path=0.1",
     "loss_overrides": "criterion option KEY=VALUE (repeatable), e.g. weight_class=2 (decodet.build_criterion)",
     "time_budget_min": "stop after this many minutes of training steps (evaluation not counted), then evaluate",
-    "fit_schedule": "with --time-budget-min: time the steps and re-plan the lr schedule to end in the budget",
+    "fit_schedule": "with --time-budget-min (on by default then): time the steps and re-plan the lr schedule to "
+    "end in the budget",
     "eval_subset": "evaluate on the first N validation images between epochs (the final evaluation uses all)",
     "resume": "continue a run: its folder or its last_state.pt",
-    "amp": "mixed precision: none | bf16 | fp16 (CUDA) | auto (bf16 where it trains faster, timed at start)",
+    "amp": "mixed precision: none | bf16 | fp16 (CUDA) | auto (bf16 where it trains faster, timed at start); "
+    "unset: auto for a run long enough to time it",
+    "ema_decay": "EMA decay (when unset: sized to the run, an average over about 10%% of its steps, at most 0.9999)",
+    "clip_grad": "max gradient norm, 0: no clipping",
     "ema_warmup": "EMA warm-up in updates (when unset: 10%% of the run's steps, at most 2000)",
     "warmup_steps": "linear lr warm-up in steps (when unset: the recipe's, at most 5%% of the run's steps)",
     "schedule": "lr schedule: step | cosine | constant",
@@ -263,7 +292,9 @@ _HELP = {
     "patience": "early stopping: stop after N evaluations without a better AP (best weights kept)",
     "plots": "write per-class AP, PR curves, confusion matrix and worst images after training",
     "tensorboard": "write TensorBoard event files (losses, learning rates, mAP, val images) to the run folder",
-    "zoom": "light recipe: random zoom in 1 +- ZOOM while training (0: none)",
+    "mosaic": "probability that a training sample is four samples tiled 2x2 at half size (denser one-to-one "
+    "targets, DEIM's Dense O2O); 0: never",
+    "zoom": "light recipe: random zoom in 1 +- ZOOM while training (0: none; unset: by the dataset's size)",
     "shift": "light recipe: random shift of up to SHIFT of the image side while training (0: none)",
     "jitter": "light recipe: brightness and contrast jitter 1 +- JITTER while training (0: none)",
 }
@@ -280,7 +311,7 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         flag = "--" + f.name.replace("_", "-")
         tp = types_[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
-        shown = "by recipe" if f.name in _RECIPE_FIELDS else default
+        shown = "by recipe" if f.name in _RECIPE_FIELDS else "for the run" if f.name in _RUN_FIELDS else default
         help_ = _HELP.get(f.name, "") + (f" (default: {shown})" if shown not in (None, "", {}) else "")
         if f.name in ("model_overrides", "loss_overrides"):
             option = "--set" if f.name == "model_overrides" else "--loss"

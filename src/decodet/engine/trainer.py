@@ -45,6 +45,7 @@ from decodet.engine.checkpointing import (
     restore_checkpoint,
     save_checkpoint,
 )
+from decodet.engine.data_recipe import DataStats, apply_data_recipe
 from decodet.engine.early_stopping import EarlyStopping
 from decodet.engine.metrics_log import MetricsLogger, log_run_start, plot_curves
 from decodet.engine.optim import build_optimizer
@@ -95,7 +96,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         given, state = self._start(cfg)
-        self._build_model(state)
+        self._build_model(given, state)
         self.sampler, self.loader_generator, self.train_loader, self.batches_per_epoch = build_train_loader(
             self.cfg, self.train_set, self.info
         )
@@ -129,10 +130,14 @@ class Trainer:
         self.cfg = resolve(cfg)  # what the user left unset (``cfg``) is sized to the run
         return cfg, state
 
-    def _build_model(self, state: dict[str, Any] | None) -> None:
-        """Datasets, model (identical initialisation on every rank), criterion; resolves amp auto."""
+    def _build_model(self, given: TrainConfig, state: dict[str, Any] | None) -> None:
+        """Datasets, the data recipe's choices, model (identical initialisation on every rank), criterion;
+        resolves amp auto."""
+        spec, self.train_set = open_train_set(self.cfg)
+        if state is None:  # a resumed run keeps its saved choices
+            stats = DataStats.of(self.train_set.records)
+            self.cfg = apply_data_recipe(given, self.cfg, stats, log_choices=self.is_main)
         cfg = self.cfg
-        spec, self.train_set = open_train_set(cfg)
         seed_everything(cfg.seed)
         self.model_cfg = mcfg = run_model_config(cfg, state, self.train_set)
         check_labels_fit(mcfg, self.train_set)
