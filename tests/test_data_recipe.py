@@ -17,6 +17,8 @@ from decodet.engine.data_recipe import (
     augment_for,
     choose_amp,
     choose_imgsz,
+    choose_mosaic,
+    choose_one_to_many,
     choose_query_grid,
 )
 from decodet.engine.run_plan import EMA_DECAY_MAX, ema_decay_for
@@ -45,15 +47,15 @@ def test_stats_read_the_records() -> None:
     assert (empty.boxes_p99, empty.box_side_p10) == (0.0, 0.0)
 
 
-def test_image_size_follows_the_images_and_their_smallest_boxes() -> None:
+def test_image_size_follows_the_smallest_boxes() -> None:
     size, why = choose_imgsz(320, stats(long_side=256))
-    assert size == 256 and "not upscaled" in why  # the bundled set: its own 256 px
-    assert choose_imgsz(320, stats(long_side=250))[0] == 256  # rounded up to a multiple of 32
+    assert size == 320 and "above the images' median long side of 256 px" in why  # the bundled set
     assert choose_imgsz(320, stats(long_side=1280, box_side_p10=80))[0] == 320  # boxes big enough at 320
     size, why = choose_imgsz(320, stats(long_side=1280, box_side_p10=16))  # 4 px at 320 -> 640 (the cap)
     assert size == 640 and "under 4.0 px" in why
     assert choose_imgsz(320, stats(long_side=480, box_side_p10=6))[0] == 480  # never past the images' side
     assert choose_imgsz(320, stats(long_side=1280, box_side_p10=28))[0] == 384  # 7 px -> 8 px at 384 (x32)
+    assert choose_imgsz(320, stats(long_side=250, box_side_p10=3))[0] == 320  # small images: the preset's
 
 
 def test_augmentation_weakens_as_the_split_grows() -> None:
@@ -72,6 +74,21 @@ def test_query_grid_grows_for_crowded_images_keeping_its_aspect() -> None:
     assert qh * qw >= 400 and qh < qw
 
 
+def test_aids_follow_objects_per_image() -> None:
+    """Mosaic for few, large objects; one-to-many matching for crowded images (docs/convergence.md)."""
+    assert choose_mosaic(stats(boxes_median=3, box_side_p10=54, long_side=256), 256)[0] == 0.5  # fewshot-like
+    assert choose_mosaic(stats(boxes_median=6), 256)[0] == 0.0  # the bundled set
+    prob, why = choose_mosaic(stats(boxes_median=2, box_side_p10=20, long_side=320), 320)
+    assert prob == 0.0 and "under 10 px at half size" in why
+    assert choose_one_to_many(stats(boxes_median=40)) == (4, "a median of 40 boxes per image: crowded images")
+    assert choose_one_to_many(stats(boxes_median=6))[0] == 0
+    given = TrainConfig(model="deco_tiny", model_overrides={"one_to_many": 2}, mosaic=0.25)
+    cfg = apply_data_recipe(given, resolve(given), stats(boxes_median=40, boxes_p99=60))
+    assert cfg.model_overrides["one_to_many"] == 2 and cfg.mosaic == 0.25  # flags win
+    given = TrainConfig(model="deco_r18")  # DECO has no one-to-many branch
+    assert "one_to_many" not in apply_data_recipe(given, resolve(given), stats(boxes_median=40)).model_overrides
+
+
 def test_precision_is_timed_only_for_runs_long_enough() -> None:
     assert choose_amp(resolve(TrainConfig(time_budget_min=10)), stats())[0] == "auto"
     amp, why = choose_amp(resolve(TrainConfig(time_budget_min=0.5)), stats())
@@ -87,12 +104,13 @@ def test_unset_options_are_chosen_given_ones_stay(caplog) -> None:
     given = TrainConfig(model="deco_tiny", time_budget_min=5)
     with caplog.at_level(logging.INFO, logger="decodet.engine.data_recipe"):
         cfg = apply_data_recipe(given, resolve(given), crowded)
-    assert cfg.imgsz == 256 and (cfg.zoom, cfg.shift, cfg.jitter) == (0.4, 0.1, 0.2) and cfg.amp == "auto"
+    assert cfg.imgsz == 320 and (cfg.zoom, cfg.shift, cfg.jitter) == (0.4, 0.1, 0.2) and cfg.amp == "auto"
     grid = cfg.model_overrides["query_grid"]
     assert grid[0] * grid[1] >= 160 and cfg.model_overrides["num_top_queries"] == grid[0] * grid[1]
     assert cfg.fit_schedule and cfg.lr == 1e-3 and cfg.clip_grad == 1.0 and cfg.loss_overrides == {"weight_class": 3.0}
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data recipe: ")]
-    assert [line.split(":")[1].split()[0] for line in lines] == ["image", "augmentation", "queries", "precision"]
+    kinds = ["image", "augmentation", "queries", "mosaic", "one-to-many", "precision"]
+    assert [line.split(":")[1].split()[0] for line in lines] == kinds
     # every flag overrides its choice
     flags = dict(imgsz=320, zoom=0.0, amp="none", model_overrides={"query_grid": (4, 4)}, clip_grad=0.1)
     given = TrainConfig(model="deco_tiny", time_budget_min=5, loss_overrides={"weight_class": 1}, **flags)
@@ -114,7 +132,7 @@ def test_unset_options_are_chosen_given_ones_stay(caplog) -> None:
 
 
 def test_ema_decay_is_sized_to_the_run() -> None:
-    assert ema_decay_for(2000) == pytest.approx(1 - 1 / 200)  # the demo's 0.995
+    assert ema_decay_for(2000) == pytest.approx(1 - 1 / 200)  # 10% of the run: the demo's 0.995
     assert ema_decay_for(10) == pytest.approx(1 - 1 / 20)  # at least 20 updates
     assert ema_decay_for(10_000_000) == EMA_DECAY_MAX  # DECO+'s published 0.9999
 
@@ -132,8 +150,8 @@ def test_a_run_logs_and_records_its_choices(tmp_path: Path, caplog) -> None:
     with caplog.at_level(logging.INFO):
         train(cfg)
     text = caplog.text
-    assert "data recipe: image size 96: the images' median long side is 96 px" in text
+    assert "data recipe: image size 320: the preset's, above the images' median long side of 96 px" in text
     assert "data recipe: augmentation zoom 0.4" in text and "data recipe: precision none: a run of 2 steps" in text
     saved = TrainConfig.load(tmp_path / "runs" / "t" / "train_config.yaml")
-    assert (saved.imgsz, saved.zoom, saved.amp) == (96, 0.4, "none")
+    assert (saved.imgsz, saved.zoom, saved.amp) == (320, 0.4, "none")
     assert saved.ema_decay == pytest.approx(ema_decay_for(2), abs=1e-6) and saved.fit_schedule is False

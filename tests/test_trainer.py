@@ -116,7 +116,7 @@ def test_config_round_trips_through_yaml_and_json(tmp_path: Path) -> None:
         TrainConfig.from_dict({"epochs": 3, "lrr": 1.0})
     with pytest.raises(DecodetError, match="amp"):
         TrainConfig.from_dict({"amp": "fp8"})
-    with pytest.raises(DecodetError, match="option 'epochs' must be int, got 'ten'"):
+    with pytest.raises(DecodetError, match="option 'epochs' must be int or null, got 'ten'"):
         TrainConfig.from_dict({"epochs": "ten"})
     (tmp_path / "yaml11.yaml").write_text("lr: 1e-4\nepochs: 3\n")  # YAML 1.1 reads 1e-4 as a string
     assert TrainConfig.load(tmp_path / "yaml11.yaml").lr == 1e-4
@@ -152,10 +152,16 @@ def test_recipe_depends_on_pretrained_backbone() -> None:
             assert set(train_recipe(name, pretrained)) - {"model_overrides", "loss_overrides"} == _RECIPE_FIELDS
     # deco_tiny from scratch: the demo's measured recipe; a user's loss option sits over the recipe's
     tiny = resolve(TrainConfig(model="deco_tiny", loss_overrides={"weight_bbox": 4.0}))
-    assert (tiny.lr, tiny.clip_grad, tiny.warmup_steps) == (1e-3, 1.0, 100)
+    assert (tiny.lr, tiny.clip_grad, tiny.warmup_steps, tiny.batch_size) == (1e-3, 1.0, 100, 4)
+    assert resolve(TrainConfig(model="deco_r18")).batch_size == 4
     assert tiny.loss_overrides == {"weight_class": 3.0, "weight_bbox": 4.0}
     assert resolve(TrainConfig(model="deco_tiny", weights="w")).clip_grad == 0.1  # fine-tuning: the authors'
-    assert resolve(TrainConfig(time_budget_min=3)).fit_schedule and not resolve(TrainConfig()).fit_schedule
+    budgeted, plain = resolve(TrainConfig(time_budget_min=3)), resolve(TrainConfig())
+    assert (budgeted.fit_schedule, budgeted.epochs, budgeted.eval_every) == (True, 1000, 10)  # the budget decides
+    assert (plain.fit_schedule, plain.epochs, plain.eval_every) == (False, 12, 1)
+    fixed = resolve(TrainConfig(time_budget_min=3, epochs=5, fit_schedule=False))
+    assert (fixed.epochs, fixed.eval_every) == (5, 1)
+    assert resolve(TrainConfig(time_budget_min=3, fit_schedule=False)).epochs == 12
 
 
 # ----------------------------------------------------------------------------- optimizer, schedules, EMA

@@ -122,6 +122,10 @@ CONFIGS: dict[str, list[str]] = {
     "mosaic": ["--mosaic", "0.5"],
     "o2m": ["--set", "one_to_many=4"],
     "mosaic+o2m": ["--mosaic", "0.5", "--set", "one_to_many=4"],
+    # one setting of the demo's recipe at a time on top of the default path (what separates the two)
+    "bs8": ["--batch-size", "8"],
+    "ema-demo": ["--ema-decay", "0.995", "--ema-warmup", "100"],
+    "imgsz320": ["--imgsz", "320"],
 }
 COLUMNS = ("AP", "AP50", "APs", "steps", "train min", "wall min")
 RESULT_VERSION = 1
