@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from decodet.engine.early_stopping import EarlyStopping
-from decodet.engine.train_config import TrainConfig
+from decodet.engine.train_config import TrainConfig, resolve
 from decodet.engine.trainer import train
 from decodet.errors import DecodetError
 from test_trainer import make_tiny_coco, tiny_config, torchrun_two_processes
@@ -45,8 +45,9 @@ def test_early_stopping_counts_evaluations_without_improvement() -> None:
 def test_tensorboard_writes_losses_lrs_map_and_images_every_epoch(tmp_path: Path, data: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert TrainConfig().eval_every == 1  # evaluation every epoch by default: the mAP plot is a curve
-    cfg = tiny_config(tmp_path, data, epochs=2, eval_every=TrainConfig().eval_every, tensorboard=True, plots=True)
+    every = resolve(TrainConfig()).eval_every
+    assert every == 1  # evaluation every epoch by default (no time budget): the mAP plot is a curve
+    cfg = tiny_config(tmp_path, data, epochs=2, eval_every=every, tensorboard=True, plots=True)
     final = train(cfg)
     run = Path(final["run_dir"])
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})

@@ -118,9 +118,11 @@ CONFIGS: dict[str, list[str]] = {
         "50",
         "--fit-schedule",
     ],  # fmt: skip
-    # issue 19's aids, each on top of the default path
-    "mosaic": ["--mosaic", "0.5"],
-    "o2m": ["--set", "one_to_many=4"],
+    # issue 19's aids on the default path, each alone and together, the data recipe's own choice of them
+    # overridden (on each set, `default` equals one of these four: its log's "data recipe:" lines say which)
+    "no-aids": ["--mosaic", "0", "--set", "one_to_many=0"],
+    "mosaic": ["--mosaic", "0.5", "--set", "one_to_many=0"],
+    "o2m": ["--mosaic", "0", "--set", "one_to_many=4"],
     "mosaic+o2m": ["--mosaic", "0.5", "--set", "one_to_many=4"],
     # one setting of the demo's recipe at a time on top of the default path (what separates the two)
     "bs8": ["--batch-size", "8"],
