@@ -152,7 +152,7 @@ def test_recipe_depends_on_pretrained_backbone() -> None:
             assert set(train_recipe(name, pretrained)) - {"model_overrides", "loss_overrides"} == _RECIPE_FIELDS
     # deco_tiny from scratch: the demo's measured recipe; a user's loss option sits over the recipe's
     tiny = resolve(TrainConfig(model="deco_tiny", loss_overrides={"weight_bbox": 4.0}))
-    assert (tiny.lr, tiny.clip_grad, tiny.warmup_steps, tiny.batch_size) == (1e-3, 1.0, 100, 4)
+    assert (tiny.lr, tiny.clip_grad, tiny.warmup_steps, tiny.batch_size) == (1e-3, 1.0, 100, 8)
     assert resolve(TrainConfig(model="deco_r18")).batch_size == 4
     assert tiny.loss_overrides == {"weight_class": 3.0, "weight_bbox": 4.0}
     assert resolve(TrainConfig(model="deco_tiny", weights="w")).clip_grad == 0.1  # fine-tuning: the authors'

@@ -108,15 +108,15 @@ def from_scratch(ema: bool, freeze: Mapping[str, Any]) -> TrainRecipe:
 
 
 # deco_tiny from random weights on a CPU: the demo's measured recipe (docs/benchmarks.md, "The demo's
-# recipe"): a higher rate with a short warm-up, looser clipping, a heavier class term.  Batches stay at 4:
-# with the data recipe, batches of 8 reached less AP in 3 minutes on three of the four benchmark sets
-# (fewer steps; docs/convergence.md).  Against the
-# generic one above (lr 4e-4, clip 0.1, class weight 1) it is what took the bundled set from AP 0.2 to 0.58
-# in the same minutes; on a photo set the generic one stayed at AP 0.002 (issue 19).
+# recipe"): a higher rate with a short warm-up, looser clipping, a heavier class term, batches of 8 (about the
+# same images per second as 4 on a 2-core CPU, half the steps; the bundled set in 3 minutes reached AP 0.141
+# against 0.089 at 4, docs/convergence.md).  Against the generic one above (lr 4e-4, clip 0.1, class
+# weight 1) it is what took the bundled set from AP 0.2 to 0.58 in the same minutes; on a photo set the
+# generic one stayed at AP 0.002 (issue 19).
 TINY_SCRATCH = TrainRecipe(
     lr=1e-3, lr_backbone=1e-3, lr_encoder=None, weight_decay=1e-4, norm_bias_decay=False, schedule="cosine",
     warmup_steps=100, ema=True, freeze={"freeze_backbone_bn": False, "freeze_at": -1}, clip_grad=1.0,
-    loss={"weight_class": 3.0},
+    batch_size=8, loss={"weight_class": 3.0},
 )  # fmt: skip
 DECO_SCRATCH = from_scratch(ema=False, freeze={"freeze_backbone_bn": False, "freeze_stem_layer1": False})
 DECOPLUS_SCRATCH = from_scratch(ema=True, freeze={"freeze_backbone_bn": False, "freeze_at": -1})

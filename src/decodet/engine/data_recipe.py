@@ -9,19 +9,20 @@ choices, for a fresh run (a resumed run keeps its saved, already chosen, config)
   smaller images (the bundled 256 px set trained at 320 reached AP 0.195 in 3 minutes, at its own
   256 px 0.022: docs/convergence.md); raised, up to the images' median long side and at most
   :data:`MAX_IMGSZ`, when a tenth of the boxes would be under :data:`MIN_OBJECT_PX` pixels across.
-* **augmentation strength** (``light``: ``--zoom``, ``--shift``, ``--jitter``) by the number of
-  training images: a short run on a few thousand images sees each image a few times, and random zoom
-  then only slows fitting (the bundled 3,000 images: AP 0.504 without zoom, 0.384 with zoom 0.4, same
-  steps; docs/benchmarks.md); a few hundred images are seen many times and need it.
-* **queries** (``--set query_grid``): at least :data:`QUERIES_PER_OBJECT` per object of a crowded
-  image (the 99th percentile of boxes per image), so one-to-one matching has room; only grown, and
-  not when starting from ``--weights`` (the checkpoint's query layout stays).
-* **denser targets** (``--mosaic``): four samples tiled into one (:mod:`decodet.data.mosaic`) when
-  images hold few objects (median at most :data:`MOSAIC_MAX_BOXES`) that stay at least twice
-  :data:`MIN_OBJECT_PX` wide at half size; with more objects per image, or small ones, it cost AP.
-* **one-to-many matching** (``--set one_to_many``, DECO+ frame): an extra query group matched to the
-  targets repeated 4 times, beside the one-to-one matching, for crowded images (median at least
-  :data:`O2M_MIN_BOXES` boxes); with fewer objects per image it cost AP.
+* **augmentation strength** (``light``: ``--zoom``, ``--shift``, ``--jitter``): a flip only for a short
+  run (a time budget under :data:`AUGMENT_MIN_MINUTES` minutes, or fewer than :data:`AUGMENT_MIN_EPOCHS`
+  epochs), where random zoom only slows fitting (the 300-image ``fewshot`` set in 3 minutes: AP 0.104 with
+  a flip only, 0.065 with zoom 0.4; the bundled set: 0.504 against 0.384, same steps; docs/convergence.md);
+  for a longer run, by the number of training images (fewer images are seen more often and need more).
+* **queries** (``--set query_grid``): grown only when a crowded image (the 99th percentile of boxes per
+  image) holds more objects than the preset has queries, to :data:`QUERIES_PER_OBJECT` per object; not
+  when starting from ``--weights`` (the checkpoint's query layout stays).  Growing it further cost AP:
+  the ``small`` set (60 boxes in a crowded image) at 11x11 queries instead of 10x10 reached AP 0.015
+  against 0.087 in 3 minutes (docs/convergence.md).
+* **the training-time aids stay off**: ``--mosaic`` (Dense O2O tiling) and ``--set one_to_many=K``
+  (hybrid matching, DECO+ frame) both cost AP at equal wall-clock on the tuning sets (``fewshot`` with
+  mosaic 0.049 against 0.104; ``small`` with one-to-many 0.069 against 0.087: fewer steps in the same
+  minutes); they are options to try on long runs, not defaults.
 * **precision** (``--amp``): ``auto`` (bf16 where this machine trains faster in it, timed at the start:
   :mod:`decodet.engine.amp_probe`) for a run long enough to pay for the timing; fp32 otherwise.
 
@@ -48,17 +49,12 @@ log = logging.getLogger(__name__)
 
 MIN_OBJECT_PX = 8.0  # a tenth of the boxes at least this wide (square root of the area) at the training size
 MAX_IMGSZ = 640  # the largest square the recipe picks by itself (CPU-sized runs)
-QUERIES_PER_OBJECT = 2.0  # queries per object of a crowded image (its 99th percentile)
-# Measured at equal wall-clock on the tuning sets (docs/convergence.md; the held-out set not consulted):
-# mosaic helped the set with a median of 3 boxes per image, cost AP at 6 and 40; one-to-many matching helped
-# at 40, cost AP at 3 and 6 (each threshold sits between the sets it separates).
-MOSAIC_MAX_BOXES = 4
-MOSAIC_PROB = 0.5
-O2M_MIN_BOXES = 15
-O2M_REPEATS = 4
+QUERIES_PER_OBJECT = 1.0  # queries per object of a crowded image (its 99th percentile), when it outgrows the preset
 AMP_MIN_MINUTES = 2.0  # a run shorter than this (or than AMP_MIN_STEPS) trains in fp32 without timing bf16 ...
 AMP_MIN_STEPS = 300  # ... the probe costs about 12 training steps and up to 8 s
-# (fewer images than this, augmentation) for the light recipe: zoom, shift, jitter
+AUGMENT_MIN_MINUTES = 30.0  # a shorter time budget (or fewer epochs than AUGMENT_MIN_EPOCHS) augments with a flip only
+AUGMENT_MIN_EPOCHS = 30
+# (fewer images than this, augmentation) for the light recipe's longer runs: zoom, shift, jitter
 AUGMENT_BY_SIZE: tuple[tuple[int, tuple[float, float, float]], ...] = (
     (500, (0.4, 0.1, 0.2)),
     (2000, (0.2, 0.05, 0.1)),
@@ -107,10 +103,10 @@ def apply_data_recipe(given: TrainConfig, cfg: TrainConfig, stats: DataStats, lo
             changes["imgsz"], why = choose_imgsz(cfg.imgsz, stats)
             lines.append(f"image size {changes['imgsz']}: {why}")
         if given.zoom is None and given.shift is None and given.jitter is None:
-            zoom, shift, jitter = augment_for(stats.images)
+            (zoom, shift, jitter), why = augment_for(stats.images, cfg)
             changes.update(zoom=zoom, shift=shift, jitter=jitter)
             what = "a flip only" if not zoom else f"zoom {zoom:g}, shift {shift:g}, colour jitter {jitter:g}"
-            lines.append(f"augmentation {what}: {stats.images} training images")
+            lines.append(f"augmentation {what}: {why}")
     if "query_grid" not in given.model_overrides and not given.weights:
         grid = choose_query_grid(cfg, stats)
         if grid is not None:
@@ -123,15 +119,6 @@ def apply_data_recipe(given: TrainConfig, cfg: TrainConfig, stats: DataStats, lo
                 f"queries {qh * qw} ({qh}x{qw}, preset {preset_q}): crowded images hold {stats.boxes_p99:.0f} boxes "
                 f"(99th percentile), {QUERIES_PER_OBJECT:g} queries per object"
             )
-    size = changes.get("imgsz", cfg.imgsz)
-    if given.mosaic is None:
-        changes["mosaic"], why = choose_mosaic(stats, size)
-        lines.append(f"mosaic {changes['mosaic']:g}: {why}")
-    if _has_field(cfg, "one_to_many") and "one_to_many" not in given.model_overrides:
-        repeats, why = choose_one_to_many(stats)
-        overrides = {**changes.get("model_overrides", cfg.model_overrides), "one_to_many": repeats}
-        changes["model_overrides"] = overrides
-        lines.append(f"one-to-many matching {'x' + str(repeats) if repeats else 'off'}: {why}")
     if given.amp is None:
         changes["amp"], why = choose_amp(cfg, stats)
         lines.append(f"precision {changes['amp']}: {why}")
@@ -156,12 +143,17 @@ def choose_imgsz(preset: int, stats: DataStats) -> tuple[int, str]:
     return preset, f"the preset's; a tenth of the boxes are {small:.0f} px or more there"
 
 
-def augment_for(images: int) -> tuple[float, float, float]:
-    """``(zoom, shift, jitter)`` of the light recipe for a training split of ``images``."""
+def augment_for(images: int, cfg: TrainConfig) -> tuple[tuple[float, float, float], str]:
+    """``(zoom, shift, jitter)`` of the light recipe for a training split of ``images`` and the run ``cfg``
+    (resolved), and why."""
+    if cfg.time_budget_min is not None and cfg.time_budget_min < AUGMENT_MIN_MINUTES:
+        return (0.0, 0.0, 0.0), f"a {cfg.time_budget_min:g}-minute run (augmenting from {AUGMENT_MIN_MINUTES:g})"
+    if cfg.time_budget_min is None and cfg.epochs < AUGMENT_MIN_EPOCHS:
+        return (0.0, 0.0, 0.0), f"a run of {cfg.epochs} epochs (augmenting from {AUGMENT_MIN_EPOCHS})"
     for limit, values in AUGMENT_BY_SIZE:
         if images < limit:
-            return values
-    return AUGMENT_BY_SIZE[-1][1]
+            return values, f"{images} training images"
+    return AUGMENT_BY_SIZE[-1][1], f"{images} training images"
 
 
 def choose_query_grid(cfg: TrainConfig, stats: DataStats) -> tuple[int, int] | None:
@@ -174,25 +166,6 @@ def choose_query_grid(cfg: TrainConfig, stats: DataStats) -> tuple[int, int] | N
     scale = math.sqrt(need / (qh * qw))
     h = math.ceil(qh * scale)
     return h, math.ceil(need / h)
-
-
-def choose_mosaic(stats: DataStats, imgsz: int | None) -> tuple[float, str]:
-    """The probability of a tiled sample, and why."""
-    median = f"a median of {stats.boxes_median:g} boxes per image"
-    if stats.boxes_median > MOSAIC_MAX_BOXES:
-        return 0.0, f"{median} (tiling helps at {MOSAIC_MAX_BOXES} or fewer)"
-    half = stats.box_side_p10 * (imgsz or stats.long_side) / max(stats.long_side, 1.0) / 2
-    if half < 2 * MIN_OBJECT_PX:
-        return 0.0, f"{median}, but a tenth of the boxes would be under {half:.0f} px at half size"
-    return MOSAIC_PROB, f"{median}: four samples tiled give one-to-one matching more objects per step"
-
-
-def choose_one_to_many(stats: DataStats) -> tuple[int, str]:
-    """The one-to-many repeats (0: off), and why."""
-    median = f"a median of {stats.boxes_median:g} boxes per image"
-    if stats.boxes_median >= O2M_MIN_BOXES:
-        return O2M_REPEATS, f"{median}: crowded images"
-    return 0, f"{median} (on from {O2M_MIN_BOXES})"
 
 
 def choose_amp(cfg: TrainConfig, stats: DataStats) -> tuple[str, str]:
