@@ -6,9 +6,10 @@ can take; every flag still overrides (a choice is made only where the option was
 choices, for a fresh run (a resumed run keeps its saved, already chosen, config):
 
 * **image size** (the ``light`` recipe, ``--imgsz``): the preset's (320 for ``deco_tiny``), also for
-  smaller images (the bundled 256 px set trained at 320 reached AP 0.195 in 3 minutes, at its own
-  256 px 0.022: docs/convergence.md); raised, up to the images' median long side and at most
-  :data:`MAX_IMGSZ`, when a tenth of the boxes would be under :data:`MIN_OBJECT_PX` pixels across.
+  smaller images (an earlier session measured the bundled 256 px set better at 320 than at its own
+  size in 3 minutes; its runs were lost and this was not re-measured); raised, up to the images'
+  median long side and at most :data:`MAX_IMGSZ`, when a tenth of the boxes would be under
+  :data:`MIN_OBJECT_PX` pixels across.
 * **augmentation strength** (``light``: ``--zoom``, ``--shift``, ``--jitter``): a flip only for a short
   run (a time budget under :data:`AUGMENT_MIN_MINUTES` minutes, or fewer than :data:`AUGMENT_MIN_EPOCHS`
   epochs), where random zoom only slows fitting (the 300-image ``fewshot`` set in 3 minutes: AP 0.104 with
@@ -138,8 +139,8 @@ def choose_imgsz(preset: int, stats: DataStats) -> tuple[int, str]:
             f"a tenth of the boxes would be under {small:.1f} px at the preset's {preset}; "
             f"the images' median long side is {stats.long_side:.0f} px"
         )
-    if native < preset:  # measured: the bundled 256 px set at 320 reached AP 0.195 where 256 reached 0.022
-        return preset, f"the preset's, above the images' median long side of {stats.long_side:.0f} px (measured better)"
+    if native < preset:  # see the module docstring (not re-measured)
+        return preset, f"the preset's, above the images' median long side of {stats.long_side:.0f} px"
     return preset, f"the preset's; a tenth of the boxes are {small:.0f} px or more there"
 
 
