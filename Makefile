@@ -37,7 +37,10 @@ demo: $(CORE)
 # once.  `make test-one-process` runs the whole suite in a single process, as CI also does: the
 # libraries (torch, OpenVINO, onnxruntime, NNCF, uvicorn) must live together in one process, as
 # they do in `decodet serve`.
-TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+# (The cores this process may use, not nproc: nproc follows OMP_NUM_THREADS, and a run with one thread per
+# process still wants a worker per core.)
+TEST_WORKERS ?= $(shell n=$$($(PYTHON) -c 'import os; print(len(os.sched_getaffinity(0)))' 2>/dev/null || echo 2); \
+	[ $$n -gt 4 ] && n=4; echo $$n)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
