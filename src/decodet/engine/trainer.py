@@ -22,6 +22,7 @@ worst, a temp file the next run in the folder removes) and ``--resume`` continue
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import re
@@ -65,6 +66,8 @@ from decodet.utils.console import progress
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "train_config.yaml"
+# the options engine.data_recipe chooses when unset (restored from the checkpoint on --resume)
+RECIPE_CHOICES = ("imgsz", "zoom", "shift", "jitter", "mosaic", "amp")
 PLOTS_DIR = "eval"  # per-class table, PR curves, confusion matrix, worst images (decodet.evaluation.analysis)
 
 
@@ -134,9 +137,13 @@ class Trainer:
         """Datasets, the data recipe's choices, model (identical initialisation on every rank), criterion;
         resolves amp auto."""
         spec, self.train_set = open_train_set(self.cfg)
-        if state is None:  # a resumed run keeps its saved choices
+        if state is None:
             stats = DataStats.of(self.train_set.records)
             self.cfg = apply_data_recipe(given, self.cfg, stats, log_choices=self.is_main)
+        else:  # a resumed run keeps the data recipe's saved choices for what is still unset
+            saved = state.get("train_config", {})
+            kept = {k: saved[k] for k in RECIPE_CHOICES if getattr(given, k) is None and k in saved}
+            self.cfg = dataclasses.replace(self.cfg, **kept)
         cfg = self.cfg
         seed_everything(cfg.seed)
         self.model_cfg = mcfg = run_model_config(cfg, state, self.train_set)
