@@ -330,3 +330,37 @@ def test_a_killed_data_loader_worker_stops_training_with_one_line(tmp_path: Path
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"decodet: error: training stopped: data loader worker (pid {workers[0]}) "), line
     assert "killed by signal" in line or "exited unexpectedly" in line, line
+
+
+class _Iter:
+    """Stands for a multi-process DataLoader iterator: only its worker processes matter here."""
+
+    def __init__(self, workers: list) -> None:
+        self._workers = workers
+
+
+def test_a_worker_killed_mid_transfer_is_named_though_the_error_is_an_eof(tmp_path: Path) -> None:
+    """A worker SIGKILLed while the main process receives a batch from it surfaces as EOFError
+    (multiprocessing's resource sharer): the dead process is found among the loader's workers and
+    named in the same one line as PyTorch's own message; a live worker leaves the error as it was."""
+    import multiprocessing as mp
+
+    from decodet.engine.faults import loader_worker_error
+
+    ctx = mp.get_context("fork" if sys.platform != "win32" else "spawn")
+    alive, doomed = ctx.Process(target=time.sleep, args=(30,)), ctx.Process(target=time.sleep, args=(30,))
+    alive.start(), doomed.start()
+    try:
+        assert loader_worker_error(EOFError(), tmp_path, _Iter([alive]), wait_s=0.2) is None
+        assert loader_worker_error(ValueError("bad"), tmp_path, _Iter([alive])) is None
+        assert loader_worker_error(EOFError(), tmp_path, None) is None  # workers=0: nothing to look for
+        os.kill(doomed.pid, signal.SIGKILL)
+        error = loader_worker_error(ConnectionResetError(), tmp_path, _Iter([alive, doomed]))
+        assert error is not None
+        message = str(error)
+        assert f"data loader worker (pid {doomed.pid}) is killed by signal: Killed" in message, message
+        assert "\n" not in message and "no checkpoint was written yet" in message
+    finally:
+        for p in (alive, doomed):
+            p.kill()
+            p.join(5)

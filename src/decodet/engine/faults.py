@@ -9,7 +9,10 @@ restart loses at most the epoch in progress and ends with the weights of an unin
 **Dead loader workers.** PyTorch's ``DataLoader`` notices a worker process that died (killed by
 the out-of-memory killer, a signal) and raises a ``RuntimeError`` naming its pid;
 :func:`loader_worker_error` turns it into a one-line :class:`DecodetError` that also says where
-the last checkpoint is.
+the last checkpoint is.  A worker killed while the main process is receiving a batch from it
+shows up instead as an ``EOFError`` or ``ConnectionError`` (the tensor is shared through a file
+descriptor the dead worker was to hand over); then the loader's worker processes are polled for a
+moment, and the one that died is named the same way.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from decodet.engine.checkpointing import STATE_FILE
 from decodet.errors import DecodetError
@@ -80,12 +85,27 @@ def continue_elastic_run(cfg: TrainConfig) -> TrainConfig:
     return cfg.replace(resume=str(folder)) if resume else cfg.replace(name=folder.name, exist_ok=True)
 
 
-def loader_worker_error(exc: BaseException, run_dir: Path | None) -> DecodetError | None:
-    """A one-line error for a data loader worker that died (``None`` if ``exc`` is another error)."""
-    match = _WORKER_DIED.search(str(exc))
-    if match is None:
+def loader_worker_error(
+    exc: BaseException, run_dir: Path | None, loader_iter: Any = None, wait_s: float = 5.0
+) -> DecodetError | None:
+    """A one-line error for a data loader worker that died (``None`` if ``exc`` is another error).
+
+    ``exc`` is PyTorch's ``RuntimeError`` naming the worker, or an ``EOFError``/``ConnectionError``
+    raised while a batch was received; for those, ``loader_iter`` (the epoch's DataLoader iterator)
+    is searched for a worker process that has exited, for up to ``wait_s`` seconds."""
+    match = _WORKER_DIED.search(str(exc)) if isinstance(exc, RuntimeError) else None
+    if match is not None:
+        pids, how = match.group(1).strip(), match.group(2).strip().rstrip(". ")
+    elif isinstance(exc, (EOFError, ConnectionError)) and loader_iter is not None:
+        try:
+            dead = _dead_worker(loader_iter, wait_s)
+        except RuntimeError as late:  # PyTorch's SIGCHLD handler fired while we waited: its message names it
+            return loader_worker_error(late, run_dir)
+        if dead is None:
+            return None
+        pids, how = dead
+    else:
         return None
-    pids, how = match.group(1).strip(), match.group(2).strip().rstrip(". ")
     kept = "no checkpoint was written yet"
     if run_dir is not None and (run_dir / STATE_FILE).is_file():
         kept = f"the last checkpoint is kept: continue with --resume {run_dir}"
@@ -93,3 +113,24 @@ def loader_worker_error(exc: BaseException, run_dir: Path | None) -> DecodetErro
         f"training stopped: data loader worker (pid {pids}) {how} — often the out-of-memory killer: "
         f"try fewer --workers or a smaller --batch-size; {kept}"
     )
+
+
+def _dead_worker(loader_iter: Any, wait_s: float) -> tuple[str, str] | None:
+    """``(pid, how it ended)`` of a worker of ``loader_iter`` that has exited, polled for ``wait_s``
+    seconds (a SIGKILLed process can take a moment to become reapable); ``None`` if all stay alive.
+    ``_workers`` is the iterator's private list of ``multiprocessing.Process``: a single-process
+    iterator, or a PyTorch without it, has none, and the original error stands."""
+    workers = list(getattr(loader_iter, "_workers", None) or [])
+    deadline = time.monotonic() + wait_s
+    while workers:
+        for worker in workers:
+            code = worker.exitcode  # polls (reaps) without blocking
+            if code is not None:
+                if code < 0:
+                    name = signal.strsignal(-code) or f"signal {-code}"
+                    return str(worker.pid), f"is killed by signal: {name}"
+                return str(worker.pid), f"exited unexpectedly with exit code {code}"
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+    return None

@@ -81,8 +81,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         trainer = Trainer(cfg)
         try:
             return trainer.fit()
-        except RuntimeError as exc:  # a data loader worker died: one line that says so
-            error = faults.loader_worker_error(exc, trainer.run_dir)
+        except (RuntimeError, EOFError, ConnectionError) as exc:  # a data loader worker died: one line that says so
+            error = faults.loader_worker_error(exc, trainer.run_dir, trainer.loader_iter)
             if error is None:
                 raise
             raise error from None
@@ -104,6 +104,7 @@ class Trainer:
             self.cfg, self.train_set, self.info
         )
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.cfg.accumulate)
+        self.loader_iter: Any = None  # the epoch's iterator over train_loader (its worker processes)
         self._build_optimization(given)
         self._init_progress(state)
         self.model = self.raw_model
@@ -287,7 +288,9 @@ class Trainer:
         count = images_seen = 0
         stop = False
         t0 = time.monotonic()
-        bar = progress(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        batches = len(self.train_loader)
+        self.loader_iter = iter(self.train_loader)  # kept: a dead worker is named from its processes (train())
+        bar = progress(self.loader_iter, total=batches, desc=f"epoch {epoch + 1}/{cfg.epochs}")
         with bar:
             for i, (images, targets) in enumerate(bar, start=first):
                 group_start = i - i % accum
