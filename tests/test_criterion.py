@@ -84,6 +84,30 @@ def test_varifocal_terms_by_hand():
     assert losses["loss_giou"].item() == pytest.approx(2 * giou_loss, rel=1e-5)
 
 
+def test_matchability_aware_terms_by_hand():
+    """DEIM's MAL: target IoU**gamma at weight 1 for the match, p**gamma (times alpha 1) elsewhere."""
+    outputs, targets = _tiny()
+    losses = build_criterion(DecoConfig(), class_loss="mal", weight_class=3)(outputs, targets)
+    gamma, mal = 2.0, 0.0
+    iou = _iou_giou(BOXES[0], TARGET_BOX)[0]
+    for q in range(2):
+        for c in range(3):
+            p = _sigmoid(LOGITS[q][c])
+            if (q, c) == (0, LABEL):
+                t = iou**gamma
+                mal += -(t * math.log(p) + (1 - t) * math.log(1 - p))
+            else:
+                mal += p**gamma * -math.log(1 - p)
+    assert set(losses) == {"loss_mal", "loss_bbox", "loss_giou", "loss"}
+    assert losses["loss_mal"].item() == pytest.approx(3 * mal, rel=1e-5)
+    losses["loss"].backward()
+    assert torch.isfinite(outputs["pred_logits"].grad).all() and outputs["pred_logits"].grad.abs().sum() > 0
+    # a name wins over use_vfl; an unknown one is refused in one line
+    assert build_criterion("deco_r18", use_vfl=True, class_loss="focal").class_loss == "focal"
+    with pytest.raises(DecodetError, match="unknown class loss"):
+        build_criterion("deco_r18", class_loss="hinge")
+
+
 def _batch(seed: int = 0, batch: int = 3, queries: int = 6, classes: int = 4, sizes=(2, 0, 3), aux: int = 0):
     gen = torch.Generator().manual_seed(seed)
 

@@ -19,10 +19,12 @@ __all__ = ["HungarianMatcher", "SetCriterion", "build_criterion", "criterion_opt
 # 0.25 for focal, 0.75 for varifocal.
 # DECO: Deformable-DETR's focal criterion (the released main.py defaults).
 _DECO: dict[str, Any] = dict(
-    use_vfl=False, weight_class=2.0, weight_bbox=5.0, weight_giou=2.0, alpha=None, gamma=2.0,  # the loss
+    use_vfl=False, class_loss=None,  # the class loss (a name wins over use_vfl)
+    weight_class=2.0, weight_bbox=5.0, weight_giou=2.0, alpha=None, gamma=2.0,  # the loss
     cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, matcher_alpha=0.25, matcher_gamma=2.0,  # the matching
     one_to_many=0, o2m_weight=1.0,  # the hybrid branch
 )  # fmt: skip
+_DEFAULT_ALPHA = {"focal": 0.25, "vfl": 0.75, "mal": 1.0}  # DEIM's MAL leaves the negatives unscaled
 _RECIPES: dict[str, dict[str, Any]] = {
     "deco": _DECO,
     # DECO+: RT-DETR's varifocal criterion (decoplus_base.yml); the rest as DECO's.
@@ -52,14 +54,15 @@ def build_criterion(name_or_config: Any, **overrides: Any) -> SetCriterion:
     """The authors' criterion for a preset name (``"deco_r50"``) or a ``DecoConfig`` / ``DecoPlusConfig``.
 
     ``arch == "deco"`` gives the focal setup, ``"decoplus"`` the varifocal one.  ``overrides``: any
-    key of :func:`criterion_options` (``use_vfl``: the IoU-aware varifocal class loss; ``alpha=None``:
-    0.25 for focal, 0.75 for varifocal; ``one_to_many``: k of the hybrid branch, 0 = off).
+    key of :func:`criterion_options` (``use_vfl``: the IoU-aware varifocal class loss; ``class_loss``:
+    ``"focal"``, ``"vfl"`` or ``"mal"`` by name, overriding ``use_vfl``; ``alpha=None``: 0.25 for focal,
+    0.75 for varifocal, 1 for MAL; ``one_to_many``: k of the hybrid branch, 0 = off).
     """
     options = criterion_options(name_or_config)
     reject_unknown(overrides, options, "criterion option(s)")
     options.update(overrides)
-    use_vfl = bool(options["use_vfl"])
-    alpha = options["alpha"] if options["alpha"] is not None else (0.75 if use_vfl else 0.25)
+    class_loss = options["class_loss"] or ("vfl" if options["use_vfl"] else "focal")  # an explicit name wins
+    alpha = options["alpha"] if options["alpha"] is not None else _DEFAULT_ALPHA.get(class_loss, 0.25)
     matcher = HungarianMatcher(
         cost_class=float(options["cost_class"]),
         cost_bbox=float(options["cost_bbox"]),
@@ -69,7 +72,7 @@ def build_criterion(name_or_config: Any, **overrides: Any) -> SetCriterion:
     )
     return SetCriterion(
         matcher,
-        class_loss="vfl" if use_vfl else "focal",
+        class_loss=str(class_loss),
         weight_class=float(options["weight_class"]),
         weight_bbox=float(options["weight_bbox"]),
         weight_giou=float(options["weight_giou"]),

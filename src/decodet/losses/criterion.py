@@ -11,6 +11,9 @@ separate group of queries as ``pred_logits_o2m`` / ``pred_boxes_o2m`` (and ``aux
 ``one_to_many = k > 0`` that group is matched to the targets repeated ``k`` times and gets the same losses,
 normalised by ``k`` times the box count and scaled by ``o2m_weight``, under ``*_o2m`` names. The one-to-one
 queries never see duplicates, so inference (one-to-one queries only) stays NMS-free.
+Optional matchability-aware loss (DEIM's MAL, ``class_loss="mal"``, a training-time choice): like varifocal,
+but the matched class's target is IoU**gamma with weight 1 (a poorly matched positive still pulls its score
+up), and the negatives are weighted by p**gamma (times ``alpha``, 1 by default).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from decodet.losses.matcher import HungarianMatcher, Indices
 
 logger = logging.getLogger(__name__)
 
-CLASS_LOSSES = ("focal", "vfl")
+CLASS_LOSSES = ("focal", "vfl", "mal")
 
 
 def paired_iou_giou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
@@ -52,8 +55,9 @@ class SetCriterion(nn.Module):
 
     Args:
         matcher: the Hungarian matcher (its costs are the matching weights).
-        class_loss: ``"focal"`` (DECO) or ``"vfl"`` (varifocal, IoU-aware; DECO+).
-        alpha, gamma: of the class loss (0.25 / 2 for focal, 0.75 / 2 for varifocal).
+        class_loss: ``"focal"`` (DECO), ``"vfl"`` (varifocal, IoU-aware; DECO+) or ``"mal"`` (DEIM's
+            matchability-aware loss; module docstring).
+        alpha, gamma: of the class loss (0.25 / 2 for focal, 0.75 / 2 for varifocal, 1 / 2 for MAL).
         one_to_many: ``k`` of the optional one-to-many branch (0: off), its terms scaled by ``o2m_weight``."""
 
     def __init__(
@@ -163,10 +167,12 @@ class SetCriterion(nn.Module):
         onehot[batch_idx, query_idx, labels] = 1.0
         if self.class_loss == "focal":
             loss_class = sigmoid_focal_loss(logits, onehot, self.alpha, self.gamma, reduction="none").sum()
-        else:  # varifocal: the matched class's target is the (detached) IoU of the matched box
+        else:  # varifocal / MAL: the matched class's target is the (detached) IoU of the matched box
             score = torch.zeros_like(logits)
-            score[batch_idx, query_idx, labels] = iou.detach()
-            weight = self.alpha * logits.detach().sigmoid().pow(self.gamma) * (1 - onehot) + score
+            quality = iou.detach() if self.class_loss == "vfl" else iou.detach().pow(self.gamma)
+            score[batch_idx, query_idx, labels] = quality
+            positive = score if self.class_loss == "vfl" else onehot  # MAL: every positive at full weight
+            weight = self.alpha * logits.detach().sigmoid().pow(self.gamma) * (1 - onehot) + positive
             loss_class = F.binary_cross_entropy_with_logits(logits, score, weight=weight, reduction="none").sum()
         return {
             f"loss_{self.class_loss}": loss_class / num_boxes,
