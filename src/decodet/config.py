@@ -78,6 +78,10 @@ class DecoPlusConfig:
     # encoder positions) matched one-to-many to the targets repeated this many times.
     # 0 = off (the published presets).  Inference is unchanged: one-to-one, no NMS.
     one_to_many: int = 0
+    # Denoising queries (DN-DETR / DINO), training only: this many extra query grids per image of
+    # noised ground-truth boxes, each to be reconstructed (positives) or rejected (negatives);
+    # decodet.models.denoising.  0 = off (the published presets).  Inference is unchanged.
+    denoising: int = 0
     # Where the selected queries sit on the decoder's grid: "score" (the release: row-major
     # in top-k order) or "spatial" (rows by reference-box centre y, each row by x, so a
     # query's grid cell follows its box, as DECO's fixed query grid does).

@@ -344,7 +344,8 @@ class Trainer:
         no_sync = ddp.no_sync() if (self.info.distributed and not step_now) else contextlib.nullcontext()
         with no_sync:
             with autocast(self.device, cfg.amp):
-                outputs = ddp(images)
+                # denoising queries are built from the targets (models.denoising); other models take images only
+                outputs = ddp(images, targets) if getattr(self.raw_model.config, "denoising", 0) else ddp(images)
             losses = self.criterion(outputs, targets)  # the criterion computes in fp32 (or fp64)
             loss = losses["loss"]
             loss_value = float(D.all_reduce_mean(loss.detach()).item())  # the one sync per step

@@ -23,6 +23,7 @@ _DECO: dict[str, Any] = dict(
     weight_class=2.0, weight_bbox=5.0, weight_giou=2.0, alpha=None, gamma=2.0,  # the loss
     cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, matcher_alpha=0.25, matcher_gamma=2.0,  # the matching
     one_to_many=0, o2m_weight=1.0,  # the hybrid branch
+    dn_weight=1.0,  # the denoising queries' terms (when the model has them)
 )  # fmt: skip
 _DEFAULT_ALPHA = {"focal": 0.25, "vfl": 0.75, "mal": 1.0}  # DEIM's MAL leaves the negatives unscaled
 _RECIPES: dict[str, dict[str, Any]] = {
@@ -80,4 +81,5 @@ def build_criterion(name_or_config: Any, **overrides: Any) -> SetCriterion:
         gamma=float(options["gamma"]),
         one_to_many=int(options["one_to_many"]),
         o2m_weight=float(options["o2m_weight"]),
+        dn_weight=float(options["dn_weight"]),
     )

@@ -11,6 +11,11 @@ separate group of queries as ``pred_logits_o2m`` / ``pred_boxes_o2m`` (and ``aux
 ``one_to_many = k > 0`` that group is matched to the targets repeated ``k`` times and gets the same losses,
 normalised by ``k`` times the box count and scaled by ``o2m_weight``, under ``*_o2m`` names. The one-to-one
 queries never see duplicates, so inference (one-to-one queries only) stays NMS-free.
+Denoising queries (DN-DETR, training only; ``decodet.models.denoising``): a model may output ``dn_outputs``
+(one dict per denoising grid, with its ``aux_outputs``) and ``dn_positives`` (per grid, per image, ``(query
+indices, target indices)``). Those queries are not matched: each positive is supervised on its own box, every
+other denoising query as background, with the same losses, normalised by the positives' count (each box
+appears once per group) and scaled by ``dn_weight``, averaged over grids, under ``*_dn`` names.
 Optional matchability-aware loss (DEIM's MAL, ``class_loss="mal"``, a training-time choice): like varifocal,
 but the matched class's target is IoU**gamma with weight 1 (a poorly matched positive still pulls its score
 up), and the negatives are weighted by p**gamma (times ``alpha``, 1 by default).
@@ -58,7 +63,8 @@ class SetCriterion(nn.Module):
         class_loss: ``"focal"`` (DECO), ``"vfl"`` (varifocal, IoU-aware; DECO+) or ``"mal"`` (DEIM's
             matchability-aware loss; module docstring).
         alpha, gamma: of the class loss (0.25 / 2 for focal, 0.75 / 2 for varifocal, 1 / 2 for MAL).
-        one_to_many: ``k`` of the optional one-to-many branch (0: off), its terms scaled by ``o2m_weight``."""
+        one_to_many: ``k`` of the optional one-to-many branch (0: off), its terms scaled by ``o2m_weight``.
+        dn_weight: the scale of the denoising terms (when the model outputs them)."""
 
     def __init__(
         self,
@@ -71,6 +77,7 @@ class SetCriterion(nn.Module):
         gamma: float = 2.0,
         one_to_many: int = 0,
         o2m_weight: float = 1.0,
+        dn_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if class_loss not in CLASS_LOSSES:
@@ -84,12 +91,13 @@ class SetCriterion(nn.Module):
         self.gamma = gamma
         self.one_to_many = one_to_many
         self.o2m_weight = o2m_weight
+        self.dn_weight = dn_weight
         self._warned_no_o2m = False
 
     def extra_repr(self) -> str:
         return (
             f"class_loss={self.class_loss}, weights={self.weights}, alpha={self.alpha}, gamma={self.gamma}, "
-            f"one_to_many={self.one_to_many}, o2m_weight={self.o2m_weight}"
+            f"one_to_many={self.one_to_many}, o2m_weight={self.o2m_weight}, dn_weight={self.dn_weight}"
         )
 
     def forward(self, outputs: dict, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -134,8 +142,24 @@ class SetCriterion(nn.Module):
             terms = self._group_losses(group, flat, indices, max(num_boxes * k, 1.0))
             for name, value in terms.items():
                 losses[name + suffix] = value * (self.weights[name] * scale)
+        self._denoising_losses(outputs, flat, num_boxes, sum(sizes), losses)
         losses["loss"] = torch.stack(list(losses.values())).sum()
         return losses
+
+    def _denoising_losses(
+        self, outputs: dict, flat: _FlatTargets, num_boxes: float, local_boxes: int, losses: dict[str, Tensor]
+    ) -> None:
+        """Add the ``*_dn`` terms of the model's denoising grids (module docstring) to ``losses``."""
+        grids = outputs.get("dn_outputs", [])
+        for grid, positives in zip(grids, outputs.get("dn_positives", [])):
+            repeats = sum(len(q) for q, _ in positives) / max(local_boxes, 1)  # positives per box
+            norm = max(num_boxes * repeats, 1.0)
+            layers = [("", grid), *((f"_aux{i}", aux) for i, aux in enumerate(grid.get("aux_outputs", [])))]
+            for suffix, layer in layers:
+                for name, value in self._group_losses(layer, flat, positives, norm).items():
+                    term = value * (self.weights[name] * self.dn_weight / len(grids))
+                    key = f"{name}_dn{suffix}"
+                    losses[key] = losses[key] + term if key in losses else term
 
     def _match(self, groups: list, targets: list[dict[str, Tensor]]) -> list[Indices]:
         """Match every group; groups with the same ``k`` share one cost computation."""

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from decodet.config import DecoPlusConfig
 from decodet.errors import DecodetError
 from decodet.models.decoder import DecoDecoderLayer
+from decodet.models.denoising import denoising_queries
 from decodet.models.hybrid_encoder import HybridEncoder, upsample2x_to
 from decodet.models.layers import MLP, DepthwiseConv2d, _exporting, check_images, init_detection_heads, inverse_sigmoid
 from decodet.models.resnet_d import ConvNormLayer, PResNet
@@ -120,9 +121,13 @@ class DecoPlusDecoder(nn.Module):
         num_levels: int = 3,
         one_to_many: int = 0,
         query_layout: str = "score",
+        denoising: int = 0,
     ) -> None:
         super().__init__()
         self.one_to_many = one_to_many
+        if denoising < 0:
+            raise DecodetError(f"denoising must be >= 0 (extra query grids), got {denoising}")
+        self.denoising = denoising
         if query_layout not in ("score", "spatial"):
             raise DecodetError(f"query_layout must be 'score' or 'spatial', got {query_layout!r}")
         self.query_layout = query_layout
@@ -176,9 +181,10 @@ class DecoPlusDecoder(nn.Module):
         merged = torch.cat([self.downsample_convs[0](p8), p16, upsample2x_to(p32, (h, w))], dim=1)
         return self.output_proj(merged)
 
-    def _select_queries(self, proj: list[Tensor], k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _select_queries(self, proj: list[Tensor], k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Top-``k`` query selection from the dense encoder predictions.  Returns ``target [B, k, d]``
-        (detached), ``ref_unact [B, k, 4]`` (detached box logits), ``enc_logits [B, k, C]``, ``enc_boxes [B, k, 4]``."""
+        (detached), ``ref_unact [B, k, 4]`` (detached box logits), ``enc_logits [B, k, C]``, ``enc_boxes [B, k, 4]``
+        and every position's content ``[B, N, d]`` (for denoising queries)."""
         shapes = [(int(p.shape[-2]), int(p.shape[-1])) for p in proj]
         memory = torch.cat([p.flatten(2).transpose(1, 2) for p in proj], dim=1)  # [B, N, d]
         if memory.shape[1] < k:
@@ -199,7 +205,7 @@ class DecoPlusDecoder(nn.Module):
         ref_unact = coords.gather(1, index.expand(-1, -1, coords.shape[-1]))
         enc_logits = logits.gather(1, index.expand(-1, -1, logits.shape[-1]))
         target = out_memory.gather(1, index.expand(-1, -1, out_memory.shape[-1]))
-        return target.detach(), ref_unact.detach(), enc_logits, torch.sigmoid(ref_unact)
+        return target.detach(), ref_unact.detach(), enc_logits, torch.sigmoid(ref_unact), out_memory
 
     def _spatial_order(self, index: Tensor, coords: Tensor, k: int) -> Tensor:
         """Reorder ``index [B, k]`` for the ``"spatial"`` layout: each group of ``Q`` queries (one-to-one, then
@@ -215,20 +221,33 @@ class DecoPlusDecoder(nn.Module):
         index, cx, rank = (t.gather(1, by_y).reshape(-1, qh, qw) for t in (index, cx, rank))
         return index.gather(2, torch.argsort(cx + rank, dim=2)).reshape(b, k)
 
-    def forward(self, feats: list[Tensor]) -> dict[str, Any]:
+    def forward(self, feats: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:
+        """``targets`` (training with ``denoising > 0`` only; criterion format) give the denoising grids."""
         proj = [p(f) for p, f in zip(self.input_proj, feats)]
         memory = self._merge_memory(proj)
-        q = self.num_queries
+        q, b = self.num_queries, memory.shape[0]
         hybrid = self.training and self.one_to_many > 0
-        output, ref_unact, enc_logits, enc_boxes = self._select_queries(proj, 2 * q if hybrid else q)
-        if hybrid:
-            # Hybrid matching: the next Q encoder positions form a second query grid run through the same
-            # decoder as extra batch entries (convolutions never mix batch entries, so groups can't see each other).
-            b = memory.shape[0]
-            output = torch.cat([output[:, :q], output[:, q:]], dim=0)
-            ref_unact = torch.cat([ref_unact[:, :q], ref_unact[:, q:]], dim=0)
+        dn = self.training and self.denoising > 0 and targets is not None
+        output, ref_unact, enc_logits, enc_boxes, content = self._select_queries(proj, 2 * q if hybrid else q)
+        # Extra query grids (hybrid, then denoising) run through the same decoder as extra batch entries
+        # (convolutions never mix batch entries, so groups can't see each other).
+        outputs, refs = [output[:, :q]], [ref_unact[:, :q]]
+        if hybrid:  # the next Q encoder positions form the one-to-many grid
+            outputs.append(output[:, q:])
+            refs.append(ref_unact[:, q:])
             enc_logits, enc_boxes = enc_logits[:, :q], enc_boxes[:, :q]
-            memory = torch.cat([memory, memory], dim=0)
+        dn_positives = []
+        if dn:
+            shapes = [(int(p.shape[-2]), int(p.shape[-1])) for p in proj]
+            for _ in range(self.denoising):
+                dn_content, dn_ref, positives = denoising_queries(targets, q, content.detach(), shapes)
+                outputs.append(dn_content.to(output.dtype))
+                refs.append(dn_ref.to(ref_unact.dtype))
+                dn_positives.append(positives)
+        groups = len(outputs)
+        if groups > 1:
+            output, ref_unact = torch.cat(outputs, dim=0), torch.cat(refs, dim=0)
+            memory = memory.repeat(groups, 1, 1, 1)
 
         logits_per_layer, boxes_per_layer = [], []
         ref_detached = torch.sigmoid(ref_unact)
@@ -249,18 +268,25 @@ class DecoPlusDecoder(nn.Module):
             ref = box
             ref_detached = box.detach() if self.training else box
 
+        per_layer = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits_per_layer, boxes_per_layer)]
+
+        def group(g: int) -> list[dict[str, Tensor]]:  # the g-th grid's layer outputs, first layer first
+            return [{k: v[g * b : (g + 1) * b] for k, v in layer.items()} for layer in per_layer]
+
+        layers = group(0) if groups > 1 else per_layer  # one grid: no slicing (the exported graph is as before)
+        out: dict[str, Any] = dict(layers[-1])
         if hybrid:
-            o2m = [(lg[b:], bx[b:]) for lg, bx in zip(logits_per_layer, boxes_per_layer)]
-            logits_per_layer = [lg[:b] for lg in logits_per_layer]
-            boxes_per_layer = [bx[:b] for bx in boxes_per_layer]
-        out: dict[str, Any] = {"pred_logits": logits_per_layer[-1], "pred_boxes": boxes_per_layer[-1]}
-        if hybrid:
-            out["pred_logits_o2m"], out["pred_boxes_o2m"] = o2m[-1]
-            out["aux_outputs_o2m"] = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in o2m[:-1]]
+            o2m = group(1)
+            out["pred_logits_o2m"], out["pred_boxes_o2m"] = o2m[-1]["pred_logits"], o2m[-1]["pred_boxes"]
+            out["aux_outputs_o2m"] = o2m[:-1]
+        if dn:
+            first = 2 if hybrid else 1
+            out["dn_outputs"] = [
+                {**group(first + g)[-1], "aux_outputs": group(first + g)[:-1]} for g in range(self.denoising)
+            ]
+            out["dn_positives"] = dn_positives
         if self.training:
-            aux = [{"pred_logits": lg, "pred_boxes": bx} for lg, bx in zip(logits_per_layer[:-1], boxes_per_layer[:-1])]
-            aux.append({"pred_logits": enc_logits, "pred_boxes": enc_boxes})
-            out["aux_outputs"] = aux
+            out["aux_outputs"] = [*layers[:-1], {"pred_logits": enc_logits, "pred_boxes": enc_boxes}]
         return out
 
 
@@ -302,6 +328,7 @@ class DECOPlus(nn.Module):
             drop_path=cfg.drop_path,
             one_to_many=cfg.one_to_many,
             query_layout=cfg.query_layout,
+            denoising=cfg.denoising,
         )
         if cfg.pretrained_backbone:
             self.backbone.load_pretrained(cfg.extra.get("backbone_weights"))
@@ -310,9 +337,10 @@ class DECOPlus(nn.Module):
     def num_queries(self) -> int:
         return self.decoder.num_queries
 
-    def forward(self, images: Tensor) -> dict[str, Any]:
+    def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:
+        """``targets``: only for training with denoising queries (``config.denoising > 0``), else ignored."""
         check_images(images)
-        return self.decoder(self.encoder(self.backbone(images)))
+        return self.decoder(self.encoder(self.backbone(images)), targets)
 
     def deploy(self) -> DECOPlus:
         """Inference form, in place: eval mode, RepVGG branches fused into one 3x3 conv, every batch norm folded
