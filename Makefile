@@ -53,7 +53,7 @@ test-one-process: $(STAMP)
 # below this CPU's best (.ci/isa_caps), the second run with ATen's portable kernels too.  A
 # margin that holds only on this CPU's kernels fails here.  CI runs it after `make test`.
 NUMERIC_TESTS := tests/test_precision.py tests/test_openvino.py tests/test_quantize.py tests/test_criterion.py \
-	tests/test_matcher.py
+	tests/test_matcher.py tests/test_denoising.py
 
 test-kernels: $(STAMP)
 	@set -e; aten=""; for cap in $$(.ci/isa_caps); do \

@@ -24,7 +24,7 @@ def test_slots_alternate_positives_and_negatives_in_whole_groups() -> None:
     torch.manual_seed(0)
     shapes = [(8, 8), (4, 4), (2, 2)]
     memory = torch.randn(2, sum(h * w for h, w in shapes), 16)
-    content, ref_unact, positives = denoising_queries(_targets(), 20, memory, shapes)
+    content, ref_unact, positives = denoising_queries(_targets(), 20, memory, shapes, 0.05)
     assert content.shape == (2, 20, 16) and ref_unact.shape == (2, 20, 4) and not content.requires_grad
     queries, which = positives[0]
     # 3 boxes: groups of 6 slots, 3 whole groups in 20 (slots 18, 19 are extra negatives)
@@ -44,8 +44,8 @@ def test_positives_move_under_half_a_side_and_negatives_one_to_two_halves() -> N
     torch.manual_seed(0)
     box = torch.tensor([[0.5, 0.5, 0.2, 0.2]])  # far enough from the edges that nothing is clipped
     memory = torch.randn(1, 64 + 16 + 4, 8)
-    _, ref_unact, positives = denoising_queries([{"labels": torch.tensor([1]), "boxes": box}], 400, memory,
-                                                [(8, 8), (4, 4), (2, 2)])  # fmt: skip
+    targets, shapes = [{"labels": torch.tensor([1]), "boxes": box}], [(8, 8), (4, 4), (2, 2)]
+    _, ref_unact, positives = denoising_queries(targets, 400, memory, shapes, 0.05)
     moved = (box_convert(ref_unact[0].sigmoid(), "cxcywh", "xyxy") - box_convert(box, "cxcywh", "xyxy")).abs() / 0.1
     is_pos = torch.zeros(400, dtype=torch.bool)
     is_pos[positives[0][0]] = True
@@ -60,7 +60,7 @@ def test_more_boxes_than_half_the_grid_take_a_subset() -> None:
     shapes = [(4, 4), (2, 2), (1, 1)]
     memory = torch.randn(1, 21, 8)
     many = [{"labels": torch.zeros(7, dtype=torch.long), "boxes": BOXES[[0, 1, 2, 0, 1, 2, 0]]}]
-    _, _, positives = denoising_queries(many, 8, memory, shapes)
+    _, _, positives = denoising_queries(many, 8, memory, shapes, 0.05)
     queries, which = positives[0]
     assert queries.tolist() == [0, 1, 2, 3] and len(set(which.tolist())) == 4
 

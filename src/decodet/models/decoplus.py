@@ -38,10 +38,11 @@ from decodet.models.resnet_d import ConvNormLayer, PResNet
 logger = logging.getLogger(__name__)
 
 _PRIOR_PROB = 0.01
+ANCHOR_SIZE = 0.05  # the finest level's anchor size; level l's is 0.05 * 2**l of the image
 
 
 def make_anchors(
-    shapes: list[tuple[int, int]], grid_size: float = 0.05, eps: float = 0.01, device: torch.device | None = None
+    shapes: list[tuple[int, int]], grid_size: float = ANCHOR_SIZE, eps: float = 0.01, device: torch.device | None = None
 ) -> tuple[Tensor, Tensor]:
     """Grid anchors for levels of sizes ``shapes`` (finest first), in logit space.
 
@@ -240,7 +241,7 @@ class DecoPlusDecoder(nn.Module):
         if dn:
             shapes = [(int(p.shape[-2]), int(p.shape[-1])) for p in proj]
             for _ in range(self.denoising):
-                dn_content, dn_ref, positives = denoising_queries(targets, q, content.detach(), shapes)
+                dn_content, dn_ref, positives = denoising_queries(targets, q, content.detach(), shapes, ANCHOR_SIZE)
                 outputs.append(dn_content.to(output.dtype))
                 refs.append(dn_ref.to(ref_unact.dtype))
                 dn_positives.append(positives)

@@ -26,14 +26,13 @@ from torchvision.ops import box_convert
 
 from decodet.models.layers import inverse_sigmoid
 
-ANCHOR_SIZE = 0.05  # make_anchors' grid_size: level l's anchors are 0.05 * 2**l of the image
-
 
 def denoising_queries(
     targets: Sequence[dict[str, Tensor]],
     num_queries: int,
     memory: Tensor,
     shapes: list[tuple[int, int]],
+    anchor_size: float,
     noise_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
     """One denoising grid per image.
@@ -43,6 +42,7 @@ def denoising_queries(
         num_queries: slots per grid (``qH * qW``).
         memory: the encoder's projected features ``[B, N, d]``, levels ``shapes`` (finest first) flattened
             row-major and concatenated, as query selection scores them.
+        anchor_size: the finest level's anchor size (level l's is ``anchor_size * 2**l``, as the encoder's).
         noise_scale: DN-DETR's box noise scale (1: positives move by up to half the box's size).
 
     Returns:
@@ -73,7 +73,7 @@ def denoising_queries(
             which = keep[within % n]
             gt_of_slot = gt[which]
         boxes[i] = _noised(gt_of_slot, positive, noise_scale)
-        content[i] = _features_at(memory[i], boxes[i], shapes)
+        content[i] = _features_at(memory[i], boxes[i], shapes, anchor_size)
         positives.append((slot[positive], which[positive]) if n else (slot[:0], slot[:0]))
     return content.detach(), inverse_sigmoid(boxes), positives
 
@@ -92,10 +92,10 @@ def _noised(boxes: Tensor, positive: Tensor, scale: float) -> Tensor:
     return torch.cat([out[:, :2].clamp(1e-3, 1 - 1e-3), out[:, 2:].clamp(min=1e-3)], dim=-1)
 
 
-def _features_at(memory: Tensor, boxes: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+def _features_at(memory: Tensor, boxes: Tensor, shapes: list[tuple[int, int]], anchor_size: float) -> Tensor:
     """``memory [N, d]`` rows at each box's centre, on the level whose anchor size is nearest the box."""
     size = boxes[:, 2:].max(dim=-1).values.clamp(min=1e-6)
-    level = torch.round(torch.log2(size / ANCHOR_SIZE)).clamp(0, len(shapes) - 1).long()
+    level = torch.round(torch.log2(size / anchor_size)).clamp(0, len(shapes) - 1).long()
     offsets = torch.tensor([0, *[h * w for h, w in shapes]], device=memory.device).cumsum(0)[:-1]
     heights = torch.tensor([h for h, _ in shapes], device=memory.device)[level]
     widths = torch.tensor([w for _, w in shapes], device=memory.device)[level]
