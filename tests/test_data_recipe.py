@@ -12,12 +12,15 @@ import pytest
 from decodet.data.coco import ImageRecord
 from decodet.engine.data_recipe import (
     AMP_MIN_STEPS,
+    MIN_IMGSZ,
+    SHRINK_OBJECT_PX,
     DataStats,
     apply_data_recipe,
     augment_for,
     choose_amp,
     choose_imgsz,
     choose_query_grid,
+    size_step,
 )
 from decodet.engine.run_plan import EMA_DECAY_MAX, ema_decay_for
 from decodet.engine.train_config import TrainConfig, resolve
@@ -46,14 +49,39 @@ def test_stats_read_the_records() -> None:
 
 
 def test_image_size_follows_the_smallest_boxes() -> None:
-    size, why = choose_imgsz(320, stats(long_side=256))
-    assert size == 320 and "above the images' median long side of 256 px" in why  # the bundled set
-    assert choose_imgsz(320, stats(long_side=1280, box_side_p10=80))[0] == 320  # boxes big enough at 320
+    size, why = choose_imgsz(320, stats(long_side=1280, box_side_p10=48))  # 12 px at 320: kept
+    assert size == 320 and "a tenth of the boxes are 12 px or more there" in why
     size, why = choose_imgsz(320, stats(long_side=1280, box_side_p10=16))  # 4 px at 320 -> 640 (the cap)
     assert size == 640 and "under 4.0 px" in why
     assert choose_imgsz(320, stats(long_side=480, box_side_p10=6))[0] == 480  # never past the images' side
     assert choose_imgsz(320, stats(long_side=1280, box_side_p10=28))[0] == 384  # 7 px -> 8 px at 384 (x32)
     assert choose_imgsz(320, stats(long_side=250, box_side_p10=3))[0] == 320  # small images: the preset's
+    assert choose_imgsz(320, stats(long_side=256, box_side_p10=0))[0] == 320  # no boxes: the preset's
+
+
+def test_image_size_shrinks_while_the_smallest_boxes_stay_wide_enough() -> None:
+    size, why = choose_imgsz(320, stats(long_side=1280, box_side_p10=160))  # 40 px at 320 -> 20 at 160
+    assert size == 160 and "a tenth of the boxes are 20 px or more there (40 at the preset's 320" in why
+    assert "0.25x the pixels per step" in why
+    assert choose_imgsz(320, stats(long_side=1280, box_side_p10=80))[0] == 320  # 20 px: 12 would need 192
+    assert choose_imgsz(320, stats(long_side=1280, box_side_p10=80), step=64)[0] == 192  # another query grid
+    assert choose_imgsz(320, stats(long_side=256, box_side_p10=19.4))[0] == 160  # the bundled set: 24 px at 320
+    assert choose_imgsz(320, stats(long_side=256, box_side_p10=32))[0] == 160  # large boxes
+    assert choose_imgsz(320, stats(long_side=320, box_side_p10=13.5))[0] == 320  # the photo set: 13.5 px, kept
+    assert choose_imgsz(320, stats(long_side=320, box_side_p10=6))[0] == 320  # the small set: kept
+    # the size steps keep the stride-16 memory a whole multiple of the query grid
+    assert (size_step((10, 10)), size_step((11, 11)), size_step((4, 4))) == (160, 352, 64)
+    size, why = choose_imgsz(320, stats(long_side=256, box_side_p10=32), short=False)  # a long run: not measured
+    assert size == 320 and "the preset's on a long run" in why
+    long_run = TrainConfig(model="deco_tiny", time_budget_min=60)
+    assert apply_data_recipe(long_run, resolve(long_run), stats(long_side=256, box_side_p10=32)).imgsz == 320
+    short = TrainConfig(model="deco_tiny", time_budget_min=5)
+    assert apply_data_recipe(short, resolve(short), stats(long_side=256, box_side_p10=32)).imgsz == 160
+    for p10 in np.linspace(0.5, 200, 97):  # never below the floor, never a box under the limit made by shrinking
+        size = choose_imgsz(320, stats(long_side=320, box_side_p10=float(p10)))[0]
+        assert size % 32 == 0 and size >= MIN_IMGSZ
+        if size < 320:
+            assert p10 * size / 320 >= SHRINK_OBJECT_PX and size % 160 == 0
 
 
 def test_augmentation_follows_the_run_length_then_the_split_size() -> None:
@@ -104,6 +132,7 @@ def test_unset_options_are_chosen_given_ones_stay(caplog) -> None:
     given = TrainConfig(model="deco_tiny", time_budget_min=5)
     with caplog.at_level(logging.INFO, logger="decodet.engine.data_recipe"):
         cfg = apply_data_recipe(given, resolve(given), crowded)
+    # (the grown grid allows no smaller size whose memory is a whole multiple of it: the preset's 320)
     assert cfg.imgsz == 320 and (cfg.zoom, cfg.shift, cfg.jitter) == (0.0, 0.0, 0.0) and cfg.amp == "auto"
     grid = cfg.model_overrides["query_grid"]
     assert grid[0] * grid[1] >= 160 and cfg.model_overrides["num_top_queries"] == grid[0] * grid[1]
@@ -150,11 +179,11 @@ def test_a_run_logs_and_records_its_choices(tmp_path: Path, caplog) -> None:
     with caplog.at_level(logging.INFO):
         train(cfg)
     text = caplog.text
-    assert "data recipe: image size 320: the preset's, above the images' median long side of 96 px" in text
+    assert "data recipe: image size 160: a tenth of the boxes are" in text  # 96 px images of large boxes
     assert (
         "data recipe: augmentation a flip only: a run of 1 epochs" in text
         and "data recipe: precision none: a run of 2 steps" in text
     )
     saved = TrainConfig.load(tmp_path / "runs" / "t" / "train_config.yaml")
-    assert (saved.imgsz, saved.zoom, saved.amp) == (320, 0.0, "none")
+    assert (saved.imgsz, saved.zoom, saved.amp) == (160, 0.0, "none")
     assert saved.ema_decay == pytest.approx(ema_decay_for(2), abs=1e-6) and saved.fit_schedule is False

@@ -187,6 +187,14 @@ CONFIGS: dict[str, list[str]] = {
     # one setting of the demo's recipe at a time on top of the default path (what separates the two)
     "bs8": ["--batch-size", "8"],
     "ema-demo": ["--ema-decay", "0.995", "--ema-warmup", "100"],
+    # on top of the default path: denoising query grids (DN-DETR / DINO, DECO+ frame), a higher rate, the
+    # images' own size
+    "dn": ["--set", "denoising=1"],
+    "lr2x": ["--lr", "2e-3", "--lr-backbone", "2e-3"],
+    "imgsz256": ["--imgsz", "256"],
+    "imgsz224": ["--imgsz", "224"],
+    "imgsz192": ["--imgsz", "192"],
+    "imgsz160": ["--imgsz", "160"],
     "imgsz320": ["--imgsz", "320"],
 }
 COLUMNS = ("AP", "AP50", "APs", "steps", "train min", "wall min")

@@ -5,11 +5,14 @@ split's statistics and the run's planned length, each logged in one line with it
 can take; every flag still overrides (a choice is made only where the option was not given).  The
 choices, for a fresh run (a resumed run keeps its saved, already chosen, config):
 
-* **image size** (the ``light`` recipe, ``--imgsz``): the preset's (320 for ``deco_tiny``), also for
-  smaller images (an earlier session measured the bundled 256 px set better at 320 than at its own
-  size in 3 minutes; its runs were lost and this was not re-measured); raised, up to the images'
-  median long side and at most :data:`MAX_IMGSZ`, when a tenth of the boxes would be under
-  :data:`MIN_OBJECT_PX` pixels across.
+* **image size** (the ``light`` recipe, ``--imgsz``): the preset's (320 for ``deco_tiny``), raised, up to
+  the images' median long side and at most :data:`MAX_IMGSZ`, when a tenth of the boxes would be under
+  :data:`MIN_OBJECT_PX` pixels across; lowered, to at least :data:`MIN_IMGSZ`, while a tenth of the boxes
+  stay :data:`SHRINK_OBJECT_PX` or more, on a short run (as for augmentation, below; long runs are not
+  measured and keep the preset's size).  A step's cost follows the pixels, and on a short run more steps
+  beat more pixels per object: in 5 minutes on a 2-core AVX2 EPYC, the ``fewshot`` set reached AP 0.153 at
+  160 px (552 steps) against 0.036 at 320 (198 steps), the bundled set 0.105 against 0.046
+  (docs/convergence.md).
 * **augmentation strength** (``light``: ``--zoom``, ``--shift``, ``--jitter``): a flip only for a short
   run (a time budget under :data:`AUGMENT_MIN_MINUTES` minutes, or fewer than :data:`AUGMENT_MIN_EPOCHS`
   epochs), where random zoom only slows fitting (the 300-image ``fewshot`` set in 3 minutes: AP 0.104 with
@@ -50,6 +53,8 @@ log = logging.getLogger(__name__)
 
 MIN_OBJECT_PX = 8.0  # a tenth of the boxes at least this wide (square root of the area) at the training size
 MAX_IMGSZ = 640  # the largest square the recipe picks by itself (CPU-sized runs)
+SHRINK_OBJECT_PX = 12.0  # a smaller square while a tenth of the boxes stay at least this wide (1.5 cells at stride 8)
+MIN_IMGSZ = 160  # ... down to this (5x5 cells on the coarsest level, stride 32)
 QUERIES_PER_OBJECT = 1.0  # queries per object of a crowded image (its 99th percentile), when it outgrows the preset
 AMP_MIN_MINUTES = 2.0  # a run shorter than this (or than AMP_MIN_STEPS) trains in fp32 without timing bf16 ...
 AMP_MIN_STEPS = 300  # ... the probe costs about 12 training steps and up to 8 s
@@ -99,15 +104,7 @@ def apply_data_recipe(given: TrainConfig, cfg: TrainConfig, stats: DataStats, lo
     log line per choice with its reason (``log_choices``: on rank 0)."""
     changes: dict[str, Any] = {}
     lines: list[str] = []
-    if cfg.transforms == "light":
-        if given.imgsz is None:
-            changes["imgsz"], why = choose_imgsz(cfg.imgsz, stats)
-            lines.append(f"image size {changes['imgsz']}: {why}")
-        if given.zoom is None and given.shift is None and given.jitter is None:
-            (zoom, shift, jitter), why = augment_for(stats.images, cfg)
-            changes.update(zoom=zoom, shift=shift, jitter=jitter)
-            what = "a flip only" if not zoom else f"zoom {zoom:g}, shift {shift:g}, colour jitter {jitter:g}"
-            lines.append(f"augmentation {what}: {why}")
+    queries_line = None
     if "query_grid" not in given.model_overrides and not given.weights:
         grid = choose_query_grid(cfg, stats)
         if grid is not None:
@@ -116,10 +113,23 @@ def apply_data_recipe(given: TrainConfig, cfg: TrainConfig, stats: DataStats, lo
             if _has_field(cfg, "num_top_queries") and "num_top_queries" not in given.model_overrides:
                 overrides["num_top_queries"] = max(qh * qw, int(get_config(cfg.model).num_top_queries))
             changes["model_overrides"] = {**cfg.model_overrides, **overrides}
-            lines.append(
+            queries_line = (
                 f"queries {qh * qw} ({qh}x{qw}, preset {preset_q}): crowded images hold {stats.boxes_p99:.0f} boxes "
                 f"(99th percentile), {QUERIES_PER_OBJECT:g} queries per object"
             )
+    if cfg.transforms == "light":
+        if given.imgsz is None:
+            grid = changes.get("model_overrides", {}).get("query_grid") or _preset_grid(cfg)
+            step = size_step(grid)
+            changes["imgsz"], why = choose_imgsz(cfg.imgsz, stats, short=short_run(cfg) is not None, step=step)
+            lines.append(f"image size {changes['imgsz']}: {why}")
+        if given.zoom is None and given.shift is None and given.jitter is None:
+            (zoom, shift, jitter), why = augment_for(stats.images, cfg)
+            changes.update(zoom=zoom, shift=shift, jitter=jitter)
+            what = "a flip only" if not zoom else f"zoom {zoom:g}, shift {shift:g}, colour jitter {jitter:g}"
+            lines.append(f"augmentation {what}: {why}")
+    if queries_line:
+        lines.append(queries_line)
     if given.amp is None:
         changes["amp"], why = choose_amp(cfg, stats)
         lines.append(f"precision {changes['amp']}: {why}")
@@ -129,8 +139,11 @@ def apply_data_recipe(given: TrainConfig, cfg: TrainConfig, stats: DataStats, lo
     return dataclasses.replace(cfg, **changes)
 
 
-def choose_imgsz(preset: int, stats: DataStats) -> tuple[int, str]:
-    """The training square for the light recipe, and why."""
+def choose_imgsz(preset: int, stats: DataStats, short: bool = True, step: int = 160) -> tuple[int, str]:
+    """The training square for the light recipe, and why: raised where a tenth of the boxes would be under
+    :data:`MIN_OBJECT_PX` at the preset's size; on a ``short`` run (:func:`short_run`), lowered in multiples of
+    ``step`` (:func:`size_step`; at least :data:`MIN_IMGSZ`) while a tenth of them stay
+    :data:`SHRINK_OBJECT_PX` or more."""
     small = stats.box_side_p10 * preset / max(stats.long_side, 1.0)
     native = _round_up(stats.long_side, 32)
     if 0 < small < MIN_OBJECT_PX and native > preset:
@@ -139,18 +152,36 @@ def choose_imgsz(preset: int, stats: DataStats) -> tuple[int, str]:
             f"a tenth of the boxes would be under {small:.1f} px at the preset's {preset}; "
             f"the images' median long side is {stats.long_side:.0f} px"
         )
-    if native < preset:  # see the module docstring (not re-measured)
-        return preset, f"the preset's, above the images' median long side of {stats.long_side:.0f} px"
+    if short and small > SHRINK_OBJECT_PX:
+        size = max(MIN_IMGSZ, _round_up(preset * SHRINK_OBJECT_PX / small, step))
+        if size < preset:
+            return size, (
+                f"a tenth of the boxes are {small * size / preset:.0f} px or more there ({small:.0f} at the preset's "
+                f"{preset}; at least {SHRINK_OBJECT_PX:g} kept): {(size / preset) ** 2:.2f}x the pixels per step"
+            )
+    if not short and small > SHRINK_OBJECT_PX:
+        return preset, f"the preset's on a long run (smaller, to keep {SHRINK_OBJECT_PX:g} px boxes, on short ones)"
+    if native < preset:
+        return preset, f"the preset's; a tenth of the boxes are under {SHRINK_OBJECT_PX:g} px below it"
     return preset, f"the preset's; a tenth of the boxes are {small:.0f} px or more there"
+
+
+def short_run(cfg: TrainConfig) -> str | None:
+    """Why ``cfg`` (resolved) is a short run (a time budget under :data:`AUGMENT_MIN_MINUTES` minutes, or fewer
+    than :data:`AUGMENT_MIN_EPOCHS` epochs without one), or ``None`` for a long one."""
+    if cfg.time_budget_min is not None and cfg.time_budget_min < AUGMENT_MIN_MINUTES:
+        return f"a {cfg.time_budget_min:g}-minute run (augmenting from {AUGMENT_MIN_MINUTES:g})"
+    if cfg.time_budget_min is None and cfg.epochs < AUGMENT_MIN_EPOCHS:
+        return f"a run of {cfg.epochs} epochs (augmenting from {AUGMENT_MIN_EPOCHS})"
+    return None
 
 
 def augment_for(images: int, cfg: TrainConfig) -> tuple[tuple[float, float, float], str]:
     """``(zoom, shift, jitter)`` of the light recipe for a training split of ``images`` and the run ``cfg``
     (resolved), and why."""
-    if cfg.time_budget_min is not None and cfg.time_budget_min < AUGMENT_MIN_MINUTES:
-        return (0.0, 0.0, 0.0), f"a {cfg.time_budget_min:g}-minute run (augmenting from {AUGMENT_MIN_MINUTES:g})"
-    if cfg.time_budget_min is None and cfg.epochs < AUGMENT_MIN_EPOCHS:
-        return (0.0, 0.0, 0.0), f"a run of {cfg.epochs} epochs (augmenting from {AUGMENT_MIN_EPOCHS})"
+    why = short_run(cfg)
+    if why is not None:
+        return (0.0, 0.0, 0.0), why
     for limit, values in AUGMENT_BY_SIZE:
         if images < limit:
             return values, f"{images} training images"
@@ -183,6 +214,13 @@ def choose_amp(cfg: TrainConfig, stats: DataStats) -> tuple[str, str]:
     if steps >= AMP_MIN_STEPS:
         return "auto", f"a run of {steps} steps: bf16 and fp32 are timed at the start"
     return "none", f"a run of {steps} steps is too short to time bf16 against fp32"
+
+
+def size_step(grid: Sequence[int]) -> int:
+    """The sizes a shrunk square takes: multiples of 32 whose stride-16 map (DECO+'s decoder memory) is a
+    whole multiple of the query grid's sides, so that every query pools the same number of memory cells.
+    Between them, 224 (for a 10x10 grid) measured worse than both 160 and 320 on two sets (docs/convergence.md)."""
+    return math.lcm(32, *(16 * int(g) for g in grid))
 
 
 def _preset_grid(cfg: TrainConfig) -> tuple[int, int]:
