@@ -187,8 +187,8 @@ CONFIGS: dict[str, list[str]] = {
     # one setting of the demo's recipe at a time on top of the default path (what separates the two)
     "bs8": ["--batch-size", "8"],
     "ema-demo": ["--ema-decay", "0.995", "--ema-warmup", "100"],
-    # on top of the default path: denoising query grids (DN-DETR / DINO, DECO+ frame), a higher rate, the
-    # images' own size
+    # on top of the default path: denoising query grids (DN-DETR / DINO, DECO+ frame), a higher rate, or one
+    # training size (the data recipe's own choice of it overridden)
     "dn": ["--set", "denoising=1"],
     "lr2x": ["--lr", "2e-3", "--lr-backbone", "2e-3"],
     "imgsz256": ["--imgsz", "256"],

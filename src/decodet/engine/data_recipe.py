@@ -119,8 +119,7 @@ def apply_data_recipe(given: TrainConfig, cfg: TrainConfig, stats: DataStats, lo
             )
     if cfg.transforms == "light":
         if given.imgsz is None:
-            grid = changes.get("model_overrides", {}).get("query_grid") or _preset_grid(cfg)
-            step = size_step(grid)
+            step = size_step(_preset_grid(dataclasses.replace(cfg, **changes)))  # the grid chosen above, if any
             changes["imgsz"], why = choose_imgsz(cfg.imgsz, stats, short=short_run(cfg) is not None, step=step)
             lines.append(f"image size {changes['imgsz']}: {why}")
         if given.zoom is None and given.shift is None and given.jitter is None:
