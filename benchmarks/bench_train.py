@@ -12,6 +12,10 @@ are random images with 1-12 random boxes each (speed does not depend on content)
 
     python benchmarks/bench_train.py                       # deco_tiny and deco_r18, 512x512, batch 4
     python benchmarks/bench_train.py --models deco_r18 --size 512 --batch 4 --threads 2
+    python benchmarks/bench_train.py --models deco_tiny --size 160 --batch 8 --layout-ab  # channels-last vs not
+
+``--layout-ab`` times each model and precision in the contiguous layout and in channels-last (model and
+input, as ``decodet train`` does on a CPU by default), alternating, and prints the ratio.
 
 For reference (quoted in issue 3, measured on this machine kind with 2 threads): the authors'
 DECO-R18 code trains at 1.59 images/s in fp32 and 2.37 with bf16 autocast.
@@ -74,14 +78,18 @@ def _timed(call) -> float:
     return time.perf_counter() - t0
 
 
-def measure(name: str, size: int, batch: int, amp: bool, warmup: int, iters: int) -> float:
+def measure(name: str, size: int, batch: int, amp: bool, warmup: int, iters: int, channels_last: bool = False) -> float:
     """Median images/s over ``iters`` steps after ``warmup`` steps."""
     gen = torch.Generator().manual_seed(0)
     model = decodet.build_model(name, num_classes=80).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     criterion = decodet.build_criterion(model.config)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=True)
     images, targets = _batch(batch, size, 80, gen)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
     times = []
     for i in range(warmup + iters):
@@ -106,8 +114,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--layout-ab", action="store_true", help="contiguous against channels-last, side by side")
+    p.add_argument("--rounds", type=int, default=3, help="--layout-ab: alternating rounds (the median is kept)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.layout_ab:
+        layout_ab(args)
+        return
     peak = peaks()
     print(f"training throughput, {args.size}x{args.size}, batch {args.batch}, {args.threads} threads")
     print("matmul peaks: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items()))
@@ -124,6 +137,21 @@ def main() -> None:
             f"{bf16:>12.2f}{g16:>12.1f}{p16}{bf16 / fp32:>10.2f}x{fp32 / 1.59:>13.2f}x",
             flush=True,
         )
+
+
+def layout_ab(args: argparse.Namespace) -> None:
+    """ms per step, contiguous against channels-last, in alternating rounds (a busy machine slows both)."""
+    print(f"training step, {args.size}x{args.size}, batch {args.batch}, {args.threads} threads, {args.rounds} rounds")
+    print(f"{'model':<14}{'precision':>10}{'contiguous ms':>15}{'channels-last ms':>18}{'ratio':>8}")
+    for name in args.models:
+        for amp in (False, True):
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for _ in range(args.rounds):
+                for cl in (False, True):
+                    ips = measure(name, args.size, args.batch, amp, args.warmup, args.iters, channels_last=cl)
+                    times[cl].append(1000 * args.batch / ips)
+            a, b = statistics.median(times[False]), statistics.median(times[True])
+            print(f"{name:<14}{'bf16' if amp else 'fp32':>10}{a:>15.1f}{b:>18.1f}{a / b:>7.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """What a run is built from: its datasets and their transforms (unreadable images skipped with a
-warning), the model config, the training loader; under DDP, which parameters get no gradient."""
+warning), the model config, the training loader, the memory layout; under DDP, which parameters get no gradient."""
 
 from __future__ import annotations
 
@@ -103,3 +103,11 @@ def probe_unused(model: nn.Module, criterion: nn.Module, dataset: Dataset, devic
     if unused:
         log.debug("parameters without gradient (DDP find_unused_parameters on): %s", unused[:5])
     return unused
+
+
+def channels_last_for(device: torch.device) -> bool:
+    """Whether a run on ``device`` trains in channels-last layout when its config leaves it unset: on a CPU,
+    where oneDNN's convolutions then skip their layout reorders (``deco_tiny``, batch 8, 2-core Zen 4: a bf16
+    step at 160 px 196 -> 178 ms, at 256 px 284 -> 250 ms; fp32 at 160 px 308 -> 202 ms; docs/benchmarks.md);
+    not on CUDA, where it is not measured."""
+    return device.type == "cpu"

@@ -51,7 +51,14 @@ from decodet.engine.early_stopping import EarlyStopping
 from decodet.engine.metrics_log import MetricsLogger, log_run_start, plot_curves
 from decodet.engine.optim import build_optimizer
 from decodet.engine.run_plan import build_schedule
-from decodet.engine.run_setup import add_transforms, build_train_loader, open_train_set, probe_unused, run_model_config
+from decodet.engine.run_setup import (
+    add_transforms,
+    build_train_loader,
+    channels_last_for,
+    open_train_set,
+    probe_unused,
+    run_model_config,
+)
 from decodet.engine.seeding import epoch_seed, get_rng_state, seed_everything, set_determinism, set_rng_state
 from decodet.engine.tensorboard import TensorBoardLogger, require_tensorboard
 from decodet.engine.train_config import TrainConfig, resolve
@@ -132,6 +139,8 @@ class Trainer:
         cfg = faults.continue_elastic_run(cfg)  # restarted by torchrun: resume the job's run folder
         state = load_state(cfg.resume) if cfg.resume else None
         self.cfg = resolve(cfg)  # what the user left unset (``cfg``) is sized to the run
+        if self.cfg.channels_last is None:  # a resumed run's saved config already holds its choice
+            self.cfg = dataclasses.replace(self.cfg, channels_last=channels_last_for(self.device))
         return cfg, state
 
     def _build_model(self, given: TrainConfig, state: dict[str, Any] | None) -> None:
