@@ -107,7 +107,7 @@ def probe_unused(model: nn.Module, criterion: nn.Module, dataset: Dataset, devic
 
 def channels_last_for(device: torch.device) -> bool:
     """Whether a run on ``device`` trains in channels-last layout when its config leaves it unset: on a CPU,
-    where oneDNN's convolutions then skip their layout reorders (``deco_tiny``, batch 8, 2-core Zen 4: a bf16
-    step at 160 px 196 -> 178 ms, at 256 px 284 -> 250 ms; fp32 at 160 px 308 -> 202 ms; docs/benchmarks.md);
-    not on CUDA, where it is not measured."""
+    where oneDNN's convolutions then skip their layout reorders (``deco_tiny``, batch 8, 2-core Zen 4,
+    ``benchmarks/bench_train.py --layout-ab``: fp32 steps 1.09x faster at 160 px, 1.12x at 256; bf16 1.05x and
+    1.03x; docs/benchmarks.md); not on CUDA, where it is not measured."""
     return device.type == "cpu"
