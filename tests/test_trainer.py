@@ -131,6 +131,13 @@ def test_cli_flags_override_config_file(tmp_path: Path) -> None:
     assert parse_train_args(["--ema"]).ema is True
 
 
+def test_key_value_flags_read_exponents_as_numbers() -> None:
+    """YAML 1.1 reads ``2e-3`` (no dot) as a string; ``--set`` and ``--loss`` read it as the number it is."""
+    cfg = parse_train_args(["--loss", "eos_coef=2e-3", "--set", "drop_path=1E-1", "--set", "backbone=resnet18"])
+    assert cfg.loss_overrides == {"eos_coef": 0.002} and isinstance(cfg.loss_overrides["eos_coef"], float)
+    assert cfg.model_overrides == {"drop_path": 0.1, "backbone": "resnet18"}
+
+
 def test_recipe_depends_on_pretrained_backbone() -> None:
     deco = train_recipe("deco_r50", pretrained=True)
     assert (deco["lr"], deco["lr_backbone"], deco["lr_encoder"], deco["schedule"]) == (1e-4, 1e-5, 1e-5, "step")

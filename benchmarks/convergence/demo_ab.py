@@ -24,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from decodet.demo import DATA, MINUTES, demo_config
+from decodet.engine.train_config import parse_key_value
 from decodet.engine.trainer import PLOTS_DIR, train
+from decodet.io.atomic import atomic_write_text
 
 
 def background_fp(run_dir: Path) -> dict[str, int]:
@@ -57,16 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         from decodet.data.synthetic import generate_synthetic
 
         generate_synthetic(args.data, **DATA)
-    changes = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):  # YAML 1.1 reads 2e-3 (no dot) as a string
-            try:
-                parsed = float(parsed)
-            except ValueError:
-                pass
-        changes[key] = parsed
+    changes = dict(parse_key_value(item) for item in args.set)
     cfg = dataclasses.replace(demo_config(Path(args.data), out / args.name, args.minutes, None), **changes)
     start = time.monotonic()
     metrics = train(cfg)
@@ -85,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         "background_fp_mean": sum(fp.values()) / max(len(fp), 1),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
     }
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, result_path)
+    atomic_write_text(result_path, json.dumps(result, indent=1))
     print(json.dumps(result))
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -264,11 +265,19 @@ def _none_or(kind: Any) -> Any:
     return parse
 
 
-def _key_value(text: str) -> tuple[str, Any]:
+def parse_key_value(text: str) -> tuple[str, Any]:
+    """``"KEY=VALUE"`` -> ``(KEY, VALUE read as YAML)``, with ``2e-3`` a number (YAML 1.1, which PyYAML
+    follows, reads an exponent without a dot as a string)."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str) and _EXPONENT.fullmatch(parsed.strip()):
+        parsed = float(parsed)
+    return key.strip(), parsed
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 # fields whose None default is filled by the preset's recipe (decodet.registry.train_recipe)
@@ -332,7 +341,7 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         if f.name in ("model_overrides", "loss_overrides"):
             option = "--set" if f.name == "model_overrides" else "--loss"
             parser.add_argument(
-                option, dest=f.name, metavar="KEY=VALUE", type=_key_value, action="append",
+                option, dest=f.name, metavar="KEY=VALUE", type=parse_key_value, action="append",
                 default=argparse.SUPPRESS, help=_HELP[f.name],
             )  # fmt: skip
             continue
