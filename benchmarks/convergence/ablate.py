@@ -190,6 +190,9 @@ CONFIGS: dict[str, list[str]] = {
     # on top of the default path: denoising query grids (DN-DETR / DINO, DECO+ frame), a higher rate, or one
     # training size (the data recipe's own choice of it overridden)
     "dn": ["--set", "denoising=1"],
+    # dense one-to-many supervision of DECO+'s encoder head (decodet.losses.dense), k positions per box
+    "dense10": ["--set", "dense_aux=10"],
+    "dense4": ["--set", "dense_aux=4"],
     "lr2x": ["--lr", "2e-3", "--lr-backbone", "2e-3"],
     "imgsz256": ["--imgsz", "256"],
     "imgsz224": ["--imgsz", "224"],

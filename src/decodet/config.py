@@ -82,6 +82,10 @@ class DecoPlusConfig:
     # noised ground-truth boxes, each to be reconstructed (positives) or rejected (negatives);
     # decodet.models.denoising.  0 = off (the published presets).  Inference is unchanged.
     denoising: int = 0
+    # An auxiliary dense head (Co-DETR's idea, TOOD's assignment), training only: a separate head scores
+    # every encoder position and each target is assigned to up to this many of them (decodet.losses.dense).
+    # 0 = off (the published presets).  Inference never runs it; predictions are unchanged.
+    dense_aux: int = 0
     # Where the selected queries sit on the decoder's grid: "score" (the release: row-major
     # in top-k order) or "spatial" (rows by reference-box centre y, each row by x, so a
     # query's grid cell follows its box, as DECO's fixed query grid does).

@@ -24,6 +24,7 @@ _DECO: dict[str, Any] = dict(
     cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, matcher_alpha=0.25, matcher_gamma=2.0,  # the matching
     one_to_many=0, o2m_weight=1.0,  # the hybrid branch
     dn_weight=1.0,  # the denoising queries' terms (when the model has them)
+    dense_aux=0, dense_weight=1.0,  # the dense encoder assignment (decodet.losses.dense)
 )  # fmt: skip
 _DEFAULT_ALPHA = {"focal": 0.25, "vfl": 0.75, "mal": 1.0}  # DEIM's MAL leaves the negatives unscaled
 _RECIPES: dict[str, dict[str, Any]] = {
@@ -48,6 +49,8 @@ def criterion_options(name_or_config: Any) -> dict[str, Any]:
     options = dict(_RECIPES[arch])
     if getattr(name_or_config, "one_to_many", 0):  # the model trains a hybrid-matching group
         options["one_to_many"] = int(name_or_config.one_to_many)
+    if getattr(name_or_config, "dense_aux", 0):  # the model outputs every encoder position's predictions
+        options["dense_aux"] = int(name_or_config.dense_aux)
     return options
 
 
@@ -57,7 +60,8 @@ def build_criterion(name_or_config: Any, **overrides: Any) -> SetCriterion:
     ``arch == "deco"`` gives the focal setup, ``"decoplus"`` the varifocal one.  ``overrides``: any
     key of :func:`criterion_options` (``use_vfl``: the IoU-aware varifocal class loss; ``class_loss``:
     ``"focal"``, ``"vfl"`` or ``"mal"`` by name, overriding ``use_vfl``; ``alpha=None``: 0.25 for focal,
-    0.75 for varifocal, 1 for MAL; ``one_to_many``: k of the hybrid branch, 0 = off).
+    0.75 for varifocal, 1 for MAL; ``one_to_many``: k of the hybrid branch, 0 = off; ``dense_aux``: k of the
+    dense encoder assignment, 0 = off).
     """
     options = criterion_options(name_or_config)
     reject_unknown(overrides, options, "criterion option(s)")
@@ -82,4 +86,6 @@ def build_criterion(name_or_config: Any, **overrides: Any) -> SetCriterion:
         one_to_many=int(options["one_to_many"]),
         o2m_weight=float(options["o2m_weight"]),
         dn_weight=float(options["dn_weight"]),
+        dense_aux=int(options["dense_aux"]),
+        dense_weight=float(options["dense_weight"]),
     )

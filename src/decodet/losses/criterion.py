@@ -16,6 +16,10 @@ Denoising queries (DN-DETR, training only; ``decodet.models.denoising``): a mode
 indices, target indices)``). Those queries are not matched: each positive is supervised on its own box, every
 other denoising query as background, with the same losses, normalised by the positives' count (each box
 appears once per group) and scaled by ``dn_weight``, averaged over grids, under ``*_dn`` names.
+Dense one-to-many supervision of DECO+'s encoder head (Co-DETR's idea, training only; ``dense_aux = k > 0``):
+a model may output ``enc_dense`` (every encoder position's predictions and anchors); each target is assigned
+to up to ``k`` positions (``decodet.losses.dense``) and those get the same losses, normalised by the number
+of assigned positions and scaled by ``dense_weight``, under ``*_dense`` names.
 Optional matchability-aware loss (DEIM's MAL, ``class_loss="mal"``, a training-time choice): like varifocal,
 but the matched class's target is IoU**gamma with weight 1 (a poorly matched positive still pulls its score
 up), and the negatives are weighted by p**gamma (times ``alpha``, 1 by default).
@@ -33,6 +37,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, sigmoid_focal_loss
 
 from decodet.errors import DecodetError
+from decodet.losses.dense import dense_assign
 from decodet.losses.matcher import HungarianMatcher, Indices
 
 logger = logging.getLogger(__name__)
@@ -64,7 +69,8 @@ class SetCriterion(nn.Module):
             matchability-aware loss; module docstring).
         alpha, gamma: of the class loss (0.25 / 2 for focal, 0.75 / 2 for varifocal, 1 / 2 for MAL).
         one_to_many: ``k`` of the optional one-to-many branch (0: off), its terms scaled by ``o2m_weight``.
-        dn_weight: the scale of the denoising terms (when the model outputs them)."""
+        dn_weight: the scale of the denoising terms (when the model outputs them).
+        dense_aux: ``k`` of the dense encoder assignment (0: off), its terms scaled by ``dense_weight``."""
 
     def __init__(
         self,
@@ -78,6 +84,8 @@ class SetCriterion(nn.Module):
         one_to_many: int = 0,
         o2m_weight: float = 1.0,
         dn_weight: float = 1.0,
+        dense_aux: int = 0,
+        dense_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if class_loss not in CLASS_LOSSES:
@@ -92,12 +100,18 @@ class SetCriterion(nn.Module):
         self.one_to_many = one_to_many
         self.o2m_weight = o2m_weight
         self.dn_weight = dn_weight
+        if dense_aux < 0:
+            raise DecodetError(f"dense_aux must be >= 0, got {dense_aux}")
+        self.dense_aux = dense_aux
+        self.dense_weight = dense_weight
         self._warned_no_o2m = False
+        self._warned_no_dense = False
 
     def extra_repr(self) -> str:
         return (
             f"class_loss={self.class_loss}, weights={self.weights}, alpha={self.alpha}, gamma={self.gamma}, "
-            f"one_to_many={self.one_to_many}, o2m_weight={self.o2m_weight}, dn_weight={self.dn_weight}"
+            f"one_to_many={self.one_to_many}, o2m_weight={self.o2m_weight}, dn_weight={self.dn_weight}, "
+            f"dense_aux={self.dense_aux}, dense_weight={self.dense_weight}"
         )
 
     def forward(self, outputs: dict, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -143,6 +157,7 @@ class SetCriterion(nn.Module):
             for name, value in terms.items():
                 losses[name + suffix] = value * (self.weights[name] * scale)
         self._denoising_losses(outputs, flat, num_boxes, sum(sizes), losses)
+        self._dense_losses(outputs, targets, flat, losses)
         losses["loss"] = torch.stack(list(losses.values())).sum()
         return losses
 
@@ -160,6 +175,26 @@ class SetCriterion(nn.Module):
                     term = value * (self.weights[name] * self.dn_weight / len(grids))
                     key = f"{name}_dn{suffix}"
                     losses[key] = losses[key] + term if key in losses else term
+
+    def _dense_losses(
+        self, outputs: dict, targets: list[dict[str, Tensor]], flat: _FlatTargets, losses: dict[str, Tensor]
+    ) -> None:
+        """Add the ``*_dense`` terms of the encoder's every position (module docstring) to ``losses``."""
+        if self.dense_aux <= 0:
+            return
+        dense = outputs.get("enc_dense")
+        if dense is None:
+            if not self._warned_no_dense:
+                logger.warning("dense_aux=%d but the model outputs no enc_dense; skipping", self.dense_aux)
+                self._warned_no_dense = True
+            return
+        indices = dense_assign(
+            dense["pred_logits"], dense["pred_boxes"], dense["centres"], dense["cells"], dense["valid"],
+            targets, self.dense_aux,
+        )  # fmt: skip
+        positives = _mean_count(float(sum(len(q) for q, _ in indices)), dense["pred_logits"].device)
+        for name, value in self._group_losses(dense, flat, indices, max(positives, 1.0)).items():
+            losses[f"{name}_dense"] = value * (self.weights[name] * self.dense_weight)
 
     def _match(self, groups: list, targets: list[dict[str, Tensor]]) -> list[Indices]:
         """Match every group; groups with the same ``k`` share one cost computation."""
@@ -243,7 +278,12 @@ def _check_targets(targets: Sequence[dict[str, Tensor]], batch: int, num_classes
 
 def _num_boxes(targets: Sequence[dict[str, Tensor]], device: torch.device) -> float:
     """Target boxes per process: the batch's count, averaged over processes when distributed (unclamped)."""
-    count = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    return _mean_count(float(sum(len(t["labels"]) for t in targets)), device)
+
+
+def _mean_count(value: float, device: torch.device) -> float:
+    """A per-process count averaged over processes when distributed (as is, otherwise)."""
+    count = torch.tensor([value], device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(count)
         count = count / torch.distributed.get_world_size()

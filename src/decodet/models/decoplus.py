@@ -123,9 +123,13 @@ class DecoPlusDecoder(nn.Module):
         one_to_many: int = 0,
         query_layout: str = "score",
         denoising: int = 0,
+        dense_aux: int = 0,
     ) -> None:
         super().__init__()
         self.one_to_many = one_to_many
+        if dense_aux < 0:
+            raise DecodetError(f"dense_aux must be >= 0 (positions per target), got {dense_aux}")
+        self.dense_aux = dense_aux
         if denoising < 0:
             raise DecodetError(f"denoising must be >= 0 (extra query grids), got {denoising}")
         self.denoising = denoising
@@ -150,6 +154,11 @@ class DecoPlusDecoder(nn.Module):
         self.enc_bbox_head = MLP(d, d, 4, 3)
         self.dec_score_head = nn.ModuleList(nn.Linear(d, num_classes) for _ in range(num_layers))
         self.dec_bbox_head = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(num_layers))
+        if dense_aux > 0:  # training-only auxiliary dense head (decodet.losses.dense); never used at inference
+            self.dense_head = nn.ModuleDict(
+                {"output": nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d)), "score": nn.Linear(d, num_classes),
+                 "bbox": MLP(d, d, 4, 3)}
+            )  # fmt: skip
         self._anchor_cache: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
         self._reset_parameters()
 
@@ -158,6 +167,9 @@ class DecoPlusDecoder(nn.Module):
             [self.enc_score_head, *self.dec_score_head], [self.enc_bbox_head, *self.dec_bbox_head], _PRIOR_PROB
         )
         nn.init.xavier_uniform_(self.enc_output[0].weight)
+        if self.dense_aux > 0:
+            init_detection_heads([self.dense_head["score"]], [self.dense_head["bbox"]], _PRIOR_PROB)
+            nn.init.xavier_uniform_(self.dense_head["output"][0].weight)
         for layer in self.query_pos_head.layers:
             nn.init.xavier_uniform_(layer.weight)
 
@@ -182,10 +194,11 @@ class DecoPlusDecoder(nn.Module):
         merged = torch.cat([self.downsample_convs[0](p8), p16, upsample2x_to(p32, (h, w))], dim=1)
         return self.output_proj(merged)
 
-    def _select_queries(self, proj: list[Tensor], k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _select_queries(self, proj: list[Tensor], k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Any]:
         """Top-``k`` query selection from the dense encoder predictions.  Returns ``target [B, k, d]``
         (detached), ``ref_unact [B, k, 4]`` (detached box logits), ``enc_logits [B, k, C]``, ``enc_boxes [B, k, 4]``
-        and every position's content ``[B, N, d]`` (for denoising queries)."""
+        every position's content ``[B, N, d]`` (for denoising queries), then, in training with ``dense_aux``,
+        every position's predictions (:meth:`_dense_outputs`; else ``None``)."""
         shapes = [(int(p.shape[-2]), int(p.shape[-1])) for p in proj]
         memory = torch.cat([p.flatten(2).transpose(1, 2) for p in proj], dim=1)  # [B, N, d]
         if memory.shape[1] < k:
@@ -198,6 +211,7 @@ class DecoPlusDecoder(nn.Module):
         out_memory = self.enc_output(memory)
         logits = self.enc_score_head(out_memory)  # [B, N, C]
         coords = self.enc_bbox_head(out_memory) + anchors  # [B, N, 4] logits
+        dense = self._dense_outputs(shapes, memory, anchors, valid) if self.training and self.dense_aux > 0 else None
 
         index = torch.topk(logits.max(dim=-1).values, k, dim=1).indices  # [B, k]
         if self.query_layout == "spatial":
@@ -206,7 +220,31 @@ class DecoPlusDecoder(nn.Module):
         ref_unact = coords.gather(1, index.expand(-1, -1, coords.shape[-1]))
         enc_logits = logits.gather(1, index.expand(-1, -1, logits.shape[-1]))
         target = out_memory.gather(1, index.expand(-1, -1, out_memory.shape[-1]))
-        return target.detach(), ref_unact.detach(), enc_logits, torch.sigmoid(ref_unact), out_memory
+        return target.detach(), ref_unact.detach(), enc_logits, torch.sigmoid(ref_unact), out_memory, dense
+
+    def _dense_outputs(self, shapes: list[tuple[int, int]], memory: Tensor, anchors: Tensor, valid: Tensor) -> dict:
+        """The auxiliary dense head on every encoder position of ``memory [B, N, d]`` (its own projection and
+        heads, so the top-k selection keeps its one-to-one training): ``pred_logits [B, N, C]``, ``pred_boxes
+        [B, N, 4]``, with the anchor ``centres [N, 2]``, the level ``cells [N, 2]`` (1 / W, 1 / H) and ``valid
+        [N]`` (decodet.losses.dense)."""
+        head = self.dense_head
+        features = head["output"](memory)
+        logits, coords = head["score"](features), head["bbox"](features) + anchors
+        centres, cells = [], []
+        for h, w in shapes:
+            ys, xs = torch.meshgrid(
+                torch.arange(h, device=logits.device), torch.arange(w, device=logits.device), indexing="ij"
+            )
+            size = torch.tensor([w, h], dtype=torch.float32, device=logits.device)
+            centres.append((torch.stack([xs, ys], dim=-1).reshape(-1, 2) + 0.5) / size)
+            cells.append((1.0 / size).expand(h * w, 2))
+        return {
+            "pred_logits": logits,
+            "pred_boxes": torch.sigmoid(coords),
+            "centres": torch.cat(centres),
+            "cells": torch.cat(cells),
+            "valid": valid[0, :, 0],
+        }
 
     def _spatial_order(self, index: Tensor, coords: Tensor, k: int) -> Tensor:
         """Reorder ``index [B, k]`` for the ``"spatial"`` layout: each group of ``Q`` queries (one-to-one, then
@@ -229,7 +267,7 @@ class DecoPlusDecoder(nn.Module):
         q, b = self.num_queries, memory.shape[0]
         hybrid = self.training and self.one_to_many > 0
         dn = self.training and self.denoising > 0 and targets is not None
-        output, ref_unact, enc_logits, enc_boxes, content = self._select_queries(proj, 2 * q if hybrid else q)
+        output, ref_unact, enc_logits, enc_boxes, content, dense = self._select_queries(proj, 2 * q if hybrid else q)
         # Extra query grids (hybrid, then denoising) run through the same decoder as extra batch entries
         # (convolutions never mix batch entries, so groups can't see each other).
         outputs, refs = [output[:, :q]], [ref_unact[:, :q]]
@@ -288,6 +326,8 @@ class DecoPlusDecoder(nn.Module):
             out["dn_positives"] = dn_positives
         if self.training:
             out["aux_outputs"] = [*layers[:-1], {"pred_logits": enc_logits, "pred_boxes": enc_boxes}]
+            if dense is not None:
+                out["enc_dense"] = dense
         return out
 
 
@@ -330,6 +370,7 @@ class DECOPlus(nn.Module):
             one_to_many=cfg.one_to_many,
             query_layout=cfg.query_layout,
             denoising=cfg.denoising,
+            dense_aux=cfg.dense_aux,
         )
         if cfg.pretrained_backbone:
             self.backbone.load_pretrained(cfg.extra.get("backbone_weights"))
