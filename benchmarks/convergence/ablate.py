@@ -193,6 +193,8 @@ CONFIGS: dict[str, list[str]] = {
     # dense one-to-many supervision of DECO+'s encoder head (decodet.losses.dense), k positions per box
     "dense10": ["--set", "dense_aux=10"],
     "dense4": ["--set", "dense_aux=4"],
+    # progressive resizing (decodet.engine.progressive): the first half of the budget at 160 px, then 320
+    "prog160-320": ["--imgsz", "320", "--start-imgsz", "160"],
     "lr2x": ["--lr", "2e-3", "--lr-backbone", "2e-3"],
     "imgsz256": ["--imgsz", "256"],
     "imgsz224": ["--imgsz", "224"],

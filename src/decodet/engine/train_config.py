@@ -83,6 +83,11 @@ class TrainConfig:
     imgsz: int | None = None  # square side (light / rtdetr recipes) or short side (detr)
     transforms: str | None = None  # augmentation recipe of decodet.data.transforms: detr | light | rtdetr
     multiscale: bool | None = None  # RT-DETR's per-batch random square size around imgsz
+    # Progressive resizing (light recipe): the first start_fraction of the run (of its time budget, else of
+    # its planned steps) trains on batches resized to start_imgsz, then on imgsz; evaluation, the checkpoint
+    # and export use imgsz.  None: one size throughout.
+    start_imgsz: int | None = None
+    start_fraction: float = 0.5
     # light recipe's augmentation strength; None: by the dataset's size (engine.data_recipe)
     zoom: float | None = None  # random zoom range 1 +- zoom (0: none)
     shift: float | None = None  # random shift up to this fraction of the side (0: none)
@@ -164,6 +169,17 @@ class TrainConfig:
             (not self.fit_schedule or self.time_budget_min is not None, "fit_schedule needs time_budget_min"),
             (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
             (self.imgsz is None or self.imgsz >= 32, f"imgsz must be >= 32, got {self.imgsz}"),
+            (self.start_imgsz is None or self.start_imgsz >= 32, f"start_imgsz must be >= 32, got {self.start_imgsz}"),
+            (
+                self.start_imgsz is None or self.imgsz is None or self.start_imgsz < self.imgsz,
+                f"start_imgsz ({self.start_imgsz}) must be smaller than imgsz ({self.imgsz})",
+            ),
+            (0.0 < self.start_fraction < 1.0, f"start_fraction must lie in (0, 1), got {self.start_fraction}"),
+            (
+                self.start_imgsz is None or self.transforms in (None, "light"),
+                f"start_imgsz needs the light recipe's square images, not transforms {self.transforms!r}",
+            ),
+            (not (self.start_imgsz and self.multiscale), "start_imgsz and multiscale cannot be combined"),
             (self.zoom is None or 0.0 <= self.zoom < 1.0, f"zoom must lie in [0, 1), got {self.zoom}"),
             (self.shift is None or 0.0 <= self.shift < 1.0, f"shift must lie in [0, 1), got {self.shift}"),
             (self.jitter is None or 0.0 <= self.jitter < 1.0, f"jitter must lie in [0, 1), got {self.jitter}"),
@@ -319,6 +335,9 @@ _HELP = {
     "tensorboard": "write TensorBoard event files (losses, learning rates, mAP, val images) to the run folder",
     "mosaic": "probability that a training sample is four samples tiled 2x2 at half size (denser one-to-one "
     "targets, DEIM's Dense O2O); 0: never",
+    "start_imgsz": "progressive resizing: train the first --start-fraction of the run on batches resized to "
+    "this side, then at --imgsz (evaluation, checkpoint and export use --imgsz)",
+    "start_fraction": "the fraction of the run (of its time budget, else of its steps) trained at --start-imgsz",
     "zoom": "light recipe: random zoom in 1 +- ZOOM while training (0: none; unset: by the dataset's size)",
     "shift": "light recipe: random shift of up to SHIFT of the image side while training (0: none)",
     "jitter": "light recipe: brightness and contrast jitter 1 +- JITTER while training (0: none)",

@@ -50,6 +50,7 @@ from decodet.engine.data_recipe import DataStats, apply_data_recipe
 from decodet.engine.early_stopping import EarlyStopping
 from decodet.engine.metrics_log import MetricsLogger, log_run_start, plot_curves
 from decodet.engine.optim import build_optimizer
+from decodet.engine.progressive import ProgressiveSize, resize_batch
 from decodet.engine.run_plan import build_schedule
 from decodet.engine.run_setup import (
     add_transforms,
@@ -155,6 +156,11 @@ class Trainer:
             kept = {k: saved[k] for k in RECIPE_CHOICES if getattr(given, k) is None and k in saved}
             self.cfg = dataclasses.replace(self.cfg, **kept)
         cfg = self.cfg
+        if cfg.start_imgsz is not None and (cfg.transforms != "light" or cfg.start_imgsz >= (cfg.imgsz or 0)):
+            raise DecodetError(
+                f"start_imgsz {cfg.start_imgsz} needs the light recipe and a larger imgsz "
+                f"(got transforms {cfg.transforms!r}, imgsz {cfg.imgsz})"
+            )
         seed_everything(cfg.seed)
         self.model_cfg = mcfg = run_model_config(cfg, state, self.train_set)
         check_labels_fit(mcfg, self.train_set)
@@ -225,6 +231,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         self.budget = TrainingBudget(cfg.time_budget_min, cfg.fit_schedule, self.device, cfg.max_steps)
+        self.progressive = ProgressiveSize(cfg.start_imgsz, cfg.start_fraction, int(cfg.imgsz or 0), self.is_main)
         final: dict[str, Any] = {}
         stop = cfg.max_steps is not None and self.global_step >= cfg.max_steps
         while self.epoch < cfg.epochs and not stop:
@@ -343,6 +350,9 @@ class Trainer:
         """Forward, loss, finiteness check, backward of one micro-batch; returns (loss terms, loss value)."""
         cfg, ddp = self.cfg, self.model
         images = images.to(self.device, non_blocking=True)
+        side = self.progressive.side(self.budget.seconds(), self._budget_s(), self.global_step, self._total_steps())
+        if side is not None:
+            images = resize_batch(images, side)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         targets = [
@@ -362,6 +372,14 @@ class Trainer:
                 raise self._nonfinite_error(loss_value, epoch, batch)
             self.scaler.scale(loss / group_size if group_size > 1 else loss).backward()
         return losses, loss_value
+
+    def _budget_s(self) -> float | None:
+        return self.cfg.time_budget_min * 60 if self.cfg.time_budget_min else None
+
+    def _total_steps(self) -> int:
+        """The run's planned optimizer steps (the schedule's, capped by ``max_steps``)."""
+        total = int(self.scheduler.lr_lambdas[0].total_steps)
+        return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
 
     def _optimizer_step(self, model: nn.Module) -> None:
         if self.cfg.clip_grad > 0:
