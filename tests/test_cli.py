@@ -97,13 +97,15 @@ def test_demo_runs_end_to_end_on_existing_data(tiny_data, tmp_path, capsys):
     assert "zoom: 0.0" in (out / "train_config.yaml").read_text()  # the demo's recipe was used
 
 
-def test_demo_leaves_the_training_size_to_the_data_recipe_on_a_short_run(tmp_path):
-    """The 12.5-minute demo is a short run, so the data recipe picks its size (160 px for the bundled set,
-    docs/convergence.md); a demo of 30 minutes or more keeps the bundled images' own 256."""
+def test_demo_trains_small_first_then_at_the_bundled_size_on_a_short_run(tmp_path):
+    """The 12.5-minute demo resizes its first 35% to 160 px, then trains at the bundled images' 256, where it is
+    evaluated and saved (docs/convergence.md); a demo of 30 minutes or more keeps 256 throughout."""
     from decodet.demo import LONG_IMGSZ, MINUTES, demo_config
     from decodet.engine.data_recipe import AUGMENT_MIN_MINUTES, short_run
 
     short = demo_config(tmp_path, tmp_path / "demo", MINUTES, 1)
-    assert short.imgsz is None and short_run(short) is not None
+    assert (short.imgsz, short.start_imgsz, short.start_fraction) == (256, 160, 0.35)
+    assert short_run(short) is not None
+    short.validate()
     long = demo_config(tmp_path, tmp_path / "demo", AUGMENT_MIN_MINUTES, 1)
-    assert long.imgsz == LONG_IMGSZ == 256 and short_run(long) is None
+    assert long.imgsz == LONG_IMGSZ == 256 and long.start_imgsz is None and short_run(long) is None

@@ -3,6 +3,7 @@ the model ends at imgsz, and bad settings are one-line errors."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ def test_resize_batch_keeps_the_content_and_passes_its_own_size_through() -> Non
 
 def test_a_run_trains_small_first_then_at_imgsz_and_saves_an_imgsz_model(tmp_path: Path) -> None:
     data = make_tiny_coco(tmp_path / "data", n_train=4, sizes=((96, 96),))
-    cfg = tiny_config(tmp_path, data, imgsz=96, start_imgsz=64, start_fraction=0.5, max_steps=6, epochs=3)
+    cfg = tiny_config(tmp_path, data, imgsz=96, start_imgsz=64, start_fraction=0.5, max_steps=6, epochs=3, eval_every=1)
     trainer = Trainer(cfg)
     seen: list[int] = []
 
@@ -49,6 +50,9 @@ def test_a_run_trains_small_first_then_at_imgsz_and_saves_an_imgsz_model(tmp_pat
     trainer.raw_model.register_forward_pre_hook(record)
     trainer.fit()
     assert seen == [64, 64, 64, 96, 96, 96]  # 6 steps of one batch each: the first half at 64 px
+    # evaluated between epochs only once at imgsz (epoch 1 ends at step 2, still at 64 px)
+    records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [("val/AP" in r) for r in records] == [False, True, True]
     saved = TrainConfig.load(trainer.run_dir / "train_config.yaml")
     assert saved.imgsz == 96 and saved.start_imgsz == 64
 

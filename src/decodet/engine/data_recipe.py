@@ -26,7 +26,9 @@ choices, for a fresh run (a resumed run keeps its saved, already chosen, config)
 * **the training-time aids stay off**: ``--mosaic`` (Dense O2O tiling) and ``--set one_to_many=K``
   (hybrid matching, DECO+ frame) both cost AP at equal wall-clock on the tuning sets (``fewshot`` with
   mosaic 0.049 against 0.104; ``small`` with one-to-many 0.069 against 0.087: fewer steps in the same
-  minutes); they are options to try on long runs, not defaults.
+  minutes); so do the auxiliary dense head (``--set dense_aux=K``: ``small`` 0.075 against 0.094, ``photo``
+  0.147 against 0.176) and progressive resizing (``--start-imgsz``); they are options to try on long
+  runs, not defaults.
 * **precision** (``--amp``): ``auto`` (bf16 where this machine trains faster in it, timed at the start:
   :mod:`decodet.engine.amp_probe`) for a run long enough to pay for the timing; fp32 otherwise.
 

@@ -5,7 +5,8 @@ teach as well: at 160 px a 2-core CPU fits 1.8x the steps of 256 px.  Later, sma
 pixels.  With ``TrainConfig.start_imgsz`` the batches of the first ``start_fraction`` of the run (of its
 time budget when it has one, else of its planned steps) are resized to ``start_imgsz`` (bilinear,
 antialiased; boxes are normalised, so they stay); then the loader's own ``imgsz`` batches are used as they
-are.  Evaluation, the checkpoint, prediction and export use ``imgsz``: the model ends at that size.  The
+are.  Evaluation, the checkpoint, prediction and export use ``imgsz``: the model ends at that size (the
+evaluations between epochs start after the switch: before it, the model scores about 0 at ``imgsz``).  The
 time-budget planner re-times the steps as they run, so the slower steps after the switch shorten the
 planned schedule without a jump in the rate (:mod:`decodet.engine.budget`).
 """

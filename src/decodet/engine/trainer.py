@@ -261,7 +261,9 @@ class Trainer:
         leave a saved epoch without its record."""
         cfg = self.cfg
         eval_stats: dict[str, float] = {}
-        if self.val_set is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+        due = bool(cfg.eval_every) and (epoch + 1) % cfg.eval_every == 0
+        # still training at --start-imgsz: a model not yet trained at imgsz scores about 0 there, so no curve point
+        if self.val_set is not None and (last or (due and self.progressive.done)):
             eval_stats = self._evaluate(plots=last and cfg.plots, subset=0 if last else cfg.eval_subset)
         record = {"epoch": epoch + 1, "step": self.global_step, **train_stats, "epoch_time": epoch_time}
         record.update({f"val/{k}": v for k, v in eval_stats.items()})
