@@ -352,7 +352,7 @@ class Trainer:
         """Forward, loss, finiteness check, backward of one micro-batch; returns (loss terms, loss value)."""
         cfg, ddp = self.cfg, self.model
         images = images.to(self.device, non_blocking=True)
-        side = self.progressive.side(self.budget.seconds(), self._budget_s(), self.global_step, self._total_steps())
+        side = self.progressive.side(self._trained_s(), self._budget_s(), self.global_step, self._total_steps())
         if side is not None:
             images = resize_batch(images, side)
         if cfg.channels_last:
@@ -374,6 +374,13 @@ class Trainer:
                 raise self._nonfinite_error(loss_value, epoch, batch)
             self.scaler.scale(loss / group_size if group_size > 1 else loss).backward()
         return losses, loss_value
+
+    def _trained_s(self) -> float:
+        """Training seconds so far; before this process's first step, a resumed run's saved clock included."""
+        seconds = self.budget.seconds()
+        if self.budget.spent_before is None:
+            seconds += float(getattr(self.scheduler.lr_lambdas[0], "spent_s", 0.0))
+        return seconds
 
     def _budget_s(self) -> float | None:
         return self.cfg.time_budget_min * 60 if self.cfg.time_budget_min else None
