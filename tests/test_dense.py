@@ -77,7 +77,11 @@ def test_the_dense_head_trains_only_and_leaves_the_model_as_it_was() -> None:
     shared, the outputs are the same with and without it; only training outputs carry the dense predictions."""
     torch.manual_seed(0)
     plain = build_model("deco_tiny", num_classes=5).train()
+    torch.manual_seed(0)
     dense = build_model("deco_tiny", num_classes=5, dense_aux=8).train()
+    # the published parameters start equal: the dense head draws its random numbers after them
+    theirs = dense.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in plain.state_dict().items())
     missing, unexpected = dense.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and missing and all(k.startswith("decoder.dense_head.") for k in missing)
     images = torch.rand(2, 3, 160, 160)

@@ -154,22 +154,22 @@ class DecoPlusDecoder(nn.Module):
         self.enc_bbox_head = MLP(d, d, 4, 3)
         self.dec_score_head = nn.ModuleList(nn.Linear(d, num_classes) for _ in range(num_layers))
         self.dec_bbox_head = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(num_layers))
-        if dense_aux > 0:  # training-only auxiliary dense head (decodet.losses.dense); never used at inference
+        self._anchor_cache: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+        self._reset_parameters()
+        if dense_aux > 0:  # training-only auxiliary dense head (decodet.losses.dense); never used at inference.
+            # Built last, so the published modules draw the same random numbers with or without it.
             self.dense_head = nn.ModuleDict(
                 {"output": nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d)), "score": nn.Linear(d, num_classes),
                  "bbox": MLP(d, d, 4, 3)}
             )  # fmt: skip
-        self._anchor_cache: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
-        self._reset_parameters()
+            init_detection_heads([self.dense_head["score"]], [self.dense_head["bbox"]], _PRIOR_PROB)
+            nn.init.xavier_uniform_(self.dense_head["output"][0].weight)
 
     def _reset_parameters(self) -> None:
         init_detection_heads(
             [self.enc_score_head, *self.dec_score_head], [self.enc_bbox_head, *self.dec_bbox_head], _PRIOR_PROB
         )
         nn.init.xavier_uniform_(self.enc_output[0].weight)
-        if self.dense_aux > 0:
-            init_detection_heads([self.dense_head["score"]], [self.dense_head["bbox"]], _PRIOR_PROB)
-            nn.init.xavier_uniform_(self.dense_head["output"][0].weight)
         for layer in self.query_pos_head.layers:
             nn.init.xavier_uniform_(layer.weight)
 
