@@ -197,7 +197,7 @@ CONFIGS: dict[str, list[str]] = {
     "prog160-320": ["--imgsz", "320", "--start-imgsz", "160"],
     # one query per stride-16 memory cell at 320 px (20x20 instead of the preset's 10x10)
     "q20": ["--set", "query_grid=[20,20]", "--set", "num_top_queries=400"],
-    # larger batches on the default path (about the same images per second on a 2-core CPU, half the steps)
+    # other batch sizes on the default path (about the same images per second on 2 cores: the batch sets the steps)
     "bs4": ["--batch-size", "4"],
     "bs16": ["--batch-size", "16"],
     "bs16-lr1.4x": ["--batch-size", "16", "--lr", "1.4e-3", "--lr-backbone", "1.4e-3"],
