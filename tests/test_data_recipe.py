@@ -23,7 +23,7 @@ from decodet.engine.data_recipe import (
     size_step,
 )
 from decodet.engine.run_plan import EMA_DECAY_MAX, ema_decay_for
-from decodet.engine.train_config import TrainConfig, resolve
+from decodet.engine.train_config import TrainConfig, parse_train_args, resolve
 
 
 def records(n: int, side: int = 320, boxes_per_image: int = 3, box: float = 40.0) -> list[ImageRecord]:
@@ -152,6 +152,9 @@ def test_unset_options_are_chosen_given_ones_stay(caplog) -> None:
         0.1,
     )
     assert cfg.loss_overrides == {"weight_class": 1}
+    # ... and so does the same flag on the command line (its "none" is fp32, not "unset")
+    given = parse_train_args(["--model", "deco_tiny", "--time-budget-min", "5", "--amp", "none"])
+    assert apply_data_recipe(given, resolve(given), crowded).amp == "none"
     # starting from weights: the checkpoint's query layout stays
     given = TrainConfig(model="deco_tiny", weights="w.safetensors")
     assert "query_grid" not in apply_data_recipe(given, resolve(given), crowded).model_overrides

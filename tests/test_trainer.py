@@ -128,6 +128,9 @@ def test_cli_flags_override_config_file(tmp_path: Path) -> None:
     assert (cfg.model, cfg.epochs, cfg.batch_size) == ("deco_r18", 9, 3)
     assert cfg.model_overrides == {"drop_path": 0.2} and cfg.deterministic is False
     assert parse_train_args(["--lr", "none"]).lr is None
+    # --amp none is fp32, a choice the data recipe keeps, not "unset" (which it fills with auto)
+    assert parse_train_args(["--amp", "none"]).amp == "none"
+    assert parse_train_args(["--data", "x"]).amp is None
     assert parse_train_args(["--ema"]).ema is True
 
 

@@ -173,6 +173,9 @@ CONFIGS: dict[str, list[str]] = {
         "--no-fit-schedule",
     ],
     "finetune": ["--weights", "runs/demo/best.safetensors"],
+    # the default fine-tuning path at higher rates (the preset's fine-tuning recipe: lr 1.5e-4, backbone 1.5e-5)
+    "finetune-lr5e-4": ["--weights", "runs/demo/best.safetensors", "--lr", "5e-4", "--lr-backbone", "5e-5"],
+    "finetune-lr1e-3": ["--weights", "runs/demo/best.safetensors", "--lr", "1e-3", "--lr-backbone", "1e-4"],
     # the demo recipe's batch and augmentation on the default path, with the data recipe's aids and without
     "bs8-noaug": [*_BS8, *_FLIP],
     "bs8-noaug-no-aids": [*_BS8, *_FLIP, *_NO_AIDS],

@@ -304,6 +304,8 @@ _RECIPE_FIELDS = {
 # fields whose None default is chosen for the run: from the data (decodet.engine.data_recipe), the planned
 # steps (ema_decay: decodet.engine.run_plan) or the time budget (fit_schedule); FALLBACKS without them
 _RUN_FIELDS = {"amp", "ema_decay", "zoom", "shift", "jitter", "mosaic", "fit_schedule", "epochs", "eval_every"}
+# fields for which the word "none" is a value, not "unset" (--amp none: fp32, which the data recipe keeps)
+_NONE_IS_A_VALUE = {"amp"}
 _HELP = {
     "model": "model preset (decodet.list_models())",
     "data": "dataset folder or data.yaml",
@@ -368,9 +370,8 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         else:
-            parser.add_argument(
-                flag, type=_none_or(kind), default=argparse.SUPPRESS, help=help_, metavar=f.name.upper()
-            )
+            parse = kind if f.name in _NONE_IS_A_VALUE else _none_or(kind)
+            parser.add_argument(flag, type=parse, default=argparse.SUPPRESS, help=help_, metavar=f.name.upper())
     return parser
 
 
