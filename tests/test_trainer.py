@@ -496,7 +496,7 @@ def test_weights_initialise_the_model_and_select_the_finetuning_recipe(tmp_path:
     weights = Path(first["run_dir"]) / "last.safetensors"
     cfg = tiny_config(tmp_path, data, epochs=1, name="second", weights=str(weights), lr=None)
     trainer = Trainer(cfg)
-    assert trainer.cfg.lr == 1.5e-4 and trainer.cfg.lr_backbone == 1.5e-5  # DECO+'s fine-tuning recipe
+    assert trainer.cfg.lr == 5e-4 and trainer.cfg.lr_backbone == 5e-5  # deco_tiny's fine-tuning recipe
     loaded = load_model(weights).state_dict()
     assert all(torch.equal(v, loaded[k]) for k, v in trainer.raw_model.state_dict().items())
 

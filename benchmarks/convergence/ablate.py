@@ -136,7 +136,7 @@ CONFIGS: dict[str, list[str]] = {
         "--set",
         "query_grid=[10,10]",
         "--fit-schedule",
-    ],  # fmt: skip
+    ],
     # issue 19's aids on the default path, each alone and together, the data recipe's own choice of them
     # overridden (on each set, `default` equals one of these four: its log's "data recipe:" lines say which)
     "no-aids": ["--mosaic", "0", "--set", "one_to_many=0"],
@@ -176,6 +176,17 @@ CONFIGS: dict[str, list[str]] = {
     # the default fine-tuning path at higher rates (the preset's fine-tuning recipe: lr 1.5e-4, backbone 1.5e-5)
     "finetune-lr5e-4": ["--weights", "runs/demo/best.safetensors", "--lr", "5e-4", "--lr-backbone", "5e-5"],
     "finetune-lr1e-3": ["--weights", "runs/demo/best.safetensors", "--lr", "1e-3", "--lr-backbone", "1e-4"],
+    "finetune-lr2e-3": ["--weights", "runs/demo/best.safetensors", "--lr", "2e-3", "--lr-backbone", "2e-4"],
+    "finetune-lr1e-3-cos": [
+        "--weights",
+        "runs/demo/best.safetensors",
+        "--lr",
+        "1e-3",
+        "--lr-backbone",
+        "1e-4",
+        "--schedule",
+        "cosine",
+    ],
     # the demo recipe's batch and augmentation on the default path, with the data recipe's aids and without
     "bs8-noaug": [*_BS8, *_FLIP],
     "bs8-noaug-no-aids": [*_BS8, *_FLIP, *_NO_AIDS],
